@@ -1,0 +1,46 @@
+# ybyx — two commands: `make run` (set-up + one-machine demo) and `make test`.
+SHELL := /bin/bash
+VENV := .venv
+BIN := $(VENV)/bin
+# Debian packages the tests talk to (real DICOM peers).
+APT_PKGS := dcmtk orthanc orthanc-dicomweb
+
+.PHONY: setup apt run test lint typecheck pytest bench clean
+
+setup: $(VENV)/.installed apt
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+# Installs only what is missing; runs `apt-get update` once, before the first install.
+apt:
+	@missing=$$(for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "apt-get install $$missing"; \
+	  if [ "$$(id -u)" != 0 ]; then SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+run: setup
+	$(BIN)/ybyx demo -c config/demo.toml
+
+lint: setup
+	$(BIN)/ruff check .
+
+typecheck: setup
+	$(BIN)/mypy
+
+pytest: setup
+	$(BIN)/pytest -q
+
+test: setup lint typecheck pytest
+
+bench: setup
+	$(BIN)/python bench/ingest.py
+
+clean:
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,104 @@
+"""Storage Commitment Push Model (PS3.4 Annex J): tell a modality which instances we keep.
+
+The N-ACTION is answered at once; the N-EVENT-REPORT follows from a worker thread, on the same
+association while the modality keeps it open, else on a new association to the address configured
+for that peer (we propose the SCP role there, PS3.4 J.3.3).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, build_role
+from pynetdicom.sop_class import StorageCommitmentPushModel
+
+from dimse.contexts import no_delay
+from gateway.archive.catalog import Catalog
+from gateway.config import DicomSection
+
+log = logging.getLogger(__name__)
+
+WELL_KNOWN_INSTANCE = "1.2.840.10008.1.20.1.1"
+NO_SUCH_OBJECT = 0x0112
+CLASS_MISMATCH = 0x0119
+
+
+def commitment_report(catalog: Catalog, transaction: str, refs: list[tuple[str, str]]) -> tuple[int, Dataset]:
+    """(event type, event information): 1 = all committed, 2 = some failed."""
+    held = catalog.instances_by_uid([uid for _, uid in refs])
+    report = Dataset()
+    report.TransactionUID = transaction
+    ok, failed = [], []
+    for sop_class, uid in refs:
+        item = Dataset()
+        item.ReferencedSOPClassUID = sop_class
+        item.ReferencedSOPInstanceUID = uid
+        inst = held.get(uid)
+        if inst is None:
+            item.FailureReason = NO_SUCH_OBJECT
+            failed.append(item)
+        elif inst.sop_class_uid != sop_class:
+            item.FailureReason = CLASS_MISMATCH
+            failed.append(item)
+        else:
+            ok.append(item)
+    if ok:
+        report.ReferencedSOPSequence = ok
+    if failed:
+        report.FailedSOPSequence = failed
+    return (2 if failed else 1), report
+
+
+class CommitmentReporter:
+    """Sends N-EVENT-REPORTs for accepted commitment requests."""
+
+    def __init__(self, catalog: Catalog, cfg: DicomSection) -> None:
+        self.catalog = catalog
+        self.cfg = cfg
+        self._threads: list[threading.Thread] = []
+
+    def schedule(self, assoc: Any, transaction: str, refs: list[tuple[str, str]]) -> None:
+        t = threading.Thread(target=self._report, args=(assoc, transaction, refs), name="commitment", daemon=True)
+        self._threads = [x for x in self._threads if x.is_alive()]
+        self._threads.append(t)
+        t.start()
+
+    def wait(self, timeout: float = 10) -> None:
+        for t in self._threads:
+            t.join(timeout)
+
+    def _report(self, assoc: Any, transaction: str, refs: list[tuple[str, str]]) -> None:
+        event_type, info = commitment_report(self.catalog, transaction, refs)
+        calling = assoc.requestor.ae_title
+        if assoc.is_established:
+            try:
+                status = assoc.send_n_event_report(info, event_type, StorageCommitmentPushModel, WELL_KNOWN_INSTANCE)
+                if status and status.Status == 0x0000:
+                    log.info("storage commitment %s reported to %s (event %d)", transaction, calling, event_type)
+                    return
+            except (RuntimeError, ValueError) as exc:
+                log.info("could not report on the same association: %s", exc)
+        self._report_new_association(calling, transaction, event_type, info)
+
+    def _report_new_association(self, calling: str, transaction: str, event_type: int, info: Dataset) -> None:
+        peer = next((p for p in self.cfg.peers if p.ae_title == calling), None)
+        if peer is None or peer.host is None or peer.port is None:
+            log.error("storage commitment %s for %s: association closed and no address configured", transaction,
+                      calling)
+            return
+        ae = AE(ae_title=self.cfg.ae_title)
+        ae.add_requested_context(StorageCommitmentPushModel)
+        assoc = ae.associate(peer.host, peer.port, ae_title=calling,
+                             ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True, scu_role=False)])
+        if not assoc.is_established:
+            log.error("storage commitment %s: cannot reach %s at %s:%s", transaction, calling, peer.host, peer.port)
+            return
+        try:
+            no_delay(assoc.dul.socket.socket)
+            assoc.send_n_event_report(info, event_type, StorageCommitmentPushModel, WELL_KNOWN_INSTANCE)
+            log.info("storage commitment %s reported to %s on a new association", transaction, calling)
+        finally:
+            assoc.release()

@@ -1,0 +1,115 @@
+"""C-STORE SCU: send files to a peer (``ybyx send``), streaming each file from disk.
+
+Files are sent as stored (no transcoding): each SOP class is proposed with the file's own transfer
+syntax. A journal of what the peer acknowledged makes a rerun skip it (``--journal``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from pynetdicom import AE, _config
+
+from dimse.contexts import contexts_for, no_delay
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SendReport:
+    sent: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)  # already in the journal
+    failed: dict[Path, str] = field(default_factory=dict)  # path -> reason
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def dicom_files(paths: Iterable[Path]) -> list[Path]:
+    """The files named, and every file below the folders named, sorted."""
+    out: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")))
+        else:
+            out.append(p)
+    return out
+
+
+def send(
+    files: list[Path],
+    host: str,
+    port: int,
+    called_ae: str,
+    *,
+    calling_ae: str = "YBYX_SCU",
+    journal: Path | None = None,
+    progress: Callable[[Path, bool], None] | None = None,
+) -> SendReport:
+    """C-STORE every file; a status other than success (or warning) counts as failed."""
+    report = SendReport()
+    done: set[str] = set()
+    if journal is not None and journal.exists():
+        done = set(journal.read_text(encoding="utf-8").splitlines())
+
+    headers: list[tuple[Path, str, str]] = []
+    for path in files:
+        if str(path.resolve()) in done:
+            report.skipped.append(path)
+            if progress:
+                progress(path, True)
+            continue
+        try:
+            ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+            headers.append((path, str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)))
+        except (InvalidDicomError, AttributeError, OSError) as exc:
+            report.failed[path] = f"not a DICOM file: {exc}"
+            if progress:
+                progress(path, False)
+    if not headers:
+        return report
+
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    ae = AE(ae_title=calling_ae)
+    ae.requested_contexts = contexts_for((c, t) for _, c, t in headers)
+    assoc = ae.associate(host, port, ae_title=called_ae)
+    if not assoc.is_established:
+        for path, _, _ in headers:
+            report.failed[path] = f"association with {called_ae}@{host}:{port} refused or failed"
+        return report
+    no_delay(assoc.dul.socket.socket)
+    jf = journal.open("a", encoding="utf-8") if journal is not None else None
+    try:
+        for path, _, _ in headers:
+            if not assoc.is_established:
+                report.failed[path] = "association lost"
+                continue
+            try:
+                status = assoc.send_c_store(path)
+            except (ValueError, RuntimeError, OSError) as exc:
+                report.failed[path] = str(exc)
+                status = None
+            code = int(status.Status) if status is not None and "Status" in status else None
+            if code is not None and (code == 0 or code in (0xB000, 0xB007, 0xB006)):
+                report.sent.append(path)
+                if jf is not None:
+                    jf.write(f"{path.resolve()}\n")
+                    jf.flush()
+            elif path not in report.failed:
+                comment = status.get("ErrorComment", "") if status is not None else ""
+                report.failed[path] = (f"status 0x{code:04X} {comment}".strip() if code is not None
+                                       else "no response (timeout or abort)")
+            if progress:
+                progress(path, path not in report.failed)
+    finally:
+        if jf is not None:
+            jf.close()
+        if assoc.is_established:
+            assoc.release()
+    return report

@@ -1,0 +1,266 @@
+"""The DIMSE front door: a pynetdicom SCP whose handlers each call one domain function.
+
+Services (docs/conformance.md): Verification; Storage (every storage SOP class pydicom knows, or
+any with ``accept_any_sop_class``); Study Root Query/Retrieve FIND, MOVE, GET; Storage Commitment
+Push Model. Received data sets are written by pynetdicom straight to the spool (chunked receive) and
+handed to :class:`gateway.ingest.Ingest` as a file: nothing is decoded in the handler.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pynetdicom import AE, _config, evt
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    StorageCommitmentPushModel,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dimse.commitment import CommitmentReporter
+from dimse.contexts import ACCEPTED_TRANSFER_SYNTAXES, contexts_for, no_delay
+from gateway.archive.blobstore import BlobStore
+from gateway.archive.catalog import Catalog, StoredInstance
+from gateway.archive.query import Level, QueryError
+from gateway.config import DicomSection
+from gateway.ingest import Accepted, Ingest
+
+log = logging.getLogger(__name__)
+
+# Storage statuses (PS3.4 Table B.2-1) for the domain's refusal kinds.
+STORE_STATUS = {"storage": 0xA700, "mismatch": 0xA900, "missing-attribute": 0xA900, "malformed": 0xC000}
+QR_LEVELS = {"STUDY": Level.STUDY, "SERIES": Level.SERIES, "IMAGE": Level.IMAGE}
+# Where pynetdicom's chunked receive writes; set once per process (it reads tempfile's default).
+_spool_lock = threading.Lock()
+
+
+class _NoDelayServer(ThreadedAssociationServer):
+    def get_request(self) -> Any:
+        sock, addr = super().get_request()
+        no_delay(sock)
+        return sock, addr
+
+
+def _status(code: int, comment: str = "") -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    if comment:
+        ds.ErrorComment = comment[:64]
+    return ds
+
+
+class DicomServer:
+    """One SCP bound to one archive."""
+
+    def __init__(self, cfg: DicomSection, ingest: Ingest, catalog: Catalog, store: BlobStore,
+                 spool: Path) -> None:
+        self.cfg = cfg
+        self.ingest = ingest
+        self.catalog = catalog
+        self.store = store
+        self.spool = spool
+        self.commitments = CommitmentReporter(catalog, cfg)
+        self._server: _NoDelayServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def _make_ae(self) -> AE:
+        ae = AE(ae_title=self.cfg.ae_title)
+        ae.maximum_associations = self.cfg.max_associations
+        ae.acse_timeout = self.cfg.acse_timeout
+        ae.dimse_timeout = self.cfg.dimse_timeout
+        ae.network_timeout = self.cfg.network_timeout
+        ae.maximum_pdu_size = self.cfg.maximum_pdu_size
+        if not self.cfg.allow_any_calling_ae:
+            # pynetdicom rejects others with A-ASSOCIATE-RJ: rejected-permanent, service-user,
+            # "calling AE title not recognized" (PS3.8 Table 9-21).
+            ae.require_calling_aet = [p.ae_title for p in self.cfg.peers]
+        ae.add_supported_context(Verification)
+        for cx in AllStoragePresentationContexts:
+            # scu_role/scp_role: accept the role selection a C-GET requestor proposes.
+            ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES,
+                                     scu_role=True, scp_role=True)
+        for sop in (StudyRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelFind,
+                    StudyRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelGet,
+                    StorageCommitmentPushModel):
+            ae.add_supported_context(sop)
+        # Sub-operation associations (C-MOVE) are ours as requestor: keep them fast too.
+        return ae
+
+    def start(self) -> int:
+        """Start listening in the background; returns the bound port."""
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        _config.UNRESTRICTED_STORAGE_SERVICE = self.cfg.accept_any_sop_class
+        self.spool.mkdir(parents=True, exist_ok=True)
+        with _spool_lock:
+            # pynetdicom has no option for where chunked data sets are written; it uses tempfile's
+            # default folder. Pointing it at the spool (inside the storage root) keeps the bytes on
+            # the archive's disk, so the blob store links them into place instead of copying.
+            tempfile.tempdir = str(self.spool)
+        ae = self._make_ae()
+        handlers = [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_FIND, self._on_find),
+            (evt.EVT_C_MOVE, self._on_move),
+            (evt.EVT_C_GET, self._on_get),
+            (evt.EVT_N_ACTION, self._on_n_action),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ESTABLISHED, self._on_established),
+        ]
+        server = ae.make_server((self.cfg.host, self.cfg.port), evt_handlers=handlers,
+                                server_class=_NoDelayServer)
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, name="dimse-scp", daemon=True)
+        self._thread.start()
+        port = int(server.server_address[1])
+        log.info("DICOM SCP %s listening on %s:%d", self.cfg.ae_title, self.cfg.host, port)
+        return port
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        self.commitments.wait()
+
+    # ---- handlers ----------------------------------------------------------------------------
+
+    def _on_established(self, event: evt.Event) -> None:
+        sock = getattr(event.assoc.dul.socket, "socket", None)
+        if sock is not None:
+            no_delay(sock)
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        req = event.assoc.requestor
+        log.warning("association from %s (%s:%s) rejected", req.ae_title, req.address, req.port)
+
+    def _on_store(self, event: evt.Event) -> Dataset:
+        calling = event.assoc.requestor.ae_title
+        result = self.ingest.accept_file(event.dataset_path, source=calling,
+                                         expected_sop_uid=str(event.request.AffectedSOPInstanceUID))
+        if isinstance(result, Accepted):
+            return _status(0x0000)
+        return _status(STORE_STATUS[result.kind], result.reason)
+
+    def _criteria(self, identifier: Dataset) -> tuple[Level, dict[str, str], list[str]]:
+        level_name = str(identifier.get("QueryRetrieveLevel", "")).upper()
+        if level_name not in QR_LEVELS:
+            raise QueryError(f"QueryRetrieveLevel {level_name!r} must be STUDY, SERIES or IMAGE")
+        criteria: dict[str, str] = {}
+        keys: list[str] = []
+        for elem in identifier:
+            if elem.keyword in ("QueryRetrieveLevel", "SpecificCharacterSet", ""):
+                continue
+            keys.append(elem.keyword)
+            if elem.VR == "SQ":
+                continue
+            value = elem.value
+            if value is None:
+                text = ""
+            elif elem.VM > 1:
+                text = "\\".join(str(v) for v in value)
+            else:
+                text = str(value)
+            criteria[elem.keyword] = text
+        return QR_LEVELS[level_name], criteria, keys
+
+    def _on_find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+        try:
+            level, criteria, keys = self._criteria(event.identifier)
+            rows = self.catalog.find(level, criteria)
+        except QueryError as exc:
+            yield 0xA900, _status(0xA900, str(exc))
+            return
+        for row in rows:
+            if event.is_cancelled:
+                yield 0xFE00, None
+                return
+            ds = Dataset()
+            ds.SpecificCharacterSet = "ISO_IR 192"  # catalog values are Unicode: answer in UTF-8
+            ds.QueryRetrieveLevel = level.value
+            for key in keys:
+                value = row.get(key)
+                if isinstance(value, list):
+                    value = "\\".join(value)
+                setattr(ds, key, "" if value is None else value)
+            for uid_key in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+                if uid_key in row and uid_key not in keys:
+                    setattr(ds, uid_key, row[uid_key])
+            yield 0xFF00, ds
+
+    def _matched(self, identifier: Dataset) -> list[StoredInstance]:
+        _level, criteria, _keys = self._criteria(identifier)
+        return self.catalog.locate(criteria)
+
+    def _load(self, inst: StoredInstance) -> Dataset:
+        return dcmread(BytesIO(b"".join(self.store.get(inst.blob_key))))
+
+    def _on_move(self, event: evt.Event) -> Iterator[Any]:
+        dest_title = str(event.move_destination).strip()
+        dest = next((d for d in self.cfg.move_destinations if d.ae_title == dest_title), None)
+        if dest is None:
+            log.warning("C-MOVE to unknown destination %r from %s", dest_title, event.assoc.requestor.ae_title)
+            yield None, None
+            return
+        try:
+            matched = self._matched(event.identifier)
+        except QueryError as exc:
+            log.warning("C-MOVE refused: %s", exc)
+            yield dest.host, dest.port
+            yield 0
+            return
+        contexts = contexts_for((i.sop_class_uid, i.transfer_syntax) for i in matched)
+        yield dest.host, dest.port, {"contexts": contexts} if contexts else {}
+        yield len(matched)
+        yield from self._sub_operations(event, matched)
+
+    def _on_get(self, event: evt.Event) -> Iterator[Any]:
+        try:
+            matched = self._matched(event.identifier)
+        except QueryError:
+            yield 0
+            return
+        yield len(matched)
+        yield from self._sub_operations(event, matched)
+
+    def _sub_operations(self, event: evt.Event, matched: list[StoredInstance]) -> Iterator[Any]:
+        for inst in matched:
+            if event.is_cancelled:
+                yield 0xFE00, None
+                return
+            try:
+                ds = self._load(inst)
+            except (OSError, KeyError) as exc:
+                log.error("cannot read %s for retrieve: %s", inst.sop_uid, exc)
+                yield 0xA702, None  # refused: out of resources, unable to perform sub-operations
+                continue
+            yield 0xFF00, ds
+
+    def _on_n_action(self, event: evt.Event) -> tuple[int, Dataset | None]:
+        req = event.request
+        if str(req.RequestedSOPClassUID) != StorageCommitmentPushModel or req.ActionTypeID != 1:
+            return 0x0123, None  # no such action
+        info = event.action_information
+        try:
+            transaction = str(info.TransactionUID)
+            refs = [(str(item.ReferencedSOPClassUID), str(item.ReferencedSOPInstanceUID))
+                    for item in info.ReferencedSOPSequence]
+        except AttributeError as exc:
+            log.warning("storage commitment request without %s", exc)
+            return 0x0120, None  # missing attribute
+        self.commitments.schedule(event.assoc, transaction, refs)
+        return 0x0000, None

@@ -1,0 +1,177 @@
+"""The blob store: where the bytes of every stored object live (the Orthanc "storage area").
+
+Two backends behind one interface, chosen by config (``[storage] backend``):
+
+* :class:`FolderBlobStore` — the embedded default; one file per object below a root folder.
+  Writes go to a temporary name in the same folder, are fsynced, then renamed into place, so a
+  crash never leaves a half-written object under its real key.
+* :class:`gateway.archive.s3.S3BlobStore` — production (MinIO; SeaweedFS in tests).
+
+Every ``put`` returns ``(size, sha256)`` of what was written; the catalog keeps both and every
+later copy is checked against them (ARCHITECTURE "the data path").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+CHUNK = 1 << 20
+
+
+class BlobNotFound(KeyError):
+    """No object is stored under this key."""
+
+
+class BlobStore(Protocol):
+    """What the archive needs of a storage area."""
+
+    def put(self, key: str, stream: BinaryIO) -> tuple[int, str]:
+        """Store everything readable from ``stream`` under ``key``; return (size, sha256 hex)."""
+        ...
+
+    def put_file(self, key: str, path: Path) -> tuple[int, str]:
+        """Store the file at ``path`` under ``key`` (may hard-link or move it); return (size, sha256)."""
+        ...
+
+    def get(self, key: str) -> Iterator[bytes]:
+        """The object's bytes, in chunks. Raises :class:`BlobNotFound`."""
+        ...
+
+    def read_range(self, key: str, offset: int, length: int) -> bytes:
+        """``length`` bytes from ``offset`` (fewer at the end of the object)."""
+        ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def delete(self, key: str) -> None:
+        """Remove the object; deleting a missing key is not an error."""
+        ...
+
+    def check(self) -> None:
+        """Raise ``OSError`` with a reason if the store cannot be written (used at start)."""
+        ...
+
+
+def sha256_file(path: Path) -> tuple[int, str]:
+    """Size and SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FolderBlobStore:
+    """Objects as files below ``root``; the key is the relative path."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        if not key or key.startswith("/") or ".." in key.split("/"):
+            raise ValueError(f"invalid blob key {key!r}")
+        return self.root / key
+
+    def _tmp_path(self, final: Path) -> Path:
+        return final.with_name(f".{final.name}.{uuid.uuid4().hex}.part")
+
+    def put(self, key: str, stream: BinaryIO) -> tuple[int, str]:
+        final = self._path(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._tmp_path(final)
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with tmp.open("wb") as out:
+                while chunk := stream.read(CHUNK):
+                    digest.update(chunk)
+                    size += len(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(final.parent)
+        return size, digest.hexdigest()
+
+    def put_file(self, key: str, path: Path) -> tuple[int, str]:
+        """Hash the file, fsync it and link it into place without copying the bytes.
+
+        The spool sits inside the store root (same file system), so a hard link is enough; the
+        caller may then delete its own name for the file. Falls back to a copy across devices.
+        """
+        final = self._path(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        size, sha = sha256_file(path)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        tmp = self._tmp_path(final)
+        try:
+            os.link(path, tmp)
+        except OSError:
+            with path.open("rb") as src:
+                return self.put(key, src)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        return size, sha
+
+    def get(self, key: str) -> Iterator[bytes]:
+        path = self._path(key)
+        try:
+            fh = path.open("rb")
+        except FileNotFoundError:
+            raise BlobNotFound(key) from None
+        return _chunks(fh)
+
+    def read_range(self, key: str, offset: int, length: int) -> bytes:
+        try:
+            with self._path(key).open("rb") as fh:
+                fh.seek(offset)
+                return fh.read(length)
+        except FileNotFoundError:
+            raise BlobNotFound(key) from None
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def local_path(self, key: str) -> Path:
+        """The file behind a key (folder backend only; used to hand files to local tools)."""
+        return self._path(key)
+
+    def check(self) -> None:
+        probe = self.root / f".probe-{uuid.uuid4().hex}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+        if shutil.disk_usage(self.root).free < 64 * CHUNK:
+            raise OSError(f"{self.root}: less than 64 MiB free")
+
+
+def _chunks(fh: BinaryIO) -> Iterator[bytes]:
+    with fh:
+        while chunk := fh.read(CHUNK):
+            yield chunk

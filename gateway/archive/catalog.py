@@ -1,0 +1,265 @@
+"""The catalog: patients, studies, series and instances in SQLite (embedded) or PostgreSQL.
+
+One schema (``schema.py``), migrated by Alembic at open. Every write of an instance is one
+transaction that upserts its patient, study and series and inserts (or versions) the instance, so
+the catalog never holds half an instance. Reads are one statement per request (``query.py``).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+from sqlalchemy import Connection, Engine, create_engine, event, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.pool import NullPool
+
+from gateway.archive import query
+from gateway.archive.query import Level
+from gateway.archive.record import InstanceRecord, fold_name
+from gateway.archive.schema import instance_versions, instances, patients, series, studies
+
+ConflictPolicy = Literal["keep-newest", "keep-first"]
+
+
+class AddOutcome(str, Enum):
+    STORED = "stored"  # new instance
+    DUPLICATE = "duplicate"  # same UID, same bytes: nothing changed
+    REPLACED = "replaced"  # same UID, new bytes: the new ones are current, the old a version
+    VERSION_KEPT = "version-kept"  # same UID, new bytes, policy keep-first: new kept as a version
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """Where an instance's bytes are and what they must hash to."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    size: int
+    sha256: str
+    blob_key: str
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    dbapi_conn.isolation_level = None  # SQLAlchemy emits BEGIN itself (see _begin)
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    # FULL: a commit is on disk when it returns — C-STORE success depends on it.
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    # Writers take the lock up front; a deferred transaction that upgrades to a write lock gets
+    # SQLITE_BUSY without waiting, which under parallel associations would fail stores.
+    immediate = conn.get_execution_options().get("immediate", False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for a catalog URL (``sqlite:///path`` or ``postgresql://…``)."""
+    if url.startswith("sqlite"):
+        path = url.removeprefix("sqlite:///")
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, poolclass=NullPool, connect_args={"check_same_thread": False})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin)
+        return engine
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest Alembic revision."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(__file__).with_name("migrations")))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+class Catalog:
+    """The archive's index of what it holds."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._is_sqlite = engine.dialect.name == "sqlite"
+        # SQLite has one writer; serialising writers in-process avoids busy waits between threads.
+        self._write_lock = threading.Lock() if self._is_sqlite else None
+
+    @classmethod
+    def open(cls, url: str, *, migrate_schema: bool = True) -> Catalog:
+        engine = make_engine(url)
+        if migrate_schema:
+            migrate(engine)
+        return cls(engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        if self._write_lock is None:
+            with self.engine.begin() as conn:
+                yield conn
+            return
+        with self._write_lock, self.engine.connect().execution_options(immediate=True) as conn, conn.begin():
+            yield conn
+
+    def _insert(self, table: Any) -> Any:
+        dialect = sqlite if self._is_sqlite else postgresql
+        return dialect.insert(table)
+
+    def _upsert_pk(self, conn: Connection, table: Any, key: Mapping[str, Any], values: Mapping[str, Any],
+                   refresh: Mapping[str, Any]) -> int:
+        """Primary key of the row with ``key``, inserting it with ``values`` if absent.
+
+        ``refresh`` holds attributes a newer instance may correct (e.g. a patient's name); they are
+        updated when they differ and are not empty.
+        """
+        where = [table.c[k] == v for k, v in key.items()]
+        row = conn.execute(select(table.c.id, *[table.c[k] for k in refresh]).where(*where)).first()
+        if row is None:
+            ins = self._insert(table).values(**key, **values).on_conflict_do_nothing()
+            conn.execute(ins)
+            row = conn.execute(select(table.c.id, *[table.c[k] for k in refresh]).where(*where)).one()
+        changed = {k: v for k, v in refresh.items() if v and getattr(row, k) != v}
+        if changed:
+            conn.execute(update(table).where(table.c.id == row.id).values(**changed))
+        return int(row.id)
+
+    def add_instance(self, rec: InstanceRecord, policy: ConflictPolicy = "keep-newest") -> AddOutcome:
+        """Catalogue an instance whose bytes are already durable in the blob store."""
+        for attempt in range(3):
+            try:
+                with self._write() as conn:
+                    return self._add(conn, rec, policy)
+            except IntegrityError:
+                # Another association inserted the same patient/study/series/instance between our
+                # read and write (PostgreSQL); the retry sees it.
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _add(self, conn: Connection, rec: InstanceRecord, policy: ConflictPolicy) -> AddOutcome:
+        now = datetime.now(UTC)
+        existing = conn.execute(
+            select(instances.c.id, instances.c.sha256, instances.c.version, instances.c.size,
+                   instances.c.blob_key, instances.c.received_at, instances.c.source_ae)
+            .where(instances.c.sop_uid == rec.sop_uid)
+        ).first()
+        if existing is not None and existing.sha256 == rec.sha256:
+            return AddOutcome.DUPLICATE
+        if existing is not None and policy == "keep-first":
+            n = conn.execute(select(instance_versions.c.id).where(
+                instance_versions.c.sop_uid == rec.sop_uid, instance_versions.c.sha256 == rec.sha256)).first()
+            if n is None:
+                conn.execute(instance_versions.insert().values(
+                    sop_uid=rec.sop_uid, version=0, size=rec.size, sha256=rec.sha256, blob_key=rec.blob_key,
+                    received_at=rec.received_at, source_ae=rec.source_ae, superseded_at=now))
+            return AddOutcome.VERSION_KEPT
+
+        patient_pk = self._upsert_pk(
+            conn, patients, {"patient_id": rec.patient_id, "issuer": rec.issuer},
+            {"patient_name": rec.patient_name, "patient_name_folded": fold_name(rec.patient_name),
+             "birth_date": rec.birth_date, "sex": rec.sex},
+            {"patient_name": rec.patient_name, "patient_name_folded": fold_name(rec.patient_name),
+             "birth_date": rec.birth_date, "sex": rec.sex},
+        )
+        study_vals = {
+            "patient_pk": patient_pk, "study_date": rec.study_date, "study_time": rec.study_time,
+            "accession_number": rec.accession_number, "study_id": rec.study_id,
+            "referring_physician": rec.referring_physician, "study_description": rec.study_description,
+            "institution_name": rec.institution_name,
+        }
+        study_pk = self._upsert_pk(conn, studies, {"study_uid": rec.study_uid},
+                                   {**study_vals, "created_at": now, "updated_at": now}, {})
+        conn.execute(update(studies).where(studies.c.id == study_pk).values(updated_at=now))
+        series_pk = self._upsert_pk(
+            conn, series, {"series_uid": rec.series_uid},
+            {"study_pk": study_pk, "modality": rec.modality, "series_number": rec.series_number,
+             "series_description": rec.series_description, "body_part": rec.body_part,
+             "pps_start_date": rec.pps_start_date, "pps_start_time": rec.pps_start_time, "created_at": now},
+            {},
+        )
+        inst_vals = {
+            "series_pk": series_pk, "sop_class_uid": rec.sop_class_uid, "instance_number": rec.instance_number,
+            "transfer_syntax": rec.transfer_syntax, "rows": rec.rows, "columns": rec.columns,
+            "bits_allocated": rec.bits_allocated, "number_of_frames": rec.number_of_frames, "size": rec.size,
+            "sha256": rec.sha256, "blob_key": rec.blob_key, "received_at": rec.received_at,
+            "source_ae": rec.source_ae, "metadata_json": rec.metadata_json,
+        }
+        if existing is None:
+            conn.execute(instances.insert().values(sop_uid=rec.sop_uid, version=1, **inst_vals))
+            return AddOutcome.STORED
+        conn.execute(instance_versions.insert().values(
+            sop_uid=rec.sop_uid, version=existing.version, size=existing.size, sha256=existing.sha256,
+            blob_key=existing.blob_key, received_at=existing.received_at, source_ae=existing.source_ae,
+            superseded_at=now))
+        conn.execute(update(instances).where(instances.c.id == existing.id)
+                     .values(version=existing.version + 1, **inst_vals))
+        return AddOutcome.REPLACED
+
+    # ---- reads -------------------------------------------------------------------------------
+
+    def find(self, level: Level, criteria: Mapping[str, str], *, limit: int | None = None,
+             offset: int = 0) -> list[dict[str, Any]]:
+        """Rows matching ``criteria`` at ``level``, keyed by DICOM keyword (one SQL statement)."""
+        stmt = query.build(level, criteria, limit=limit, offset=offset)
+        with self.engine.connect() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(stmt)]
+        for row in rows:
+            if "ModalitiesInStudy" in row:
+                mods = (row["ModalitiesInStudy"] or "").split("\\")
+                row["ModalitiesInStudy"] = sorted({m for m in mods if m})
+        return rows
+
+    def locate(self, criteria: Mapping[str, str]) -> list[StoredInstance]:
+        """Every instance under the entities matching ``criteria`` (for C-MOVE, C-GET, WADO-RS)."""
+        return [
+            StoredInstance(r["StudyInstanceUID"], r["SeriesInstanceUID"], r["SOPInstanceUID"], r["SOPClassUID"],
+                           r["_transfer_syntax"], r["_size"], r["_sha256"], r["_blob_key"])
+            for r in self.find(Level.IMAGE, criteria)
+        ]
+
+    def instances_by_uid(self, sop_uids: Sequence[str]) -> dict[str, StoredInstance]:
+        """The catalogued instances among ``sop_uids`` (storage commitment)."""
+        found: dict[str, StoredInstance] = {}
+        for start in range(0, len(sop_uids), 500):
+            chunk = list(sop_uids[start : start + 500])
+            for inst in self.locate({"SOPInstanceUID": "\\".join(chunk)}):
+                found[inst.sop_uid] = inst
+        return found
+
+    def versions(self, sop_uid: str) -> list[dict[str, Any]]:
+        """Earlier contents of an instance, oldest first."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(instance_versions).where(instance_versions.c.sop_uid == sop_uid)
+                                .order_by(instance_versions.c.id))
+            return [dict(r._mapping) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        """How many patients, studies, series and instances are catalogued."""
+        with self.engine.connect() as conn:
+            return {
+                t.name: int(conn.execute(select(func.count()).select_from(t)).scalar_one())
+                for t in (patients, studies, series, instances)
+            }
+

@@ -1,0 +1,193 @@
+"""Attribute matching (PS3.4 C.2.2.2) turned into one SQL statement per query.
+
+Used by C-FIND now and by QIDO-RS: single value, wildcard (``*`` ``?``), UID list (``\\``),
+date/time range (``a-b``, ``a-``, ``-b``) and universal (empty) matching. Person names match
+case- and accent-insensitively against any component group (alphabetic, ideographic, phonetic).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from sqlalchemy import ColumnElement, Select, and_, exists, func, literal, or_, select
+
+from gateway.archive.record import fold_name
+from gateway.archive.schema import instances, patients, series, studies
+
+
+class Level(str, Enum):
+    STUDY = "STUDY"
+    SERIES = "SERIES"
+    IMAGE = "IMAGE"
+
+
+class QueryError(ValueError):
+    """A matching key whose value cannot be used (the message names the key)."""
+
+
+@dataclass(frozen=True)
+class Attr:
+    column: Any
+    kind: str  # "text", "uid", "date", "time", "int", "pn"
+    level: Level
+
+
+_S, _E, _I = Level.STUDY, Level.SERIES, Level.IMAGE
+
+ATTRIBUTES: dict[str, Attr] = {
+    "PatientID": Attr(patients.c.patient_id, "text", _S),
+    "IssuerOfPatientID": Attr(patients.c.issuer, "text", _S),
+    "PatientName": Attr(patients.c.patient_name, "pn", _S),
+    "PatientBirthDate": Attr(patients.c.birth_date, "date", _S),
+    "PatientSex": Attr(patients.c.sex, "text", _S),
+    "StudyInstanceUID": Attr(studies.c.study_uid, "uid", _S),
+    "StudyDate": Attr(studies.c.study_date, "date", _S),
+    "StudyTime": Attr(studies.c.study_time, "time", _S),
+    "AccessionNumber": Attr(studies.c.accession_number, "text", _S),
+    "StudyID": Attr(studies.c.study_id, "text", _S),
+    "ReferringPhysicianName": Attr(studies.c.referring_physician, "pn", _S),
+    "StudyDescription": Attr(studies.c.study_description, "text", _S),
+    "InstitutionName": Attr(studies.c.institution_name, "text", _S),
+    "SeriesInstanceUID": Attr(series.c.series_uid, "uid", _E),
+    "Modality": Attr(series.c.modality, "text", _E),
+    "SeriesNumber": Attr(series.c.series_number, "int", _E),
+    "SeriesDescription": Attr(series.c.series_description, "text", _E),
+    "BodyPartExamined": Attr(series.c.body_part, "text", _E),
+    "PerformedProcedureStepStartDate": Attr(series.c.pps_start_date, "date", _E),
+    "PerformedProcedureStepStartTime": Attr(series.c.pps_start_time, "time", _E),
+    "SOPInstanceUID": Attr(instances.c.sop_uid, "uid", _I),
+    "SOPClassUID": Attr(instances.c.sop_class_uid, "uid", _I),
+    "InstanceNumber": Attr(instances.c.instance_number, "int", _I),
+    "Rows": Attr(instances.c.rows, "int", _I),
+    "Columns": Attr(instances.c.columns, "int", _I),
+    "BitsAllocated": Attr(instances.c.bits_allocated, "int", _I),
+    "NumberOfFrames": Attr(instances.c.number_of_frames, "int", _I),
+}
+_ORDER = {_S: 0, _E: 1, _I: 2}
+# Computed at query time (no counters to keep in step on every insert).
+COMPUTED = {
+    _S: ("ModalitiesInStudy", "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances"),
+    _E: ("NumberOfSeriesRelatedInstances",),
+    _I: (),
+}
+
+
+def _like(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped.replace("*", "%").replace("?", "_")
+
+
+def _range(column: Any, value: str, key: str) -> ColumnElement[bool]:
+    low, _, high = value.partition("-")
+    low, high = low.strip(), high.strip()
+    if not low and not high:
+        raise QueryError(f"{key}: empty range {value!r}")
+    if low and high and low > high:
+        raise QueryError(f"{key}: range {value!r} ends before it starts")
+    parts = []
+    if low:
+        parts.append(column >= low)
+    if high:
+        # "…-20240131" includes the whole last day/time: compare on the value's own precision.
+        parts.append(func.substr(column, 1, len(high)) <= high)
+    return and_(*parts)
+
+
+def match(key: str, value: str) -> ColumnElement[bool] | None:
+    """The SQL condition for one matching key, or None for universal matching."""
+    attr = ATTRIBUTES[key]
+    value = value.strip()
+    if value in ("", "*"):
+        return None
+    col = attr.column
+    if attr.kind == "uid":
+        uids = [u.strip() for u in value.split("\\") if u.strip()]
+        return col == uids[0] if len(uids) == 1 else col.in_(uids)
+    if attr.kind in ("date", "time") and "-" in value:
+        return _range(col, value, key)
+    if attr.kind == "int":
+        try:
+            numbers = [int(v) for v in value.split("\\")]
+        except ValueError:
+            raise QueryError(f"{key}: {value!r} is not an integer") from None
+        return col.in_(numbers)
+    if attr.kind == "pn":
+        folded_col = patients.c.patient_name_folded if col is patients.c.patient_name else func.lower(col)
+        pattern = _like(fold_name(value))
+        if "%" not in pattern and "_" not in pattern.replace("\\_", ""):
+            # a name without wildcards matches a whole component group
+            return or_(folded_col == pattern, folded_col.like(f"{pattern}=%", escape="\\"),
+                       folded_col.like(f"%={pattern}", escape="\\"),
+                       folded_col.like(f"%={pattern}=%", escape="\\"))
+        return or_(folded_col.like(pattern, escape="\\"), folded_col.like(f"%={pattern}", escape="\\"))
+    if "*" in value or "?" in value:
+        return col.like(_like(value), escape="\\")
+    if "\\" in value and attr.kind == "text":
+        return col.in_(value.split("\\"))
+    return col == value
+
+
+def build(level: Level, criteria: Mapping[str, str], *, limit: int | None = None,
+          offset: int = 0) -> Select[Any]:
+    """One SELECT returning every catalogued and computed attribute at ``level``.
+
+    Keys of deeper levels than ``level`` are refused; unknown keys are ignored (the caller decides
+    whether to warn). Rows come back in a stable order (date, then primary keys) so paging is stable.
+    """
+    conds: list[ColumnElement[bool]] = []
+    for key, value in criteria.items():
+        if key == "ModalitiesInStudy":
+            mods = [m for m in value.split("\\") if m and m != "*"]
+            if mods:
+                conds.append(exists().where(series.c.study_pk == studies.c.id, series.c.modality.in_(mods)))
+            continue
+        attr = ATTRIBUTES.get(key)
+        if attr is None:
+            continue
+        if _ORDER[attr.level] > _ORDER[level]:
+            raise QueryError(f"{key}: not a {level.value.lower()}-level attribute")
+        cond = match(key, value)
+        if cond is not None:
+            conds.append(cond)
+
+    cols: list[Any] = [a.column.label(k) for k, a in ATTRIBUTES.items() if _ORDER[a.level] <= _ORDER[level]]
+    from_ = studies.join(patients, patients.c.id == studies.c.patient_pk)
+    if level is Level.STUDY:
+        n_series = select(func.count()).where(series.c.study_pk == studies.c.id).scalar_subquery()
+        n_inst = (
+            select(func.count())
+            .select_from(instances.join(series, series.c.id == instances.c.series_pk))
+            .where(series.c.study_pk == studies.c.id)
+            .scalar_subquery()
+        )
+        mods = select(func.aggregate_strings(series.c.modality, "\\")).where(
+            series.c.study_pk == studies.c.id
+        ).scalar_subquery()
+        cols += [mods.label("ModalitiesInStudy"), n_series.label("NumberOfStudyRelatedSeries"),
+                 n_inst.label("NumberOfStudyRelatedInstances")]
+        order: list[Any] = [studies.c.study_date, studies.c.id]
+        stmt = select(*cols).select_from(from_)
+    elif level is Level.SERIES:
+        from_ = from_.join(series, series.c.study_pk == studies.c.id)
+        n_inst = select(func.count()).where(instances.c.series_pk == series.c.id).scalar_subquery()
+        cols.append(n_inst.label("NumberOfSeriesRelatedInstances"))
+        order = [studies.c.study_date, studies.c.id, series.c.series_number, series.c.id]
+        stmt = select(*cols).select_from(from_)
+    else:
+        from_ = from_.join(series, series.c.study_pk == studies.c.id).join(
+            instances, instances.c.series_pk == series.c.id
+        )
+        cols += [instances.c.transfer_syntax.label("_transfer_syntax"), instances.c.blob_key.label("_blob_key"),
+                 instances.c.size.label("_size"), instances.c.sha256.label("_sha256")]
+        order = [studies.c.id, series.c.id, instances.c.instance_number, instances.c.id]
+        stmt = select(*cols).select_from(from_)
+    stmt = stmt.where(and_(literal(True), *conds)).order_by(*order)
+    if limit is not None:
+        stmt = stmt.limit(limit)
+    if offset:
+        stmt = stmt.offset(offset)
+    return stmt
+

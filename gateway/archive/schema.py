@@ -1,0 +1,124 @@
+"""The catalog's schema (SQLAlchemy Core), one for SQLite and PostgreSQL.
+
+Changing a table here needs an Alembic revision in ``migrations/versions``;
+``tests/test_catalog.py::test_migrations_match_schema`` fails when the two drift apart.
+
+The columns are the attributes QIDO-RS and C-FIND must match and return (PS3.18 §10.6.1.2 required
+keys at each level, plus modality, body part, accession and institution). Dates and times are kept
+as their DICOM strings (``YYYYMMDD``, ``HHMMSS.FFFFFF``): range matching on them is a string
+comparison that both databases index. Person names keep the whole PN value (``Alphabetic=
+Ideographic=Phonetic``) plus a folded copy for case- and accent-insensitive matching.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+UID = String(64)
+PN = String(400)
+
+patients = Table(
+    "patients",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("patient_id", String(64), nullable=False),
+    Column("issuer", String(64), nullable=False),
+    Column("patient_name", PN, nullable=False),
+    Column("patient_name_folded", PN, nullable=False),
+    Column("birth_date", String(8), nullable=False),
+    Column("sex", String(16), nullable=False),
+    UniqueConstraint("patient_id", "issuer", name="uq_patients_id_issuer"),
+)
+Index("ix_patients_name_folded", patients.c.patient_name_folded)
+
+studies = Table(
+    "studies",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("study_uid", UID, nullable=False, unique=True),
+    Column("patient_pk", Integer, ForeignKey("patients.id"), nullable=False),
+    Column("study_date", String(8), nullable=False),
+    Column("study_time", String(16), nullable=False),
+    Column("accession_number", String(64), nullable=False),
+    Column("study_id", String(16), nullable=False),
+    Column("referring_physician", PN, nullable=False),
+    Column("study_description", String(400), nullable=False),
+    Column("institution_name", String(400), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+Index("ix_studies_patient", studies.c.patient_pk)
+Index("ix_studies_date", studies.c.study_date)
+Index("ix_studies_accession", studies.c.accession_number)
+
+series = Table(
+    "series",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("series_uid", UID, nullable=False, unique=True),
+    Column("study_pk", Integer, ForeignKey("studies.id"), nullable=False),
+    Column("modality", String(16), nullable=False),
+    Column("series_number", Integer),
+    Column("series_description", String(400), nullable=False),
+    Column("body_part", String(64), nullable=False),
+    Column("pps_start_date", String(8), nullable=False),
+    Column("pps_start_time", String(16), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+Index("ix_series_study", series.c.study_pk)
+Index("ix_series_modality", series.c.modality)
+
+instances = Table(
+    "instances",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("sop_uid", UID, nullable=False, unique=True),
+    Column("series_pk", Integer, ForeignKey("series.id"), nullable=False),
+    Column("sop_class_uid", UID, nullable=False),
+    Column("instance_number", Integer),
+    Column("transfer_syntax", UID, nullable=False),
+    Column("rows", Integer),
+    Column("columns", Integer),
+    Column("bits_allocated", Integer),
+    Column("number_of_frames", Integer),
+    Column("size", BigInteger, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("blob_key", String(512), nullable=False),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+    Column("source_ae", String(64), nullable=False),
+    Column("version", Integer, nullable=False),
+    # DICOM JSON (PS3.18 F.2) of the header, bulk data as BulkDataURI: WADO-RS /metadata is
+    # served from here without opening a file.
+    Column("metadata_json", Text, nullable=False),
+)
+Index("ix_instances_series", instances.c.series_pk)
+
+# Earlier contents of an instance that was received again with different bytes (issue 2 §6).
+instance_versions = Table(
+    "instance_versions",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("sop_uid", UID, nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("blob_key", String(512), nullable=False),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+    Column("source_ae", String(64), nullable=False),
+    Column("superseded_at", DateTime(timezone=True), nullable=False),
+)
+Index("ix_instance_versions_sop", instance_versions.c.sop_uid)

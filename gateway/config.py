@@ -1,0 +1,235 @@
+"""Configuration: one TOML file per role, validated with pydantic before anything starts.
+
+Every file names its ``role`` (``frontend``, ``center``, ``index``); the role picks the model.
+Unknown keys, wrong types, bad AE titles and missing files stop the command with one line per
+problem, ``file: key: reason`` (issue 2 §3). Relative paths are taken from the config file's folder,
+so a config and its data can move together.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
+
+
+def _ae_title(value: str) -> str:
+    """An AE title: 1–16 characters of the default repertoire, no backslash, not all spaces."""
+    if not _AE_RE.match(value) or not value.strip():
+        raise ValueError(
+            f"{value!r} is not a valid AE title (1-16 printable ASCII characters, no backslash, not blank)"
+        )
+    return value.strip()
+
+
+AETitle = Annotated[str, AfterValidator(_ae_title)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class Strict(BaseModel):
+    """Base of every config section: unknown keys are errors, values are not coerced loosely."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Peer(Strict):
+    """A DICOM application entity that may call us (a modality, a PACS, a workstation)."""
+
+    ae_title: AETitle
+    institution: str = Field(description="code of the institution the AE belongs to")
+    description: str = ""
+    host: str | None = Field(default=None, description="where to reach it (storage commitment reports)")
+    port: Port | None = None
+
+
+class MoveDestination(Strict):
+    """A C-MOVE destination: the AE title a peer names in the request, and where it listens."""
+
+    ae_title: AETitle
+    host: str
+    port: Port
+
+
+class DicomSection(Strict):
+    ae_title: AETitle = "YBYX"
+    host: str = "0.0.0.0"
+    port: Port = 11112
+    max_associations: int = Field(default=16, ge=1, le=512)
+    acse_timeout: float = Field(default=30, gt=0)
+    dimse_timeout: float = Field(default=120, gt=0)
+    network_timeout: float = Field(default=120, gt=0)
+    maximum_pdu_size: int = Field(default=0, ge=0, description="0 = no limit")
+    accept_any_sop_class: bool = Field(
+        default=False, description="also accept storage SOP classes pydicom does not know"
+    )
+    allow_any_calling_ae: bool = Field(
+        default=False, description="accept associations from AEs not listed in peers (demo only)"
+    )
+    peers: list[Peer] = Field(default_factory=list)
+    move_destinations: list[MoveDestination] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_titles(self) -> DicomSection:
+        for name, items in (("peers", self.peers), ("move_destinations", self.move_destinations)):
+            titles = [p.ae_title for p in items]
+            dupes = sorted({t for t in titles if titles.count(t) > 1})
+            if dupes:
+                raise ValueError(f"{name}: AE title listed twice: {', '.join(dupes)}")
+        return self
+
+
+class S3Section(Strict):
+    endpoint: str = Field(description="host:port of the S3 service", pattern=r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
+    bucket: str = Field(pattern=r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$",
+                        description="S3 bucket name: 3-63 lowercase letters, digits, dots, hyphens")
+    access_key: str
+    secret_key: str
+    secure: bool = True
+    region: str | None = None
+    prefix: str = ""
+
+
+class StorageSection(Strict):
+    backend: Literal["folder", "s3"] = "folder"
+    path: Path = Path("data/blobs")
+    s3: S3Section | None = None
+
+    @model_validator(mode="after")
+    def _s3_needs_section(self) -> StorageSection:
+        if self.backend == "s3" and self.s3 is None:
+            raise ValueError("backend 's3' needs a [storage.s3] section")
+        return self
+
+
+class DatabaseSection(Strict):
+    url: str = Field(default="sqlite:///data/catalog.db", description="SQLAlchemy URL")
+
+    @model_validator(mode="after")
+    def _known_scheme(self) -> DatabaseSection:
+        scheme = self.url.split(":", 1)[0]
+        if scheme not in {"sqlite", "postgresql", "postgresql+psycopg"}:
+            raise ValueError(f"url: unsupported database {scheme!r} (sqlite or postgresql)")
+        return self
+
+
+class IngestSection(Strict):
+    on_conflict: Literal["keep-newest", "keep-first"] = Field(
+        default="keep-newest",
+        description="same SOP Instance UID with different bytes: keep the newest (the older "
+        "becomes a version) or keep the first (the newcomer is kept as a version only)",
+    )
+    spool: Path | None = Field(
+        default=None, description="where received files wait to be stored; default <storage.path>/.spool"
+    )
+    quarantine: Path = Path("data/quarantine")
+
+
+class HttpSection(Strict):
+    host: str = "127.0.0.1"
+    port: Port = 8080
+    workers: int = Field(default=1, ge=1, le=64)
+
+
+class FrontendConfig(Strict):
+    """前置机: the hospital front-end (ARCHITECTURE "One product, three roles")."""
+
+    role: Literal["frontend"]
+    institution: str = Field(description="code of the hospital this front-end serves")
+    dicom: DicomSection = DicomSection()
+    http: HttpSection = HttpSection()
+    storage: StorageSection = StorageSection()
+    database: DatabaseSection = DatabaseSection()
+    ingest: IngestSection = IngestSection()
+
+
+class CenterConfig(Strict):
+    """共享中心: a province's sharing center."""
+
+    role: Literal["center"]
+    province: str = Field(description="province code, e.g. '50' for Chongqing")
+    http: HttpSection = HttpSection(port=8081)
+    storage: StorageSection = StorageSection()
+    database: DatabaseSection = DatabaseSection()
+    ingest: IngestSection = IngestSection()
+
+
+class IndexConfig(Strict):
+    """索引共享模块: the national index."""
+
+    role: Literal["index"]
+    http: HttpSection = HttpSection(port=8082)
+    database: DatabaseSection = DatabaseSection()
+
+
+RoleConfig = FrontendConfig | CenterConfig | IndexConfig
+_MODELS: dict[str, type[FrontendConfig] | type[CenterConfig] | type[IndexConfig]] = {
+    "frontend": FrontendConfig,
+    "center": CenterConfig,
+    "index": IndexConfig,
+}
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; ``problems`` holds one ``file: key: reason`` per line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _below(model: RoleConfig, base: Path) -> RoleConfig:
+    """Relative paths (given or default) are taken from the config file's folder."""
+    updates: dict[str, Any] = {}
+    storage = getattr(model, "storage", None)
+    if isinstance(storage, StorageSection) and not storage.path.is_absolute():
+        updates["storage"] = storage.model_copy(update={"path": base / storage.path})
+    ingest = getattr(model, "ingest", None)
+    if isinstance(ingest, IngestSection):
+        fix = {k: base / v for k, v in (("spool", ingest.spool), ("quarantine", ingest.quarantine))
+               if v is not None and not v.is_absolute()}
+        if fix:
+            updates["ingest"] = ingest.model_copy(update=fix)
+    db = model.database
+    if db.url.startswith("sqlite:///") and not db.url.startswith("sqlite:////"):
+        updates["database"] = DatabaseSection(url=f"sqlite:///{base / db.url.removeprefix('sqlite:///')}")
+    return model.model_copy(update=updates) if updates else model
+
+
+def parse_config(data: dict[str, Any], source: str = "<config>", base: Path | None = None) -> RoleConfig:
+    """Validate a config mapping; raise :class:`ConfigError` listing every problem."""
+    role = data.get("role")
+    if role not in _MODELS:
+        raise ConfigError([f"{source}: role: must be one of {', '.join(_MODELS)} (got {role!r})"])
+    try:
+        model = _MODELS[role].model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(top)"
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            problems.append(f"{source}: {key}: {msg}")
+        raise ConfigError(problems) from None
+    return _below(model, base) if base is not None else model
+
+
+def load_config(path: Path | str) -> RoleConfig:
+    """Read and validate a TOML config file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: (file): no such file"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{path}: (file): {exc.strerror}"]) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: (syntax): {exc}"]) from None
+    return parse_config(data, str(path), path.resolve().parent)

@@ -1,0 +1,193 @@
+"""Durable ingest: a received Part-10 file becomes a stored, catalogued instance, or is refused.
+
+The one domain entry point behind C-STORE (``dimse/``) and, later, STOW-RS (``dicomweb/``). The
+edges only translate :class:`Accepted` / :class:`Refused` into their protocol's statuses.
+
+Order of work (ARCHITECTURE "the data path"):
+
+1. read the header only (``stop_before_pixels``): pixel data is passed through, never decoded;
+2. check the structure: required UIDs valid, the pixel data element complete (a truncated file is
+   caught here), the SOP Instance UID the sender announced matches the one in the data;
+3. hash, fsync and place the bytes in the blob store under a content-addressed key;
+4. catalogue in one transaction (committed with ``synchronous=FULL`` on SQLite).
+
+Only then is the sender told *success*. A crash between 3 and 4 leaves an unreferenced blob and no
+acknowledgement; the sender's retry lands on the same key. Refused files are moved to the
+quarantine folder with a ``.reason.txt`` beside them, for the admin (issue 2 §6).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import struct
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import BinaryIO
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
+
+from gateway.archive.blobstore import BlobStore
+from gateway.archive.catalog import AddOutcome, Catalog, ConflictPolicy
+from gateway.archive.record import InstanceRecord, InvalidInstance
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """The instance is durable and catalogued."""
+
+    sop_uid: str
+    sop_class_uid: str
+    study_uid: str
+    outcome: AddOutcome
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Refused:
+    """The instance was not stored; ``reason`` says why in words an admin can act on."""
+
+    reason: str
+    kind: str  # "malformed" | "missing-attribute" | "mismatch" | "storage"
+    sop_uid: str | None = None
+    quarantined: Path | None = None
+
+
+def blob_key(study: str, series: str, sop: str, sha256: str) -> str:
+    """Content-addressed key: a new version of an instance never overwrites the old bytes."""
+    return f"{study}/{series}/{sop}/{sha256[:20]}.dcm"
+
+
+def _read_header(fh: BinaryIO) -> tuple[Dataset, int | None]:
+    """The dataset without pixel data, and the offset of the pixel data element (None if absent)."""
+    ds = dcmread(fh, stop_before_pixels=True)
+    offset = fh.tell()
+    fh.seek(0, os.SEEK_END)
+    return ds, (offset if fh.tell() > offset else None)
+
+
+def _check_pixel_element(fh: BinaryIO, offset: int, size: int, transfer_syntax: str) -> bool:
+    """Whether the pixel data element at ``offset`` is complete in a file of ``size`` bytes.
+
+    pydicom's header read stops before the element, so a file cut short in its pixel data would
+    look fine; here the element's length (or, when encapsulated, its sequence delimiter) is checked
+    against the file's end without reading the pixel bytes.
+    """
+    fh.seek(offset)
+    head = fh.read(12)
+    if len(head) < 8:
+        return False
+    big = transfer_syntax == ExplicitVRBigEndian
+    endian = ">" if big else "<"
+    group, elem = struct.unpack(f"{endian}HH", head[:4])
+    if group != 0x7FE0:
+        return True  # trailing non-pixel elements (e.g. padding); pydicom parsed everything before
+    if transfer_syntax == ImplicitVRLittleEndian:
+        (length,) = struct.unpack("<I", head[4:8])
+        start = offset + 8
+    elif head[4:6] in (b"OB", b"OW", b"OF", b"OD", b"OL", b"UN", b"OV"):
+        if len(head) < 12:
+            return False
+        (length,) = struct.unpack(f"{endian}I", head[8:12])
+        start = offset + 12
+    else:
+        (length,) = struct.unpack(f"{endian}H", head[6:8])
+        start = offset + 8
+    if length == 0xFFFFFFFF:
+        # Encapsulated: the value ends with a sequence delimitation item (FFFE,E0DD). It is
+        # normally the file's last 8 bytes; allow a little trailing padding after it.
+        tail_len = min(size - start, 4096)
+        fh.seek(size - tail_len)
+        return b"\xfe\xff\xdd\xe0\x00\x00\x00\x00" in fh.read(tail_len)
+    return start + length <= size
+
+
+class Ingest:
+    """Accepts received files into one archive (catalog + blob store)."""
+
+    def __init__(self, catalog: Catalog, store: BlobStore, *, quarantine: Path,
+                 policy: ConflictPolicy = "keep-newest") -> None:
+        self.catalog = catalog
+        self.store = store
+        self.quarantine = quarantine
+        self.policy: ConflictPolicy = policy
+        quarantine.mkdir(parents=True, exist_ok=True)
+
+    def accept_file(self, path: Path, *, source: str, expected_sop_uid: str | None = None) -> Accepted | Refused:
+        """Store the Part-10 file at ``path`` (the caller keeps ownership of ``path``)."""
+        try:
+            with path.open("rb") as fh:
+                ds, pixel_offset = _read_header(fh)
+                ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if ds.file_meta else ""
+                if not ts:
+                    raise InvalidInstance("file meta has no TransferSyntaxUID")
+                size = os.fstat(fh.fileno()).st_size
+                if pixel_offset is not None and ts != DeflatedExplicitVRLittleEndian and not _check_pixel_element(
+                    fh, pixel_offset, size, ts
+                ):
+                    raise _Malformed("pixel data is truncated (the file ends inside the pixel data element)")
+            study, series_uid, sop, sop_class = InstanceRecord.identify(ds)
+        except InvalidInstance as exc:
+            return self._refuse(path, source, str(exc), "missing-attribute", expected_sop_uid)
+        except (_Malformed, InvalidDicomError, EOFError, ValueError, KeyError, struct.error) as exc:
+            return self._refuse(path, source, f"not readable as DICOM: {exc}", "malformed", expected_sop_uid)
+
+        if expected_sop_uid and expected_sop_uid != sop:
+            return self._refuse(path, source, f"SOPInstanceUID {sop} in the data set differs from "
+                                f"{expected_sop_uid} announced in the request", "mismatch", sop)
+        if ds.file_meta.get("MediaStorageSOPInstanceUID") not in (None, "", sop):
+            return self._refuse(path, source, "MediaStorageSOPInstanceUID differs from SOPInstanceUID",
+                                "mismatch", sop)
+
+        from gateway.archive.blobstore import sha256_file
+
+        _, sha = sha256_file(path)
+        key = blob_key(study, series_uid, sop, sha)
+        try:
+            size, sha_stored = self.store.put_file(key, path)
+        except OSError as exc:
+            log.error("blob store write failed for %s: %s", sop, exc)
+            return Refused(f"storage unavailable: {exc}", "storage", sop)
+        if sha_stored != sha:
+            return Refused("file changed while being stored", "storage", sop)
+        try:
+            rec = InstanceRecord.from_dataset(
+                ds, transfer_syntax=ts, has_pixels=pixel_offset is not None, size=size, sha256=sha,
+                blob_key=key, received_at=datetime.now(UTC), source_ae=source,
+            )
+            outcome = self.catalog.add_instance(rec, self.policy)
+        except Exception as exc:  # the catalog must not turn a DB outage into a lost instance
+            log.exception("catalog write failed for %s", sop)
+            return Refused(f"catalog unavailable: {exc}", "storage", sop)
+        if outcome is AddOutcome.DUPLICATE:
+            log.info("duplicate %s from %s (same bytes): nothing to do", sop, source)
+        elif outcome in (AddOutcome.REPLACED, AddOutcome.VERSION_KEPT):
+            log.warning("instance %s received again from %s with different bytes: %s", sop, source,
+                        outcome.value)
+        return Accepted(sop, sop_class, study, outcome, sha, size)
+
+    def _refuse(self, path: Path, source: str, reason: str, kind: str, sop: str | None) -> Refused:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+        dest = self.quarantine / f"{stamp}-{source}-{uuid.uuid4().hex[:8]}.dcm"
+        try:
+            shutil.copyfile(path, dest)
+            dest.with_suffix(".reason.txt").write_text(f"source: {source}\nsop: {sop or '?'}\nreason: {reason}\n",
+                                                       encoding="utf-8")
+        except OSError as exc:
+            log.error("could not quarantine %s: %s", path, exc)
+            return Refused(reason, kind, sop, None)
+        log.warning("refused instance from %s: %s (kept in %s)", source, reason, dest)
+        return Refused(reason, kind, sop, dest)
+
+
+class _Malformed(Exception):
+    pass

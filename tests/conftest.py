@@ -1,0 +1,115 @@
+"""Shared fixtures: real PostgreSQL, real SeaweedFS (S3), an in-process front-end on a free port.
+
+Heavy peers are session-scoped (started once per run); the front-end is cheap and per test.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from gateway.config import FrontendConfig, parse_config
+from gateway.frontend import Frontend
+from gateway.sample import ct_series, write_samples
+from tests.peers.ports import free_port
+from tests.peers.seaweedfs import S3Endpoint, seaweedfs  # noqa: F401  (session fixture)
+
+PG_ADMIN = os.environ.get("YBYX_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session (dropped at the end)."""
+    name = f"ybyx_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN.rsplit("/", 1)[0]
+    yield f"{base}/{name}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def fresh_pg_url(pg_url: str) -> Iterator[str]:
+    """An empty schema-less database per test (PostgreSQL), so tests don't see each other's rows."""
+    name = f"ybyx_t_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN.rsplit("/", 1)[0]
+    yield f"{base}/{name}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def samples(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo sample set (CT, MR, DX, multi-frame, RGB; Chinese names), written once."""
+    out = tmp_path_factory.mktemp("samples")
+    write_samples(out, ct_slices=12)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ct200(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """A 200-slice CT series (crash test)."""
+    return ct_series(tmp_path_factory.mktemp("ct200"), slices=200)
+
+
+def frontend_config(root: Path, *, db_url: str | None = None, s3: S3Endpoint | None = None,
+                    **dicom: Any) -> FrontendConfig:
+    """A front-end config living in ``root`` on free ports; ``dicom`` overrides [dicom] keys."""
+    data: dict[str, Any] = {
+        "role": "frontend",
+        "institution": "TEST_HOSPITAL",
+        "dicom": {"ae_title": "YBYX", "host": "127.0.0.1", "port": free_port(), "allow_any_calling_ae": True,
+                  **dicom},
+        "storage": {"backend": "folder", "path": "blobs"},
+        "database": {"url": db_url or "sqlite:///catalog.db"},
+        "ingest": {"quarantine": "quarantine"},
+    }
+    if s3 is not None:
+        bucket = f"t-{uuid.uuid4().hex[:12]}"
+        data["storage"] = {"backend": "s3", "s3": {"endpoint": s3.endpoint, "bucket": bucket,
+                                                     "access_key": s3.access_key, "secret_key": s3.secret_key,
+                                                     "secure": False}}
+        data["ingest"]["spool"] = "spool"
+    cfg = parse_config(data, "test.toml", root)
+    assert isinstance(cfg, FrontendConfig)
+    return cfg
+
+
+@pytest.fixture
+def start_frontend(tmp_path: Path) -> Iterator[Callable[..., Frontend]]:
+    """Start in-process front-ends (stopped after the test): ``start_frontend(**dicom_overrides)``."""
+    started: list[Frontend] = []
+
+    def start(*, db_url: str | None = None, s3: S3Endpoint | None = None, root: Path | None = None,
+              **dicom: Any) -> Frontend:
+        cfg = frontend_config(root or tmp_path / f"fe{len(started)}", db_url=db_url, s3=s3, **dicom)
+        fe = Frontend.start(cfg)
+        started.append(fe)
+        return fe
+
+    yield start
+    for fe in started:
+        fe.stop()
+
+
+@pytest.fixture
+def frontend(start_frontend: Callable[..., Frontend]) -> Frontend:
+    """One front-end on SQLite + folder that accepts any calling AE."""
+    return start_frontend()
+
+
+def dcmtk(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        raise RuntimeError(f"{tool} not found: `make setup` installs dcmtk")
+    return path
