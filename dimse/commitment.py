@@ -13,9 +13,8 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role
-from pynetdicom.sop_class import StorageCommitmentPushModel
 
-from dimse.contexts import no_delay
+from dimse.contexts import STORAGE_COMMITMENT_PUSH, no_delay_assoc
 from gateway.archive.catalog import Catalog
 from gateway.config import DicomSection
 
@@ -61,7 +60,9 @@ class CommitmentReporter:
         self._threads: list[threading.Thread] = []
 
     def schedule(self, assoc: Any, transaction: str, refs: list[tuple[str, str]]) -> None:
-        t = threading.Thread(target=self._report, args=(assoc, transaction, refs), name="commitment", daemon=True)
+        t = threading.Thread(
+            target=self._report, args=(assoc, transaction, refs), name="commitment", daemon=True
+        )
         self._threads = [x for x in self._threads if x.is_alive()]
         self._threads.append(t)
         t.start()
@@ -75,9 +76,13 @@ class CommitmentReporter:
         calling = assoc.requestor.ae_title
         if assoc.is_established:
             try:
-                status = assoc.send_n_event_report(info, event_type, StorageCommitmentPushModel, WELL_KNOWN_INSTANCE)
+                status = assoc.send_n_event_report(
+                    info, event_type, STORAGE_COMMITMENT_PUSH, WELL_KNOWN_INSTANCE
+                )
                 if status and status.Status == 0x0000:
-                    log.info("storage commitment %s reported to %s (event %d)", transaction, calling, event_type)
+                    log.info(
+                        "storage commitment %s reported to %s (event %d)", transaction, calling, event_type
+                    )
                     return
             except (RuntimeError, ValueError) as exc:
                 log.info("could not report on the same association: %s", exc)
@@ -86,19 +91,28 @@ class CommitmentReporter:
     def _report_new_association(self, calling: str, transaction: str, event_type: int, info: Dataset) -> None:
         peer = next((p for p in self.cfg.peers if p.ae_title == calling), None)
         if peer is None or peer.host is None or peer.port is None:
-            log.error("storage commitment %s for %s: association closed and no address configured", transaction,
-                      calling)
+            log.error(
+                "storage commitment %s for %s: association closed and no address configured",
+                transaction,
+                calling,
+            )
             return
         ae = AE(ae_title=self.cfg.ae_title)
-        ae.add_requested_context(StorageCommitmentPushModel)
-        assoc = ae.associate(peer.host, peer.port, ae_title=calling,
-                             ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True, scu_role=False)])
+        ae.add_requested_context(STORAGE_COMMITMENT_PUSH)
+        assoc = ae.associate(
+            peer.host,
+            peer.port,
+            ae_title=calling,
+            ext_neg=[build_role(STORAGE_COMMITMENT_PUSH, scp_role=True, scu_role=False)],
+        )
         if not assoc.is_established:
-            log.error("storage commitment %s: cannot reach %s at %s:%s", transaction, calling, peer.host, peer.port)
+            log.error(
+                "storage commitment %s: cannot reach %s at %s:%s", transaction, calling, peer.host, peer.port
+            )
             return
         try:
-            no_delay(assoc.dul.socket.socket)
-            assoc.send_n_event_report(info, event_type, StorageCommitmentPushModel, WELL_KNOWN_INSTANCE)
+            no_delay_assoc(assoc)
+            assoc.send_n_event_report(info, event_type, STORAGE_COMMITMENT_PUSH, WELL_KNOWN_INSTANCE)
             log.info("storage commitment %s reported to %s on a new association", transaction, calling)
         finally:
             assoc.release()

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import Iterable
+from typing import Any
 
-from pynetdicom import build_context
-from pynetdicom.presentation import PresentationContext
 from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
-    HTJ2K,
     HTJ2KLossless,
     HTJ2KLosslessRPCL,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -24,8 +25,20 @@ from pydicom.uid import (
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
-    UID,
 )
+from pynetdicom import build_context
+from pynetdicom.presentation import PresentationContext
+
+# SOP classes we serve besides storage (PS3.4); pynetdicom.sop_class builds these names at run time,
+# which type checkers cannot see, so they are spelled out here.
+VERIFICATION = "1.2.840.10008.1.1"
+STORAGE_COMMITMENT_PUSH = "1.2.840.10008.1.20.1"
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
+STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
+PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
+PATIENT_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.1.2"
+PATIENT_ROOT_GET = "1.2.840.10008.5.1.4.1.2.1.3"
 
 UNCOMPRESSED = [ImplicitVRLittleEndian, ExplicitVRLittleEndian]
 # Every transfer syntax we accept as C-STORE SCP (issue 2 §5); the order is our preference.
@@ -55,10 +68,15 @@ def no_delay(sock: socket.socket) -> None:
     pynetdicom writes a PDU header and its body in separate sends; with Nagle on, the second waits
     for the peer's delayed ACK (~40 ms), capping loopback C-STORE at ~5 instances/s (issue 2 §5).
     """
-    try:
+    with contextlib.suppress(OSError):  # not a TCP socket
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except OSError:  # not a TCP socket (e.g. a socketpair in tests)
-        pass
+
+
+def no_delay_assoc(assoc: Any) -> None:
+    """TCP_NODELAY on an established association's socket (we are the requestor)."""
+    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    if sock is not None:
+        no_delay(sock)
 
 
 def contexts_for(pairs: Iterable[tuple[str, str]]) -> list[PresentationContext]:
@@ -70,7 +88,9 @@ def contexts_for(pairs: Iterable[tuple[str, str]]) -> list[PresentationContext]:
     by_class: dict[str, list[str]] = {}
     for sop_class, ts in pairs:
         syntaxes = by_class.setdefault(sop_class, [])
-        for candidate in [ts, *UNCOMPRESSED] if UID(ts) in UNCOMPRESSED or not UID(ts).is_compressed else [ts]:
+        for candidate in (
+            [ts, *UNCOMPRESSED] if UID(ts) in UNCOMPRESSED or not UID(ts).is_compressed else [ts]
+        ):
             if candidate not in syntaxes:
                 syntaxes.append(candidate)
     contexts = [build_context(sop_class, syntaxes) for sop_class, syntaxes in by_class.items()]

@@ -15,7 +15,7 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, _config
 
-from dimse.contexts import contexts_for, no_delay
+from dimse.contexts import contexts_for, no_delay_assoc
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def send(
         for path, _, _ in headers:
             report.failed[path] = f"association with {called_ae}@{host}:{port} refused or failed"
         return report
-    no_delay(assoc.dul.socket.socket)
+    no_delay_assoc(assoc)
     jf = journal.open("a", encoding="utf-8") if journal is not None else None
     try:
         for path, _, _ in headers:
@@ -103,8 +103,11 @@ def send(
                     jf.flush()
             elif path not in report.failed:
                 comment = status.get("ErrorComment", "") if status is not None else ""
-                report.failed[path] = (f"status 0x{code:04X} {comment}".strip() if code is not None
-                                       else "no response (timeout or abort)")
+                report.failed[path] = (
+                    f"status 0x{code:04X} {comment}".strip()
+                    if code is not None
+                    else "no response (timeout or abort)"
+                )
             if progress:
                 progress(path, path not in report.failed)
     finally:

@@ -14,24 +14,29 @@ import threading
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
-from pynetdicom.sop_class import (
-    PatientRootQueryRetrieveInformationModelFind,
-    StorageCommitmentPushModel,
-    StudyRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelGet,
-    StudyRootQueryRetrieveInformationModelMove,
-    Verification,
-)
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dimse.commitment import CommitmentReporter
-from dimse.contexts import ACCEPTED_TRANSFER_SYNTAXES, contexts_for, no_delay
+from dimse.contexts import (
+    ACCEPTED_TRANSFER_SYNTAXES,
+    PATIENT_ROOT_FIND,
+    PATIENT_ROOT_GET,
+    PATIENT_ROOT_MOVE,
+    STORAGE_COMMITMENT_PUSH,
+    STUDY_ROOT_FIND,
+    STUDY_ROOT_GET,
+    STUDY_ROOT_MOVE,
+    VERIFICATION,
+    contexts_for,
+    no_delay,
+    no_delay_assoc,
+)
 from gateway.archive.blobstore import BlobStore
 from gateway.archive.catalog import Catalog, StoredInstance
 from gateway.archive.query import Level, QueryError
@@ -65,8 +70,9 @@ def _status(code: int, comment: str = "") -> Dataset:
 class DicomServer:
     """One SCP bound to one archive."""
 
-    def __init__(self, cfg: DicomSection, ingest: Ingest, catalog: Catalog, store: BlobStore,
-                 spool: Path) -> None:
+    def __init__(
+        self, cfg: DicomSection, ingest: Ingest, catalog: Catalog, store: BlobStore, spool: Path
+    ) -> None:
         self.cfg = cfg
         self.ingest = ingest
         self.catalog = catalog
@@ -89,16 +95,22 @@ class DicomServer:
             # pynetdicom rejects others with A-ASSOCIATE-RJ: rejected-permanent, service-user,
             # "calling AE title not recognized" (PS3.8 Table 9-21).
             ae.require_calling_aet = [p.ae_title for p in self.cfg.peers]
-        ae.add_supported_context(Verification)
+        ae.add_supported_context(VERIFICATION)
         for cx in AllStoragePresentationContexts:
             # scu_role/scp_role: accept the role selection a C-GET requestor proposes.
-            ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES,
-                                     scu_role=True, scp_role=True)
-        for sop in (StudyRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelFind,
-                    StudyRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelGet,
-                    StorageCommitmentPushModel):
+            ae.add_supported_context(
+                str(cx.abstract_syntax), ACCEPTED_TRANSFER_SYNTAXES, scu_role=True, scp_role=True
+            )
+        for sop in (
+            STUDY_ROOT_FIND,
+            STUDY_ROOT_MOVE,
+            STUDY_ROOT_GET,
+            PATIENT_ROOT_FIND,
+            PATIENT_ROOT_MOVE,
+            PATIENT_ROOT_GET,
+            STORAGE_COMMITMENT_PUSH,
+        ):
             ae.add_supported_context(sop)
-        # Sub-operation associations (C-MOVE) are ours as requestor: keep them fast too.
         return ae
 
     def start(self) -> int:
@@ -112,7 +124,7 @@ class DicomServer:
             # the archive's disk, so the blob store links them into place instead of copying.
             tempfile.tempdir = str(self.spool)
         ae = self._make_ae()
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_FIND, self._on_find),
             (evt.EVT_C_MOVE, self._on_move),
@@ -121,8 +133,13 @@ class DicomServer:
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ESTABLISHED, self._on_established),
         ]
-        server = ae.make_server((self.cfg.host, self.cfg.port), evt_handlers=handlers,
-                                server_class=_NoDelayServer)
+        server = cast(
+            _NoDelayServer,
+            ae.make_server(
+                (self.cfg.host, self.cfg.port), evt_handlers=handlers, server_class=_NoDelayServer
+            ),
+        )
+        ae._servers.append(server)  # as start_server does, so server.shutdown() can deregister it
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, name="dimse-scp", daemon=True)
         self._thread.start()
@@ -132,17 +149,14 @@ class DicomServer:
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.shutdown()  # also closes the socket
             self._server = None
         self.commitments.wait()
 
     # ---- handlers ----------------------------------------------------------------------------
 
     def _on_established(self, event: evt.Event) -> None:
-        sock = getattr(event.assoc.dul.socket, "socket", None)
-        if sock is not None:
-            no_delay(sock)
+        no_delay_assoc(event.assoc)
 
     def _on_rejected(self, event: evt.Event) -> None:
         req = event.assoc.requestor
@@ -150,8 +164,11 @@ class DicomServer:
 
     def _on_store(self, event: evt.Event) -> Dataset:
         calling = event.assoc.requestor.ae_title
-        result = self.ingest.accept_file(event.dataset_path, source=calling,
-                                         expected_sop_uid=str(event.request.AffectedSOPInstanceUID))
+        result = self.ingest.accept_file(
+            event.dataset_path,
+            source=calling,
+            expected_sop_uid=str(cast(Any, event.request).AffectedSOPInstanceUID),
+        )
         if isinstance(result, Accepted):
             return _status(0x0000)
         return _status(STORE_STATUS[result.kind], result.reason)
@@ -213,7 +230,9 @@ class DicomServer:
         dest_title = str(event.move_destination).strip()
         dest = next((d for d in self.cfg.move_destinations if d.ae_title == dest_title), None)
         if dest is None:
-            log.warning("C-MOVE to unknown destination %r from %s", dest_title, event.assoc.requestor.ae_title)
+            log.warning(
+                "C-MOVE to unknown destination %r from %s", dest_title, event.assoc.requestor.ae_title
+            )
             yield None, None
             return
         try:
@@ -251,14 +270,16 @@ class DicomServer:
             yield 0xFF00, ds
 
     def _on_n_action(self, event: evt.Event) -> tuple[int, Dataset | None]:
-        req = event.request
-        if str(req.RequestedSOPClassUID) != StorageCommitmentPushModel or req.ActionTypeID != 1:
+        req = cast(Any, event.request)
+        if str(req.RequestedSOPClassUID) != STORAGE_COMMITMENT_PUSH or req.ActionTypeID != 1:
             return 0x0123, None  # no such action
         info = event.action_information
         try:
             transaction = str(info.TransactionUID)
-            refs = [(str(item.ReferencedSOPClassUID), str(item.ReferencedSOPInstanceUID))
-                    for item in info.ReferencedSOPSequence]
+            refs = [
+                (str(item.ReferencedSOPClassUID), str(item.ReferencedSOPInstanceUID))
+                for item in info.ReferencedSOPSequence
+            ]
         except AttributeError as exc:
             log.warning("storage commitment request without %s", exc)
             return 0x0120, None  # missing attribute

@@ -24,11 +24,16 @@ _TARGET = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     if not verbose:
-        for noisy, level in (("pynetdicom", logging.WARNING), ("alembic", logging.WARNING),
-                             ("urllib3", logging.ERROR)):  # S3 retries are reported by us, once
+        for noisy, level in (
+            ("pynetdicom", logging.WARNING),
+            ("alembic", logging.WARNING),
+            ("urllib3", logging.ERROR),
+        ):  # S3 retries are reported by us, once
             logging.getLogger(noisy).setLevel(level)
 
 
@@ -56,7 +61,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 def _frontend_config(path: str) -> FrontendConfig:
     cfg = load_config(path)
     if not isinstance(cfg, FrontendConfig):
-        raise ConfigError([f"{path}: role: this command needs role = \"frontend\" (got {cfg.role!r})"])
+        raise ConfigError([f'{path}: role: this command needs role = "frontend" (got {cfg.role!r})'])
     return cfg
 
 
@@ -92,15 +97,29 @@ def cmd_send(args: argparse.Namespace) -> int:
     if not files:
         console.print("nothing to send: no files found")
         return 2
-    with Progress(TextColumn("[bold]sending"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console, disable=args.quiet) as bar:
+    with Progress(
+        TextColumn("[bold]sending"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=args.quiet,
+    ) as bar:
         task = bar.add_task("send", total=len(files))
-        report = send(files, m["host"], int(m["port"]), m["ae"], calling_ae=args.calling_ae,
-                      journal=Path(args.journal) if args.journal else None,
-                      progress=lambda _p, _ok: bar.advance(task))
+        report = send(
+            files,
+            m["host"],
+            int(m["port"]),
+            m["ae"],
+            calling_ae=args.calling_ae,
+            journal=Path(args.journal) if args.journal else None,
+            progress=lambda _p, _ok: bar.advance(task),
+        )
     for path, reason in report.failed.items():
         console.print(f"[red]failed[/red] {path}: {reason}")
-    console.print(f"sent {len(report.sent)}, skipped {len(report.skipped)} (journal), failed {len(report.failed)}")
+    console.print(
+        f"sent {len(report.sent)}, skipped {len(report.skipped)} (journal), failed {len(report.failed)}"
+    )
     return 0 if report.ok else 1
 
 

@@ -84,9 +84,13 @@ class DicomSection(Strict):
 
 
 class S3Section(Strict):
-    endpoint: str = Field(description="host:port of the S3 service", pattern=r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
-    bucket: str = Field(pattern=r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$",
-                        description="S3 bucket name: 3-63 lowercase letters, digits, dots, hyphens")
+    endpoint: str = Field(
+        description="host:port of the S3 service", pattern=r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$"
+    )
+    bucket: str = Field(
+        pattern=r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$",
+        description="S3 bucket name: 3-63 lowercase letters, digits, dots, hyphens",
+    )
     access_key: str
     secret_key: str
     secure: bool = True
@@ -190,8 +194,11 @@ def _below(model: RoleConfig, base: Path) -> RoleConfig:
         updates["storage"] = storage.model_copy(update={"path": base / storage.path})
     ingest = getattr(model, "ingest", None)
     if isinstance(ingest, IngestSection):
-        fix = {k: base / v for k, v in (("spool", ingest.spool), ("quarantine", ingest.quarantine))
-               if v is not None and not v.is_absolute()}
+        fix = {
+            k: base / v
+            for k, v in (("spool", ingest.spool), ("quarantine", ingest.quarantine))
+            if v is not None and not v.is_absolute()
+        }
         if fix:
             updates["ingest"] = ingest.model_copy(update=fix)
     db = model.database

@@ -25,7 +25,9 @@ def load_samples(fe: Frontend, folder: Path) -> int:
     files = dicom_files([folder])
     report = send(files, "127.0.0.1", fe.dicom_port, fe.cfg.dicom.ae_title, calling_ae="YBYX_DEMO")
     if not report.ok:
-        raise RuntimeError(f"{len(report.failed)} sample files were not stored: {next(iter(report.failed.values()))}")
+        raise RuntimeError(
+            f"{len(report.failed)} sample files were not stored: {next(iter(report.failed.values()))}"
+        )
     return len(report.sent)
 
 
@@ -37,15 +39,18 @@ def run_demo(cfg: FrontendConfig, fe: Frontend, *, wait: Callable[[], None]) -> 
         ae, port = cfg.dicom.ae_title, fe.dicom_port
         console.print(f"""
 [bold green]ybyx demo is running[/bold green] — front-end AE [bold]{ae}[/bold] on DICOM port {port}
-loaded {n} sample instances: {counts['studies']} studies, {counts['series']} series, {counts['instances']} instances
+sent {n} sample instances; the archive holds {counts["studies"]} studies, {counts["instances"]} instances
 data: {cfg.storage.path.parent}
 
 Try (dcmtk):
   echoscu -aec {ae} 127.0.0.1 {port}
-  storescu -aec {ae} -aet MYSCU 127.0.0.1 {port} {samples}/*/*.dcm +sd
-  findscu -S -aec {ae} -k QueryRetrieveLevel=STUDY -k PatientName= -k StudyDate= -k StudyInstanceUID= 127.0.0.1 {port}
-  findscu -S -aec {ae} -k QueryRetrieveLevel=SERIES -k Modality=CT -k SeriesInstanceUID= -k StudyInstanceUID= 127.0.0.1 {port}
-  getscu -S -aec {ae} -od /tmp/ybyx-get -k QueryRetrieveLevel=STUDY -k PatientID=<id from findscu> 127.0.0.1 {port}
+  storescu -aec {ae} -aet MYSCU 127.0.0.1 {port} +sd {samples}
+  findscu -S -aec {ae} -k QueryRetrieveLevel=STUDY -k PatientName= -k StudyDate= \\
+          -k StudyInstanceUID= 127.0.0.1 {port}
+  findscu -S -aec {ae} -k QueryRetrieveLevel=SERIES -k Modality=CT -k SeriesInstanceUID= \\
+          -k StudyInstanceUID= 127.0.0.1 {port}
+  getscu -S -aec {ae} -od /tmp/ybyx-get -k QueryRetrieveLevel=STUDY \\
+          -k PatientID=<id from findscu> 127.0.0.1 {port}
 Or with ybyx itself:
   ybyx send {samples} --to {ae}@127.0.0.1:{port}
 

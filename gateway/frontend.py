@@ -26,8 +26,9 @@ class Frontend:
     @classmethod
     def start(cls, cfg: FrontendConfig) -> Frontend:
         archive = Archive.open(cfg.storage, cfg.database)
-        ingest = Ingest(archive.catalog, archive.store, quarantine=cfg.ingest.quarantine,
-                        policy=cfg.ingest.on_conflict)
+        ingest = Ingest(
+            archive.catalog, archive.store, quarantine=cfg.ingest.quarantine, policy=cfg.ingest.on_conflict
+        )
         # By default on the same file system as the blobs: stored files are linked, not copied.
         spool = cfg.ingest.spool or cfg.storage.path / ".spool"
         server = DicomServer(cfg.dicom, ingest, archive.catalog, archive.store, spool)

@@ -88,7 +88,7 @@ def _check_pixel_element(fh: BinaryIO, offset: int, size: int, transfer_syntax: 
         return False
     big = transfer_syntax == ExplicitVRBigEndian
     endian = ">" if big else "<"
-    group, elem = struct.unpack(f"{endian}HH", head[:4])
+    group, _elem = struct.unpack(f"{endian}HH", head[:4])
     if group != 0x7FE0:
         return True  # trailing non-pixel elements (e.g. padding); pydicom parsed everything before
     if transfer_syntax == ImplicitVRLittleEndian:
@@ -108,21 +108,24 @@ def _check_pixel_element(fh: BinaryIO, offset: int, size: int, transfer_syntax: 
         tail_len = min(size - start, 4096)
         fh.seek(size - tail_len)
         return b"\xfe\xff\xdd\xe0\x00\x00\x00\x00" in fh.read(tail_len)
-    return start + length <= size
+    return bool(start + length <= size)
 
 
 class Ingest:
     """Accepts received files into one archive (catalog + blob store)."""
 
-    def __init__(self, catalog: Catalog, store: BlobStore, *, quarantine: Path,
-                 policy: ConflictPolicy = "keep-newest") -> None:
+    def __init__(
+        self, catalog: Catalog, store: BlobStore, *, quarantine: Path, policy: ConflictPolicy = "keep-newest"
+    ) -> None:
         self.catalog = catalog
         self.store = store
         self.quarantine = quarantine
         self.policy: ConflictPolicy = policy
         quarantine.mkdir(parents=True, exist_ok=True)
 
-    def accept_file(self, path: Path, *, source: str, expected_sop_uid: str | None = None) -> Accepted | Refused:
+    def accept_file(
+        self, path: Path, *, source: str, expected_sop_uid: str | None = None
+    ) -> Accepted | Refused:
         """Store the Part-10 file at ``path`` (the caller keeps ownership of ``path``)."""
         try:
             with path.open("rb") as fh:
@@ -131,8 +134,10 @@ class Ingest:
                 if not ts:
                     raise InvalidInstance("file meta has no TransferSyntaxUID")
                 size = os.fstat(fh.fileno()).st_size
-                if pixel_offset is not None and ts != DeflatedExplicitVRLittleEndian and not _check_pixel_element(
-                    fh, pixel_offset, size, ts
+                if (
+                    pixel_offset is not None
+                    and ts != DeflatedExplicitVRLittleEndian
+                    and not _check_pixel_element(fh, pixel_offset, size, ts)
                 ):
                     raise _Malformed("pixel data is truncated (the file ends inside the pixel data element)")
             study, series_uid, sop, sop_class = InstanceRecord.identify(ds)
@@ -142,11 +147,18 @@ class Ingest:
             return self._refuse(path, source, f"not readable as DICOM: {exc}", "malformed", expected_sop_uid)
 
         if expected_sop_uid and expected_sop_uid != sop:
-            return self._refuse(path, source, f"SOPInstanceUID {sop} in the data set differs from "
-                                f"{expected_sop_uid} announced in the request", "mismatch", sop)
+            return self._refuse(
+                path,
+                source,
+                f"SOPInstanceUID {sop} in the data set differs from "
+                f"{expected_sop_uid} announced in the request",
+                "mismatch",
+                sop,
+            )
         if ds.file_meta.get("MediaStorageSOPInstanceUID") not in (None, "", sop):
-            return self._refuse(path, source, "MediaStorageSOPInstanceUID differs from SOPInstanceUID",
-                                "mismatch", sop)
+            return self._refuse(
+                path, source, "MediaStorageSOPInstanceUID differs from SOPInstanceUID", "mismatch", sop
+            )
 
         from gateway.archive.blobstore import sha256_file
 
@@ -161,8 +173,14 @@ class Ingest:
             return Refused("file changed while being stored", "storage", sop)
         try:
             rec = InstanceRecord.from_dataset(
-                ds, transfer_syntax=ts, has_pixels=pixel_offset is not None, size=size, sha256=sha,
-                blob_key=key, received_at=datetime.now(UTC), source_ae=source,
+                ds,
+                transfer_syntax=ts,
+                has_pixels=pixel_offset is not None,
+                size=size,
+                sha256=sha,
+                blob_key=key,
+                received_at=datetime.now(UTC),
+                source_ae=source,
             )
             outcome = self.catalog.add_instance(rec, self.policy)
         except Exception as exc:  # the catalog must not turn a DB outage into a lost instance
@@ -171,8 +189,9 @@ class Ingest:
         if outcome is AddOutcome.DUPLICATE:
             log.info("duplicate %s from %s (same bytes): nothing to do", sop, source)
         elif outcome in (AddOutcome.REPLACED, AddOutcome.VERSION_KEPT):
-            log.warning("instance %s received again from %s with different bytes: %s", sop, source,
-                        outcome.value)
+            log.warning(
+                "instance %s received again from %s with different bytes: %s", sop, source, outcome.value
+            )
         return Accepted(sop, sop_class, study, outcome, sha, size)
 
     def _refuse(self, path: Path, source: str, reason: str, kind: str, sop: str | None) -> Refused:
@@ -180,8 +199,9 @@ class Ingest:
         dest = self.quarantine / f"{stamp}-{source}-{uuid.uuid4().hex[:8]}.dcm"
         try:
             shutil.copyfile(path, dest)
-            dest.with_suffix(".reason.txt").write_text(f"source: {source}\nsop: {sop or '?'}\nreason: {reason}\n",
-                                                       encoding="utf-8")
+            dest.with_suffix(".reason.txt").write_text(
+                f"source: {source}\nsop: {sop or '?'}\nreason: {reason}\n", encoding="utf-8"
+            )
         except OSError as exc:
             log.error("could not quarantine %s: %s", path, exc)
             return Refused(reason, kind, sop, None)

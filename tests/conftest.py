@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -62,23 +63,36 @@ def ct200(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return ct_series(tmp_path_factory.mktemp("ct200"), slices=200)
 
 
-def frontend_config(root: Path, *, db_url: str | None = None, s3: S3Endpoint | None = None,
-                    **dicom: Any) -> FrontendConfig:
+def frontend_config(
+    root: Path, *, db_url: str | None = None, s3: S3Endpoint | None = None, **dicom: Any
+) -> FrontendConfig:
     """A front-end config living in ``root`` on free ports; ``dicom`` overrides [dicom] keys."""
     data: dict[str, Any] = {
         "role": "frontend",
         "institution": "TEST_HOSPITAL",
-        "dicom": {"ae_title": "YBYX", "host": "127.0.0.1", "port": free_port(), "allow_any_calling_ae": True,
-                  **dicom},
+        "dicom": {
+            "ae_title": "YBYX",
+            "host": "127.0.0.1",
+            "port": free_port(),
+            "allow_any_calling_ae": True,
+            **dicom,
+        },
         "storage": {"backend": "folder", "path": "blobs"},
         "database": {"url": db_url or "sqlite:///catalog.db"},
         "ingest": {"quarantine": "quarantine"},
     }
     if s3 is not None:
         bucket = f"t-{uuid.uuid4().hex[:12]}"
-        data["storage"] = {"backend": "s3", "s3": {"endpoint": s3.endpoint, "bucket": bucket,
-                                                     "access_key": s3.access_key, "secret_key": s3.secret_key,
-                                                     "secure": False}}
+        data["storage"] = {
+            "backend": "s3",
+            "s3": {
+                "endpoint": s3.endpoint,
+                "bucket": bucket,
+                "access_key": s3.access_key,
+                "secret_key": s3.secret_key,
+                "secure": False,
+            },
+        }
         data["ingest"]["spool"] = "spool"
     cfg = parse_config(data, "test.toml", root)
     assert isinstance(cfg, FrontendConfig)
@@ -90,8 +104,9 @@ def start_frontend(tmp_path: Path) -> Iterator[Callable[..., Frontend]]:
     """Start in-process front-ends (stopped after the test): ``start_frontend(**dicom_overrides)``."""
     started: list[Frontend] = []
 
-    def start(*, db_url: str | None = None, s3: S3Endpoint | None = None, root: Path | None = None,
-              **dicom: Any) -> Frontend:
+    def start(
+        *, db_url: str | None = None, s3: S3Endpoint | None = None, root: Path | None = None, **dicom: Any
+    ) -> Frontend:
         cfg = frontend_config(root or tmp_path / f"fe{len(started)}", db_url=db_url, s3=s3, **dicom)
         fe = Frontend.start(cfg)
         started.append(fe)
@@ -109,7 +124,10 @@ def frontend(start_frontend: Callable[..., Frontend]) -> Frontend:
 
 
 def dcmtk(tool: str) -> str:
-    path = shutil.which(tool)
+    """A dcmtk tool from the system (pynetdicom installs same-named apps into the venv)."""
+    venv_bin = str(Path(sys.executable).parent)
+    search = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p != venv_bin)
+    path = shutil.which(tool, path=search or "/usr/bin")
     if path is None:
         raise RuntimeError(f"{tool} not found: `make setup` installs dcmtk")
     return path

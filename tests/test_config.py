@@ -26,8 +26,15 @@ def problems(path: Path) -> list[str]:
     return err.value.problems
 
 
-@pytest.mark.parametrize("name,model", [("frontend.toml", FrontendConfig), ("center.toml", CenterConfig),
-                                        ("index.toml", IndexConfig), ("demo.toml", FrontendConfig)])
+@pytest.mark.parametrize(
+    "name,model",
+    [
+        ("frontend.toml", FrontendConfig),
+        ("center.toml", CenterConfig),
+        ("index.toml", IndexConfig),
+        ("demo.toml", FrontendConfig),
+    ],
+)
 def test_example_configs_are_valid(name: str, model: type) -> None:
     assert isinstance(load_config(ROOT / "config" / name), model)
 
@@ -38,8 +45,11 @@ def test_unknown_key_is_named_with_its_section(tmp_path: Path) -> None:
 
 
 def test_wrong_type_and_bad_ae_title_are_all_reported(tmp_path: Path) -> None:
-    path = write(tmp_path, 'role = "frontend"\ninstitution = "H1"\n[dicom]\nport = "eleven"\n'
-                 'ae_title = "THIS_TITLE_IS_WAY_TOO_LONG"\n')
+    path = write(
+        tmp_path,
+        'role = "frontend"\ninstitution = "H1"\n[dicom]\nport = "eleven"\n'
+        'ae_title = "THIS_TITLE_IS_WAY_TOO_LONG"\n',
+    )
     found = problems(path)
     assert len(found) == 2
     assert any(p.startswith(f"{path}: dicom.port: ") and "integer" in p for p in found)
@@ -47,8 +57,10 @@ def test_wrong_type_and_bad_ae_title_are_all_reported(tmp_path: Path) -> None:
 
 
 def test_backslash_in_ae_title_is_refused(tmp_path: Path) -> None:
-    path = write(tmp_path, 'role = "frontend"\ninstitution = "H1"\n[[dicom.peers]]\nae_title = "CT\\\\1"\n'
-                 'institution = "H1"\n')
+    path = write(
+        tmp_path,
+        'role = "frontend"\ninstitution = "H1"\n[[dicom.peers]]\nae_title = "CT\\\\1"\ninstitution = "H1"\n',
+    )
     assert problems(path)[0].startswith(f"{path}: dicom.peers.0.ae_title: ")
 
 
@@ -64,7 +76,9 @@ def test_missing_file_and_bad_syntax(tmp_path: Path) -> None:
 
 
 def test_missing_or_unknown_role(tmp_path: Path) -> None:
-    assert "role: must be one of frontend, center, index" in problems(write(tmp_path, 'institution = "H"\n'))[0]
+    assert (
+        "role: must be one of frontend, center, index" in problems(write(tmp_path, 'institution = "H"\n'))[0]
+    )
 
 
 def test_s3_backend_needs_its_section(tmp_path: Path) -> None:
@@ -73,8 +87,11 @@ def test_s3_backend_needs_its_section(tmp_path: Path) -> None:
 
 
 def test_bad_bucket_name_is_refused(tmp_path: Path) -> None:
-    path = write(tmp_path, 'role = "frontend"\ninstitution = "H1"\n[storage]\nbackend = "s3"\n[storage.s3]\n'
-                 'endpoint = "127.0.0.1:9000"\nbucket = "B"\naccess_key = "a"\nsecret_key = "s"\n')
+    path = write(
+        tmp_path,
+        'role = "frontend"\ninstitution = "H1"\n[storage]\nbackend = "s3"\n[storage.s3]\n'
+        'endpoint = "127.0.0.1:9000"\nbucket = "B"\naccess_key = "a"\nsecret_key = "s"\n',
+    )
     assert problems(path)[0].startswith(f"{path}: storage.s3.bucket: String should match pattern")
 
 
@@ -87,8 +104,9 @@ def test_relative_paths_are_taken_from_the_config_folder(tmp_path: Path) -> None
 
 
 def ybyx(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], capture_output=True, text=True,
-                          timeout=60, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", *args], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
 
 
 def test_config_check_cli_exit_codes(tmp_path: Path) -> None:
@@ -101,9 +119,12 @@ def test_config_check_cli_exit_codes(tmp_path: Path) -> None:
 
 def test_unreachable_storage_stops_the_frontend(tmp_path: Path) -> None:
     port = free_port()  # nothing listens there
-    path = write(tmp_path, f'role = "frontend"\ninstitution = "H1"\n[dicom]\nport = {free_port()}\n'
-                 f'[storage]\nbackend = "s3"\n[storage.s3]\nendpoint = "127.0.0.1:{port}"\nbucket = "ybyx-test"\n'
-                 'access_key = "a"\nsecret_key = "s"\nsecure = false\n')
+    path = write(
+        tmp_path,
+        f'role = "frontend"\ninstitution = "H1"\n[dicom]\nport = {free_port()}\n'
+        f'[storage]\nbackend = "s3"\n[storage.s3]\nendpoint = "127.0.0.1:{port}"\nbucket = "ybyx-test"\n'
+        'access_key = "a"\nsecret_key = "s"\nsecure = false\n',
+    )
     run = ybyx("frontend", "-c", str(path))
     assert run.returncode == 2
     assert run.stderr.strip().startswith(f"{path}: storage: ")
@@ -111,8 +132,11 @@ def test_unreachable_storage_stops_the_frontend(tmp_path: Path) -> None:
 
 
 def test_unreachable_database_stops_the_frontend(tmp_path: Path) -> None:
-    path = write(tmp_path, f'role = "frontend"\ninstitution = "H1"\n[dicom]\nport = {free_port()}\n'
-                 f'[database]\nurl = "postgresql://nobody@127.0.0.1:{free_port()}/none"\n')
+    path = write(
+        tmp_path,
+        f'role = "frontend"\ninstitution = "H1"\n[dicom]\nport = {free_port()}\n'
+        f'[database]\nurl = "postgresql://nobody@127.0.0.1:{free_port()}/none"\n',
+    )
     run = ybyx("frontend", "-c", str(path))
     assert run.returncode == 2
     assert run.stderr.strip().startswith(f"{path}: database.url: cannot open the catalog")

@@ -17,8 +17,15 @@ def open_store(cfg: StorageSection) -> BlobStore:
 
         assert cfg.s3 is not None  # the config model requires it
         s3 = cfg.s3
-        store = S3BlobStore(s3.endpoint, s3.access_key, s3.secret_key, s3.bucket, secure=s3.secure,
-                            region=s3.region, prefix=s3.prefix)
+        store = S3BlobStore(
+            s3.endpoint,
+            s3.access_key,
+            s3.secret_key,
+            s3.bucket,
+            secure=s3.secure,
+            region=s3.region,
+            prefix=s3.prefix,
+        )
     else:
         store = FolderBlobStore(cfg.path)
     store.check()

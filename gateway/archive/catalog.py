@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,7 +29,7 @@ from gateway.archive.schema import instance_versions, instances, patients, serie
 ConflictPolicy = Literal["keep-newest", "keep-first"]
 
 
-class AddOutcome(str, Enum):
+class AddOutcome(StrEnum):
     STORED = "stored"  # new instance
     DUPLICATE = "duplicate"  # same UID, same bytes: nothing changed
     REPLACED = "replaced"  # same UID, new bytes: the new ones are current, the old a version
@@ -127,8 +127,14 @@ class Catalog:
         dialect = sqlite if self._is_sqlite else postgresql
         return dialect.insert(table)
 
-    def _upsert_pk(self, conn: Connection, table: Any, key: Mapping[str, Any], values: Mapping[str, Any],
-                   refresh: Mapping[str, Any]) -> int:
+    def _upsert_pk(
+        self,
+        conn: Connection,
+        table: Any,
+        key: Mapping[str, Any],
+        values: Mapping[str, Any],
+        refresh: Mapping[str, Any],
+    ) -> int:
         """Primary key of the row with ``key``, inserting it with ``values`` if absent.
 
         ``refresh`` holds attributes a newer instance may correct (e.g. a patient's name); they are
@@ -161,66 +167,133 @@ class Catalog:
     def _add(self, conn: Connection, rec: InstanceRecord, policy: ConflictPolicy) -> AddOutcome:
         now = datetime.now(UTC)
         existing = conn.execute(
-            select(instances.c.id, instances.c.sha256, instances.c.version, instances.c.size,
-                   instances.c.blob_key, instances.c.received_at, instances.c.source_ae)
-            .where(instances.c.sop_uid == rec.sop_uid)
+            select(
+                instances.c.id,
+                instances.c.sha256,
+                instances.c.version,
+                instances.c.size,
+                instances.c.blob_key,
+                instances.c.received_at,
+                instances.c.source_ae,
+            ).where(instances.c.sop_uid == rec.sop_uid)
         ).first()
         if existing is not None and existing.sha256 == rec.sha256:
             return AddOutcome.DUPLICATE
         if existing is not None and policy == "keep-first":
-            n = conn.execute(select(instance_versions.c.id).where(
-                instance_versions.c.sop_uid == rec.sop_uid, instance_versions.c.sha256 == rec.sha256)).first()
+            n = conn.execute(
+                select(instance_versions.c.id).where(
+                    instance_versions.c.sop_uid == rec.sop_uid, instance_versions.c.sha256 == rec.sha256
+                )
+            ).first()
             if n is None:
-                conn.execute(instance_versions.insert().values(
-                    sop_uid=rec.sop_uid, version=0, size=rec.size, sha256=rec.sha256, blob_key=rec.blob_key,
-                    received_at=rec.received_at, source_ae=rec.source_ae, superseded_at=now))
+                conn.execute(
+                    instance_versions.insert().values(
+                        sop_uid=rec.sop_uid,
+                        version=0,
+                        size=rec.size,
+                        sha256=rec.sha256,
+                        blob_key=rec.blob_key,
+                        received_at=rec.received_at,
+                        source_ae=rec.source_ae,
+                        superseded_at=now,
+                    )
+                )
             return AddOutcome.VERSION_KEPT
 
         patient_pk = self._upsert_pk(
-            conn, patients, {"patient_id": rec.patient_id, "issuer": rec.issuer},
-            {"patient_name": rec.patient_name, "patient_name_folded": fold_name(rec.patient_name),
-             "birth_date": rec.birth_date, "sex": rec.sex},
-            {"patient_name": rec.patient_name, "patient_name_folded": fold_name(rec.patient_name),
-             "birth_date": rec.birth_date, "sex": rec.sex},
+            conn,
+            patients,
+            {"patient_id": rec.patient_id, "issuer": rec.issuer},
+            {
+                "patient_name": rec.patient_name,
+                "patient_name_folded": fold_name(rec.patient_name),
+                "birth_date": rec.birth_date,
+                "sex": rec.sex,
+            },
+            {
+                "patient_name": rec.patient_name,
+                "patient_name_folded": fold_name(rec.patient_name),
+                "birth_date": rec.birth_date,
+                "sex": rec.sex,
+            },
         )
         study_vals = {
-            "patient_pk": patient_pk, "study_date": rec.study_date, "study_time": rec.study_time,
-            "accession_number": rec.accession_number, "study_id": rec.study_id,
-            "referring_physician": rec.referring_physician, "study_description": rec.study_description,
+            "patient_pk": patient_pk,
+            "study_date": rec.study_date,
+            "study_time": rec.study_time,
+            "accession_number": rec.accession_number,
+            "study_id": rec.study_id,
+            "referring_physician": rec.referring_physician,
+            "study_description": rec.study_description,
             "institution_name": rec.institution_name,
         }
-        study_pk = self._upsert_pk(conn, studies, {"study_uid": rec.study_uid},
-                                   {**study_vals, "created_at": now, "updated_at": now}, {})
+        study_pk = self._upsert_pk(
+            conn,
+            studies,
+            {"study_uid": rec.study_uid},
+            {**study_vals, "created_at": now, "updated_at": now},
+            {},
+        )
         conn.execute(update(studies).where(studies.c.id == study_pk).values(updated_at=now))
         series_pk = self._upsert_pk(
-            conn, series, {"series_uid": rec.series_uid},
-            {"study_pk": study_pk, "modality": rec.modality, "series_number": rec.series_number,
-             "series_description": rec.series_description, "body_part": rec.body_part,
-             "pps_start_date": rec.pps_start_date, "pps_start_time": rec.pps_start_time, "created_at": now},
+            conn,
+            series,
+            {"series_uid": rec.series_uid},
+            {
+                "study_pk": study_pk,
+                "modality": rec.modality,
+                "series_number": rec.series_number,
+                "series_description": rec.series_description,
+                "body_part": rec.body_part,
+                "pps_start_date": rec.pps_start_date,
+                "pps_start_time": rec.pps_start_time,
+                "created_at": now,
+            },
             {},
         )
         inst_vals = {
-            "series_pk": series_pk, "sop_class_uid": rec.sop_class_uid, "instance_number": rec.instance_number,
-            "transfer_syntax": rec.transfer_syntax, "rows": rec.rows, "columns": rec.columns,
-            "bits_allocated": rec.bits_allocated, "number_of_frames": rec.number_of_frames, "size": rec.size,
-            "sha256": rec.sha256, "blob_key": rec.blob_key, "received_at": rec.received_at,
-            "source_ae": rec.source_ae, "metadata_json": rec.metadata_json,
+            "series_pk": series_pk,
+            "sop_class_uid": rec.sop_class_uid,
+            "instance_number": rec.instance_number,
+            "transfer_syntax": rec.transfer_syntax,
+            "rows": rec.rows,
+            "columns": rec.columns,
+            "bits_allocated": rec.bits_allocated,
+            "number_of_frames": rec.number_of_frames,
+            "size": rec.size,
+            "sha256": rec.sha256,
+            "blob_key": rec.blob_key,
+            "received_at": rec.received_at,
+            "source_ae": rec.source_ae,
+            "metadata_json": rec.metadata_json,
         }
         if existing is None:
             conn.execute(instances.insert().values(sop_uid=rec.sop_uid, version=1, **inst_vals))
             return AddOutcome.STORED
-        conn.execute(instance_versions.insert().values(
-            sop_uid=rec.sop_uid, version=existing.version, size=existing.size, sha256=existing.sha256,
-            blob_key=existing.blob_key, received_at=existing.received_at, source_ae=existing.source_ae,
-            superseded_at=now))
-        conn.execute(update(instances).where(instances.c.id == existing.id)
-                     .values(version=existing.version + 1, **inst_vals))
+        conn.execute(
+            instance_versions.insert().values(
+                sop_uid=rec.sop_uid,
+                version=existing.version,
+                size=existing.size,
+                sha256=existing.sha256,
+                blob_key=existing.blob_key,
+                received_at=existing.received_at,
+                source_ae=existing.source_ae,
+                superseded_at=now,
+            )
+        )
+        conn.execute(
+            update(instances)
+            .where(instances.c.id == existing.id)
+            .values(version=existing.version + 1, **inst_vals)
+        )
         return AddOutcome.REPLACED
 
     # ---- reads -------------------------------------------------------------------------------
 
-    def find(self, level: Level, criteria: Mapping[str, str], *, limit: int | None = None,
-             offset: int = 0) -> list[dict[str, Any]]:
+    def find(
+        self, level: Level, criteria: Mapping[str, str], *, limit: int | None = None, offset: int = 0
+    ) -> list[dict[str, Any]]:
         """Rows matching ``criteria`` at ``level``, keyed by DICOM keyword (one SQL statement)."""
         stmt = query.build(level, criteria, limit=limit, offset=offset)
         with self.engine.connect() as conn:
@@ -234,8 +307,16 @@ class Catalog:
     def locate(self, criteria: Mapping[str, str]) -> list[StoredInstance]:
         """Every instance under the entities matching ``criteria`` (for C-MOVE, C-GET, WADO-RS)."""
         return [
-            StoredInstance(r["StudyInstanceUID"], r["SeriesInstanceUID"], r["SOPInstanceUID"], r["SOPClassUID"],
-                           r["_transfer_syntax"], r["_size"], r["_sha256"], r["_blob_key"])
+            StoredInstance(
+                r["StudyInstanceUID"],
+                r["SeriesInstanceUID"],
+                r["SOPInstanceUID"],
+                r["SOPClassUID"],
+                r["_transfer_syntax"],
+                r["_size"],
+                r["_sha256"],
+                r["_blob_key"],
+            )
             for r in self.find(Level.IMAGE, criteria)
         ]
 
@@ -251,8 +332,11 @@ class Catalog:
     def versions(self, sop_uid: str) -> list[dict[str, Any]]:
         """Earlier contents of an instance, oldest first."""
         with self.engine.connect() as conn:
-            rows = conn.execute(select(instance_versions).where(instance_versions.c.sop_uid == sop_uid)
-                                .order_by(instance_versions.c.id))
+            rows = conn.execute(
+                select(instance_versions)
+                .where(instance_versions.c.sop_uid == sop_uid)
+                .order_by(instance_versions.c.id)
+            )
             return [dict(r._mapping) for r in rows]
 
     def counts(self) -> dict[str, int]:
@@ -262,4 +346,3 @@ class Catalog:
                 t.name: int(conn.execute(select(func.count()).select_from(t)).scalar_one())
                 for t in (patients, studies, series, instances)
             }
-

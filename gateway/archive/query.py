@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import ColumnElement, Select, and_, exists, func, literal, or_, select
@@ -18,7 +18,7 @@ from gateway.archive.record import fold_name
 from gateway.archive.schema import instances, patients, series, studies
 
 
-class Level(str, Enum):
+class Level(StrEnum):
     STUDY = "STUDY"
     SERIES = "SERIES"
     IMAGE = "IMAGE"
@@ -102,7 +102,7 @@ def match(key: str, value: str) -> ColumnElement[bool] | None:
     value = value.strip()
     if value in ("", "*"):
         return None
-    col = attr.column
+    col: ColumnElement[Any] = attr.column
     if attr.kind == "uid":
         uids = [u.strip() for u in value.split("\\") if u.strip()]
         return col == uids[0] if len(uids) == 1 else col.in_(uids)
@@ -119,9 +119,12 @@ def match(key: str, value: str) -> ColumnElement[bool] | None:
         pattern = _like(fold_name(value))
         if "%" not in pattern and "_" not in pattern.replace("\\_", ""):
             # a name without wildcards matches a whole component group
-            return or_(folded_col == pattern, folded_col.like(f"{pattern}=%", escape="\\"),
-                       folded_col.like(f"%={pattern}", escape="\\"),
-                       folded_col.like(f"%={pattern}=%", escape="\\"))
+            return or_(
+                folded_col == pattern,
+                folded_col.like(f"{pattern}=%", escape="\\"),
+                folded_col.like(f"%={pattern}", escape="\\"),
+                folded_col.like(f"%={pattern}=%", escape="\\"),
+            )
         return or_(folded_col.like(pattern, escape="\\"), folded_col.like(f"%={pattern}", escape="\\"))
     if "*" in value or "?" in value:
         return col.like(_like(value), escape="\\")
@@ -130,8 +133,9 @@ def match(key: str, value: str) -> ColumnElement[bool] | None:
     return col == value
 
 
-def build(level: Level, criteria: Mapping[str, str], *, limit: int | None = None,
-          offset: int = 0) -> Select[Any]:
+def build(
+    level: Level, criteria: Mapping[str, str], *, limit: int | None = None, offset: int = 0
+) -> Select[Any]:
     """One SELECT returning every catalogued and computed attribute at ``level``.
 
     Keys of deeper levels than ``level`` are refused; unknown keys are ignored (the caller decides
@@ -163,11 +167,16 @@ def build(level: Level, criteria: Mapping[str, str], *, limit: int | None = None
             .where(series.c.study_pk == studies.c.id)
             .scalar_subquery()
         )
-        mods = select(func.aggregate_strings(series.c.modality, "\\")).where(
-            series.c.study_pk == studies.c.id
-        ).scalar_subquery()
-        cols += [mods.label("ModalitiesInStudy"), n_series.label("NumberOfStudyRelatedSeries"),
-                 n_inst.label("NumberOfStudyRelatedInstances")]
+        mods_in_study = (
+            select(func.aggregate_strings(series.c.modality, "\\"))
+            .where(series.c.study_pk == studies.c.id)
+            .scalar_subquery()
+        )
+        cols += [
+            mods_in_study.label("ModalitiesInStudy"),
+            n_series.label("NumberOfStudyRelatedSeries"),
+            n_inst.label("NumberOfStudyRelatedInstances"),
+        ]
         order: list[Any] = [studies.c.study_date, studies.c.id]
         stmt = select(*cols).select_from(from_)
     elif level is Level.SERIES:
@@ -180,8 +189,12 @@ def build(level: Level, criteria: Mapping[str, str], *, limit: int | None = None
         from_ = from_.join(series, series.c.study_pk == studies.c.id).join(
             instances, instances.c.series_pk == series.c.id
         )
-        cols += [instances.c.transfer_syntax.label("_transfer_syntax"), instances.c.blob_key.label("_blob_key"),
-                 instances.c.size.label("_size"), instances.c.sha256.label("_sha256")]
+        cols += [
+            instances.c.transfer_syntax.label("_transfer_syntax"),
+            instances.c.blob_key.label("_blob_key"),
+            instances.c.size.label("_size"),
+            instances.c.sha256.label("_sha256"),
+        ]
         order = [studies.c.id, series.c.id, instances.c.instance_number, instances.c.id]
         stmt = select(*cols).select_from(from_)
     stmt = stmt.where(and_(literal(True), *conds)).order_by(*order)
@@ -190,4 +203,3 @@ def build(level: Level, criteria: Mapping[str, str], *, limit: int | None = None
     if offset:
         stmt = stmt.offset(offset)
     return stmt
-

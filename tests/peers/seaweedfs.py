@@ -10,12 +10,14 @@ SeaweedFS specifics handled here:
 * it binds to a non-loopback address by default, hence ``-ip``/``-ip.bind=127.0.0.1``;
 * every listener is pinned to a free port (master, volume, filer, S3 and each one's gRPC port,
   which would otherwise be ``port + 10000``); the Iceberg and Lance side servers are switched off
-  and the unix sockets moved into the run folder, so parallel sessions cannot collide;
+  and the ``-*.localSocket`` unix sockets are moved into the run folder;
+* each gRPC server also listens on a unix socket at a fixed ``/tmp/seaweedfs-KIND-grpc-PORT.sock``
+  (no flag moves it) that a killed server leaves behind; teardown removes ours;
 * it reports anonymous telemetry by default (``-master.telemetry=false``);
 * ``-volume.max=0`` sizes the volume count from free disk / volume size, and every bucket is a
   collection that grows its own volumes; with the default 30 GiB volume size only a couple fit,
   so the volume size limit is lowered to 64 MiB;
-* it takes ~6 s before S3 writes succeed, so readiness is a real bucket + object round trip;
+* it takes ~4-6 s before S3 writes succeed, so readiness is a real bucket + object round trip;
 * a graceful stop takes ~25 s (a 15 s gRPC drain in the filer, a 10 s heartbeat wait in the
   volume server), so teardown gives SIGTERM two seconds and then kills it — the data is
   throw-away anyway.
@@ -43,6 +45,7 @@ from tests.peers.ports import free_port
 START_TIMEOUT = 60.0
 STOP_GRACE = 2.0  # a clean stop takes ~25 s (see above); the data is throw-away
 LOG_TAIL_LINES = 40
+GRPC_SOCKET = "/tmp/seaweedfs-{kind}-grpc-{port}.sock"  # hard-coded in weed, no flag moves it
 
 
 @dataclass(frozen=True)
@@ -186,3 +189,6 @@ def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Endpoint]:
         yield endpoint
     finally:
         _stop(proc)
+        grpc_ports = {"master": master_grpc, "volume": volume_grpc, "filer": filer_grpc, "s3": s3_grpc}
+        for kind, port in grpc_ports.items():
+            Path(GRPC_SOCKET.format(kind=kind, port=port)).unlink(missing_ok=True)
