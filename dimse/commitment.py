@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 WELL_KNOWN_INSTANCE = "1.2.840.10008.1.20.1.1"
 NO_SUCH_OBJECT = 0x0112
 CLASS_MISMATCH = 0x0119
+SAME_ASSOCIATION_WAIT = 5.0  # seconds
 
 
 def commitment_report(catalog: Catalog, transaction: str, refs: list[tuple[str, str]]) -> tuple[int, Dataset]:
@@ -75,11 +76,14 @@ class CommitmentReporter:
         event_type, info = commitment_report(self.catalog, transaction, refs)
         calling = assoc.requestor.ae_title
         if assoc.is_established:
+            # A modality that releases right after the N-ACTION response ignores a report that
+            # crosses its release request; don't wait the full DIMSE timeout to find out.
+            assoc.dimse_timeout = min(assoc.dimse_timeout or SAME_ASSOCIATION_WAIT, SAME_ASSOCIATION_WAIT)
             try:
-                status = assoc.send_n_event_report(
+                status, _reply = assoc.send_n_event_report(
                     info, event_type, STORAGE_COMMITMENT_PUSH, WELL_KNOWN_INSTANCE
                 )
-                if status and status.Status == 0x0000:
+                if status and status.get("Status") == 0x0000:
                     log.info(
                         "storage commitment %s reported to %s (event %d)", transaction, calling, event_type
                     )

@@ -66,8 +66,9 @@ def send(
                 progress(path, True)
             continue
         try:
-            ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
-            headers.append((path, str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)))
+            # The file meta is what pynetdicom sends from (the data set is streamed, not parsed).
+            meta = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"]).file_meta
+            headers.append((path, str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)))
         except (InvalidDicomError, AttributeError, OSError) as exc:
             report.failed[path] = f"not a DICOM file: {exc}"
             if progress:
