@@ -558,11 +558,12 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "## Runs",
         "",
-        "| # | server | assoc | s | stored | storescu exit | problems |",
+        "| # | server | assoc | s | stored | storescu exit | problems / notes |",
         "|---|---|---:|---:|---:|---|---|",
     ]
     for i, r in enumerate(report["runs"], 1):
-        probs = "; ".join(r["problems"]).replace("\n", " ").replace("|", "\\|") or "—"
+        text = [*r["problems"], *(f"note: {n}" for n in r["notes"])]
+        probs = "; ".join(text).replace("\n", " ").replace("|", "\\|") or "—"
         lines.append(
             f"| {i} | {r['server']} | {r['parallel']} | {r['seconds']:.2f} | "
             f"{r['stored']}/{r['instances']} | {r['exit_codes']} | {probs} |"

@@ -33,7 +33,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
-from gateway.archive.blobstore import BlobStore
+from gateway.archive.blobstore import BlobStore, sha256_file
 from gateway.archive.catalog import AddOutcome, Catalog, ConflictPolicy
 from gateway.archive.record import InstanceRecord, InvalidInstance
 
@@ -64,7 +64,7 @@ class Refused:
 
 def blob_key(study: str, series: str, sop: str, sha256: str) -> str:
     """Content-addressed key: a new version of an instance never overwrites the old bytes."""
-    return f"{study}/{series}/{sop}/{sha256[:20]}.dcm"
+    return f"{study}/{series}/{sop}.{sha256[:16]}.dcm"
 
 
 def _read_header(fh: BinaryIO) -> tuple[Dataset, int | None]:
@@ -160,12 +160,10 @@ class Ingest:
                 path, source, "MediaStorageSOPInstanceUID differs from SOPInstanceUID", "mismatch", sop
             )
 
-        from gateway.archive.blobstore import sha256_file
-
-        _, sha = sha256_file(path)
+        size, sha = sha256_file(path)
         key = blob_key(study, series_uid, sop, sha)
         try:
-            size, sha_stored = self.store.put_file(key, path)
+            size, sha_stored = self.store.put_file(key, path, known=(size, sha))
         except OSError as exc:
             log.error("blob store write failed for %s: %s", sop, exc)
             return Refused(f"storage unavailable: {exc}", "storage", sop)

@@ -35,8 +35,11 @@ class BlobStore(Protocol):
         """Store everything readable from ``stream`` under ``key``; return (size, sha256 hex)."""
         ...
 
-    def put_file(self, key: str, path: Path) -> tuple[int, str]:
-        """Store the file at ``path`` under ``key`` (may hard-link or move it); return (size, sha256)."""
+    def put_file(self, key: str, path: Path, *, known: tuple[int, str] | None = None) -> tuple[int, str]:
+        """Store the file at ``path`` under ``key`` (may hard-link it); return (size, sha256).
+
+        ``known`` is the (size, sha256) the caller already computed, so the file is not hashed twice.
+        """
         ...
 
     def get(self, key: str) -> Iterator[bytes]:
@@ -113,28 +116,36 @@ class FolderBlobStore:
         _fsync_dir(final.parent)
         return size, digest.hexdigest()
 
-    def put_file(self, key: str, path: Path) -> tuple[int, str]:
-        """Hash the file, fsync it and link it into place without copying the bytes.
+    def put_file(self, key: str, path: Path, *, known: tuple[int, str] | None = None) -> tuple[int, str]:
+        """Fsync the file and hard-link it into place without copying the bytes.
 
-        The spool sits inside the store root (same file system), so a hard link is enough; the
-        caller may then delete its own name for the file. Falls back to a copy across devices.
+        The spool sits inside the store root (same file system), so a link is enough; the caller
+        may then delete its own name for the file. Falls back to a copy across devices. Keys are
+        content-addressed by the archive, so an existing object under ``key`` holds these bytes
+        already; otherwise the file replaces it atomically.
         """
         final = self._path(key)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        size, sha = sha256_file(path)
+        new_dir = not final.parent.is_dir()
+        if new_dir:
+            final.parent.mkdir(parents=True, exist_ok=True)
+        size, sha = known or sha256_file(path)
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-        tmp = self._tmp_path(final)
         try:
+            os.link(path, final)
+        except FileExistsError:
+            tmp = self._tmp_path(final)
             os.link(path, tmp)
+            os.replace(tmp, final)
         except OSError:
             with path.open("rb") as src:
                 return self.put(key, src)
-        os.replace(tmp, final)
         _fsync_dir(final.parent)
+        if new_dir:
+            _fsync_dir(final.parent.parent)
         return size, sha
 
     def get(self, key: str) -> Iterator[bytes]:

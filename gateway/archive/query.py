@@ -1,17 +1,26 @@
 """Attribute matching (PS3.4 C.2.2.2) turned into one SQL statement per query.
 
-Used by C-FIND now and by QIDO-RS: single value, wildcard (``*`` ``?``), UID list (``\\``),
+Used by C-FIND and by QIDO-RS: single value, wildcard (``*`` ``?``), UID list (``\\``),
 date/time range (``a-b``, ``a-``, ``-b``) and universal (empty) matching. Person names match
 case- and accent-insensitively against any component group (alphabetic, ideographic, phonetic).
+
+Fuzzy matching of person names (PS3.4 C.2.2.2.1.1, QIDO-RS ``fuzzymatching=true`` of PS3.18
+§8.3.4.2; issue 3 §3) is prefix matching, case- and accent-insensitive, of every query word against
+the words of any component group, where Chinese characters count as their pinyin: ``zhang`` finds
+``Zhang^San`` and a name written only as ``张三``. Each stored name keeps a folded word list
+(:func:`fuzzy_name`, columns ``*_fuzzy``) so the match stays one indexed-column ``LIKE`` per word.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+import unicodedata
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from pypinyin import Style, lazy_pinyin, pinyin
 from sqlalchemy import ColumnElement, Select, and_, exists, func, literal, or_, select
 
 from gateway.archive.record import fold_name
@@ -66,6 +75,12 @@ ATTRIBUTES: dict[str, Attr] = {
     "BitsAllocated": Attr(instances.c.bits_allocated, "int", _I),
     "NumberOfFrames": Attr(instances.c.number_of_frames, "int", _I),
 }
+# Person-name attributes with a fuzzy (pinyin-folded) word list kept beside them.
+FUZZY_COLUMNS: dict[str, Any] = {
+    "PatientName": patients.c.patient_name_fuzzy,
+    "ReferringPhysicianName": studies.c.referring_physician_fuzzy,
+}
+FUZZY_LENGTH = 1000  # schema length of the ``*_fuzzy`` columns
 _ORDER = {_S: 0, _E: 1, _I: 2}
 # Computed at query time (no counters to keep in step on every insert).
 COMPUTED = {
@@ -78,6 +93,102 @@ COMPUTED = {
 def _like(value: str) -> str:
     escaped = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return escaped.replace("*", "%").replace("?", "_")
+
+
+def _is_han(char: str) -> bool:
+    return unicodedata.name(char, "").startswith("CJK ")
+
+
+def _fold_word(word: str) -> str:
+    """Case- and accent-free letters and digits of ``word`` (Chinese characters kept as they are)."""
+    return "".join(c for c in fold_name(word) if c.isalnum())
+
+
+def _syllables(word: str, *, every_reading: bool) -> Iterator[list[str]]:
+    """Per character of ``word``: its pinyin readings (Han) or the run of other characters."""
+    run = ""
+    for char in word:
+        if _is_han(char):
+            if run:
+                yield [run]
+                run = ""
+            readings = pinyin(char, style=Style.NORMAL, heteronym=True)[0] if every_reading else []
+            first = lazy_pinyin(char, style=Style.NORMAL)[0]
+            yield [first, *(r for r in readings if r != first)]
+        else:
+            run += char
+    if run:
+        yield [run]
+
+
+def _words(value: str, *, stored: bool) -> list[str]:
+    """The fuzzy words of a PN value (``stored``) or of a fuzzy query value.
+
+    Stored words: every whitespace-separated word of every component of every group, each Han
+    character's every pinyin reading alone (surnames such as 曾 read "zeng" as well as "ceng"), the
+    component and the whole group joined up ("zhangsan"), and ``ü`` written "v" also as "u".
+    Query words: the words of the value, Han characters as their usual reading, joined per word.
+    """
+    words: list[str] = []
+
+    def add(word: str) -> None:
+        for w in (word, word.replace("v", "u")) if stored else (word,):
+            if w and w not in words:
+                words.append(w)
+
+    for group in value.split("="):
+        group_joined = ""
+        for component in group.split("^"):
+            component_joined = ""
+            for raw in component.split():
+                parts = list(_syllables(_fold_word(raw), every_reading=stored))
+                joined = "".join(p[0] for p in parts)
+                component_joined += joined
+                if not stored:
+                    add(joined)
+                    continue
+                add(joined)
+                for readings in parts:
+                    for reading in readings:
+                        add(reading)
+            group_joined += component_joined
+            if stored:
+                add(component_joined)
+        if stored:
+            add(group_joined)
+    return words
+
+
+def fuzzy_name(value: str) -> str:
+    """The folded word list stored beside a person name for fuzzy matching (`` w1 w2 …``)."""
+    out = ""
+    for word in _words(value, stored=True):
+        if len(out) + len(word) + 1 > FUZZY_LENGTH:
+            break
+        out += f" {word}"
+    return out
+
+
+_FUZZY_UNSUPPORTED = re.compile(r"[?]|\*(?!\s*$)")
+
+
+def fuzzy_applies(value: str) -> bool:
+    """Whether fuzzy matching can be applied to a person-name query value.
+
+    Values with ``?`` or with ``*`` anywhere but at the end are matched literally (as wildcards);
+    QIDO-RS then answers with the Warning of PS3.18 §8.3.4.2. A trailing ``*`` is the prefix
+    matching fuzzy matching does anyway.
+    """
+    return _FUZZY_UNSUPPORTED.search(value) is None
+
+
+def _fuzzy(key: str, value: str) -> ColumnElement[bool] | None:
+    column = FUZZY_COLUMNS[key]
+    words = _words(value.strip().rstrip("*"), stored=False)
+    if not words:
+        return None
+    escaped = [w.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") for w in words]
+    return and_(*(column.like(f"% {w}%", escape="\\") for w in escaped))
 
 
 def _range(column: Any, value: str, key: str) -> ColumnElement[bool]:
@@ -96,12 +207,18 @@ def _range(column: Any, value: str, key: str) -> ColumnElement[bool]:
     return and_(*parts)
 
 
-def match(key: str, value: str) -> ColumnElement[bool] | None:
-    """The SQL condition for one matching key, or None for universal matching."""
+def match(key: str, value: str, *, fuzzy: bool = False) -> ColumnElement[bool] | None:
+    """The SQL condition for one matching key, or None for universal matching.
+
+    ``fuzzy`` asks for fuzzy person-name matching (PS3.4 C.2.2.2.1.1); it applies to the keys of
+    :data:`FUZZY_COLUMNS` whose value :func:`fuzzy_applies` to, others match literally.
+    """
     attr = ATTRIBUTES[key]
     value = value.strip()
     if value in ("", "*"):
         return None
+    if fuzzy and key in FUZZY_COLUMNS and fuzzy_applies(value):
+        return _fuzzy(key, value)
     col: ColumnElement[Any] = attr.column
     if attr.kind == "uid":
         uids = [u.strip() for u in value.split("\\") if u.strip()]
@@ -133,13 +250,27 @@ def match(key: str, value: str) -> ColumnElement[bool] | None:
     return col == value
 
 
+def supported(key: str) -> bool:
+    """Whether ``key`` (a DICOM keyword) can be used as a matching key."""
+    return key in ATTRIBUTES or key == "ModalitiesInStudy"
+
+
 def build(
-    level: Level, criteria: Mapping[str, str], *, limit: int | None = None, offset: int = 0
+    level: Level,
+    criteria: Mapping[str, str],
+    *,
+    limit: int | None = None,
+    offset: int = 0,
+    fuzzy: bool = False,
+    metadata: bool = False,
 ) -> Select[Any]:
     """One SELECT returning every catalogued and computed attribute at ``level``.
 
     Keys of deeper levels than ``level`` are refused; unknown keys are ignored (the caller decides
-    whether to warn). Rows come back in a stable order (date, then primary keys) so paging is stable.
+    whether to warn, see :func:`supported`). Rows come back in a stable order (date, then primary
+    keys) so paging is stable. ``fuzzy`` turns on fuzzy person-name matching. ``metadata`` adds
+    ``_metadata_json``: the instance's DICOM JSON header at IMAGE level, the first instance's at
+    STUDY and SERIES level (QIDO-RS ``includefield`` of attributes the catalog does not keep).
     """
     conds: list[ColumnElement[bool]] = []
     for key, value in criteria.items():
@@ -153,7 +284,7 @@ def build(
             continue
         if _ORDER[attr.level] > _ORDER[level]:
             raise QueryError(f"{key}: not a {level.value.lower()}-level attribute")
-        cond = match(key, value)
+        cond = match(key, value, fuzzy=fuzzy)
         if cond is not None:
             conds.append(cond)
 
@@ -177,12 +308,31 @@ def build(
             n_series.label("NumberOfStudyRelatedSeries"),
             n_inst.label("NumberOfStudyRelatedInstances"),
         ]
+        if metadata:
+            first = (
+                select(instances.c.metadata_json)
+                .select_from(instances.join(series, series.c.id == instances.c.series_pk))
+                .where(series.c.study_pk == studies.c.id)
+                .order_by(series.c.id, instances.c.id)
+                .limit(1)
+                .scalar_subquery()
+            )
+            cols.append(first.label("_metadata_json"))
         order: list[Any] = [studies.c.study_date, studies.c.id]
         stmt = select(*cols).select_from(from_)
     elif level is Level.SERIES:
         from_ = from_.join(series, series.c.study_pk == studies.c.id)
         n_inst = select(func.count()).where(instances.c.series_pk == series.c.id).scalar_subquery()
         cols.append(n_inst.label("NumberOfSeriesRelatedInstances"))
+        if metadata:
+            first = (
+                select(instances.c.metadata_json)
+                .where(instances.c.series_pk == series.c.id)
+                .order_by(instances.c.id)
+                .limit(1)
+                .scalar_subquery()
+            )
+            cols.append(first.label("_metadata_json"))
         order = [studies.c.study_date, studies.c.id, series.c.series_number, series.c.id]
         stmt = select(*cols).select_from(from_)
     else:
@@ -195,6 +345,8 @@ def build(
             instances.c.size.label("_size"),
             instances.c.sha256.label("_sha256"),
         ]
+        if metadata:
+            cols.append(instances.c.metadata_json.label("_metadata_json"))
         order = [studies.c.id, series.c.id, instances.c.instance_number, instances.c.id]
         stmt = select(*cols).select_from(from_)
     stmt = stmt.where(and_(literal(True), *conds)).order_by(*order)

@@ -274,7 +274,7 @@ class S3BlobStore:
             raise
         return reader.size, sha
 
-    def put_file(self, key: str, path: Path) -> tuple[int, str]:
+    def put_file(self, key: str, path: Path, *, known: tuple[int, str] | None = None) -> tuple[int, str]:
         """Upload the file at ``path`` (known length); return (size, sha256).
 
         The file is hashed first so the checksum can go with the upload, and hashed again as it
@@ -283,7 +283,7 @@ class S3BlobStore:
         """
         name = self._name(key)
         self._ensure_bucket()
-        size, sha = sha256_file(path)
+        size, sha = known or sha256_file(path)
         with path.open("rb") as fh:
             reader = _HashingReader(fh)
             with self._errors(source=reader):

@@ -7,7 +7,8 @@ The columns are the attributes QIDO-RS and C-FIND must match and return (PS3.18 
 keys at each level, plus modality, body part, accession and institution). Dates and times are kept
 as their DICOM strings (``YYYYMMDD``, ``HHMMSS.FFFFFF``): range matching on them is a string
 comparison that both databases index. Person names keep the whole PN value (``Alphabetic=
-Ideographic=Phonetic``) plus a folded copy for case- and accent-insensitive matching.
+Ideographic=Phonetic``) plus a folded copy for case- and accent-insensitive matching, and a fuzzy
+word list (pinyin for Chinese characters, ``query.fuzzy_name``) for QIDO-RS fuzzy matching.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ metadata = MetaData()
 
 UID = String(64)
 PN = String(400)
+FUZZY = String(1000)  # query.FUZZY_LENGTH
 
 patients = Table(
     "patients",
@@ -39,6 +41,7 @@ patients = Table(
     Column("issuer", String(64), nullable=False),
     Column("patient_name", PN, nullable=False),
     Column("patient_name_folded", PN, nullable=False),
+    Column("patient_name_fuzzy", FUZZY, nullable=False, server_default=""),
     Column("birth_date", String(8), nullable=False),
     Column("sex", String(16), nullable=False),
     UniqueConstraint("patient_id", "issuer", name="uq_patients_id_issuer"),
@@ -56,6 +59,7 @@ studies = Table(
     Column("accession_number", String(64), nullable=False),
     Column("study_id", String(16), nullable=False),
     Column("referring_physician", PN, nullable=False),
+    Column("referring_physician_fuzzy", FUZZY, nullable=False, server_default=""),
     Column("study_description", String(400), nullable=False),
     Column("institution_name", String(400), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
