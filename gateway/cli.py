@@ -8,16 +8,17 @@ import re
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TypeVar
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from gateway.config import ConfigError, FrontendConfig, load_config
+from gateway.config import CenterConfig, ConfigError, DemoConfig, FrontendConfig, load_config
 
-if TYPE_CHECKING:
-    from gateway.frontend import Frontend
+_C = TypeVar("_C")
+_R = TypeVar("_R")
 
 console = Console(stderr=True)
 _TARGET = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
@@ -65,24 +66,44 @@ def _frontend_config(path: str) -> FrontendConfig:
     return cfg
 
 
-def _start_frontend(cfg: FrontendConfig, source: str) -> Frontend:
+def _start(starter: Callable[[_C], _R], cfg: _C, source: str) -> _R:
+    """Start a role; a catalog or store that cannot be opened is reported as a config problem."""
     from gateway.archive import ArchiveUnavailable
-    from gateway.frontend import Frontend
 
     try:
-        return Frontend.start(cfg)
+        return starter(cfg)
     except ArchiveUnavailable as exc:
         raise ConfigError([f"{source}: {exc.key}: {exc.reason}"]) from exc
 
 
 def cmd_frontend(args: argparse.Namespace) -> int:
+    from gateway.frontend import Frontend
+
     cfg = _frontend_config(args.config)
-    fe = _start_frontend(cfg, args.config)
-    console.print(f"front-end {cfg.dicom.ae_title} listening for DICOM on {cfg.dicom.host}:{fe.dicom_port}")
+    fe = _start(Frontend.start, cfg, args.config)
+    console.print(
+        f"front-end {cfg.dicom.ae_title}: DICOM on {cfg.dicom.host}:{fe.dicom_port}, "
+        f"HTTP on {cfg.http.host}:{fe.http_port}"
+    )
     try:
         _wait_for_signal()
     finally:
         fe.stop()
+    return 0
+
+
+def cmd_center(args: argparse.Namespace) -> int:
+    from gateway.center import Center
+
+    cfg = load_config(args.config)
+    if not isinstance(cfg, CenterConfig):
+        raise ConfigError([f'{args.config}: role: this command needs role = "center" (got {cfg.role!r})'])
+    center = _start(Center.start, cfg, args.config)
+    console.print(f"sharing center {cfg.province} serving DICOMweb at {center.url}/dicom-web")
+    try:
+        _wait_for_signal()
+    finally:
+        center.stop()
     return 0
 
 
@@ -132,10 +153,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.center import Center
     from gateway.demo import run_demo
+    from gateway.frontend import Frontend
 
-    cfg = _frontend_config(args.config)
-    return run_demo(cfg, _start_frontend(cfg, args.config), wait=_wait_for_signal)
+    cfg = load_config(args.config)
+    if not isinstance(cfg, DemoConfig):
+        raise ConfigError([f'{args.config}: role: this command needs role = "demo" (got {cfg.role!r})'])
+    return run_demo(
+        cfg,
+        start_center=lambda: _start(Center.start, cfg.center, args.config),
+        start_frontend=lambda: _start(Frontend.start, cfg.frontend, args.config),
+        wait=_wait_for_signal,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("frontend", help="run the hospital front-end (DICOM SCP + archive)")
     p.add_argument("-c", "--config", required=True, help="front-end TOML file")
     p.set_defaults(func=cmd_frontend)
+
+    p = sub.add_parser("center", help="run a province's sharing center (DICOMweb archive)")
+    p.add_argument("-c", "--config", required=True, help="center TOML file")
+    p.set_defaults(func=cmd_center)
 
     p = sub.add_parser("config", help="configuration tools")
     csub = p.add_subparsers(dest="config_command", required=True)
@@ -166,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ct-slices", type=int, default=40)
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("demo", help="run the one-machine demo (front-end with sample studies)")
+    p = sub.add_parser("demo", help="run the one-machine demo (center + front-end with sample studies)")
     p.add_argument("-c", "--config", default="config/demo.toml")
     p.set_defaults(func=cmd_demo)
     return parser

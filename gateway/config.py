@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -133,6 +134,29 @@ class IngestSection(Strict):
     quarantine: Path = Path("data/quarantine")
 
 
+class ForwardSection(Strict):
+    """Forwarding to the province's sharing center by STOW-RS (issue 3 §6, R-UP-3/4)."""
+
+    center_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^\s/]+(/[^\s]*)?$",
+        description="the center's base URL (DICOMweb at <url>/dicom-web); unset = do not forward",
+    )
+    settle_seconds: float = Field(default=3, ge=0, description="quiet time after the last instance")
+    workers: int = Field(default=2, ge=1, le=32, description="studies sent at once (in-flight cap)")
+    batch_max_instances: int = Field(default=50, ge=1, le=10000)
+    batch_max_mb: int = Field(default=256, ge=1, le=65536)
+    timeout_seconds: float = Field(default=120, gt=0)
+    backoff_initial_seconds: float = Field(default=5, gt=0)
+    backoff_max_seconds: float = Field(default=1800, gt=0)
+    max_refusals: int = Field(default=5, ge=1, description="attempts at instances the center refuses")
+    reconcile_every_hours: float = Field(default=24, gt=0, description="re-check confirmed studies")
+
+
+class DicomWebSection(Strict):
+    max_request_mb: int = Field(default=2048, ge=1, description="STOW-RS body limit (413 above it)")
+
+
 class HttpSection(Strict):
     host: str = "127.0.0.1"
     port: Port = 8080
@@ -149,6 +173,8 @@ class FrontendConfig(Strict):
     storage: StorageSection = StorageSection()
     database: DatabaseSection = DatabaseSection()
     ingest: IngestSection = IngestSection()
+    forward: ForwardSection = ForwardSection()
+    dicomweb: DicomWebSection = DicomWebSection()
 
 
 class CenterConfig(Strict):
@@ -160,6 +186,7 @@ class CenterConfig(Strict):
     storage: StorageSection = StorageSection()
     database: DatabaseSection = DatabaseSection()
     ingest: IngestSection = IngestSection()
+    dicomweb: DicomWebSection = DicomWebSection()
 
 
 class IndexConfig(Strict):
@@ -170,7 +197,17 @@ class IndexConfig(Strict):
     database: DatabaseSection = DatabaseSection()
 
 
-RoleConfig = FrontendConfig | CenterConfig | IndexConfig
+@dataclass(frozen=True)
+class DemoConfig:
+    """``ybyx demo``: the roles of the one-machine demo, each a full role config (``[frontend]``,
+    ``[center]``), validated like their own files; key paths name the table (``frontend.dicom.port``)."""
+
+    frontend: FrontendConfig
+    center: CenterConfig
+    role: Literal["demo"] = "demo"
+
+
+RoleConfig = FrontendConfig | CenterConfig | IndexConfig | DemoConfig
 _MODELS: dict[str, type[FrontendConfig] | type[CenterConfig] | type[IndexConfig]] = {
     "frontend": FrontendConfig,
     "center": CenterConfig,
@@ -186,7 +223,9 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-def _below(model: RoleConfig, base: Path) -> RoleConfig:
+def _below(
+    model: FrontendConfig | CenterConfig | IndexConfig, base: Path
+) -> FrontendConfig | CenterConfig | IndexConfig:
     """Relative paths (given or default) are taken from the config file's folder."""
     updates: dict[str, Any] = {}
     storage = getattr(model, "storage", None)
@@ -210,8 +249,10 @@ def _below(model: RoleConfig, base: Path) -> RoleConfig:
 def parse_config(data: dict[str, Any], source: str = "<config>", base: Path | None = None) -> RoleConfig:
     """Validate a config mapping; raise :class:`ConfigError` listing every problem."""
     role = data.get("role")
+    if role == "demo":
+        return _parse_demo(data, source, base)
     if role not in _MODELS:
-        raise ConfigError([f"{source}: role: must be one of {', '.join(_MODELS)} (got {role!r})"])
+        raise ConfigError([f"{source}: role: must be one of {', '.join(_MODELS)}, demo (got {role!r})"])
     try:
         model = _MODELS[role].model_validate(data)
     except ValidationError as exc:
@@ -224,6 +265,25 @@ def parse_config(data: dict[str, Any], source: str = "<config>", base: Path | No
             problems.append(f"{source}: {key}: {msg}")
         raise ConfigError(problems) from None
     return _below(model, base) if base is not None else model
+
+
+def _parse_demo(data: dict[str, Any], source: str, base: Path | None) -> DemoConfig:
+    problems: list[str] = []
+    unknown = sorted(set(data) - {"role", "frontend", "center"})
+    problems += [f"{source}: {key}: unknown key" for key in unknown]
+    parsed: dict[str, Any] = {}
+    for name in ("frontend", "center"):
+        table = data.get(name)
+        if not isinstance(table, dict):
+            problems.append(f"{source}: {name}: a [{name}] table is required")
+            continue
+        try:
+            parsed[name] = parse_config({**table, "role": name}, f"{source}: {name}", base)
+        except ConfigError as exc:
+            problems += [p.replace(f"{source}: {name}: ", f"{source}: {name}.", 1) for p in exc.problems]
+    if problems:
+        raise ConfigError(problems)
+    return DemoConfig(frontend=parsed["frontend"], center=parsed["center"])
 
 
 def load_config(path: Path | str) -> RoleConfig:

@@ -1,17 +1,21 @@
-"""``ybyx demo``: the one-machine demo — a front-end on embedded storage with sample studies.
+"""``ybyx demo``: the one-machine demo — a sharing center and a front-end wired together.
 
-Later issues add the center, the index and the viewer to it (ARCHITECTURE: 1 index + 2 provinces).
+Sample studies are written once, sent to the front-end by C-STORE, and forwarded to the center by
+STOW-RS. Later issues add the index, a second province and the viewer (ARCHITECTURE: 1 index +
+2 provinces).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
 
 from dimse.scu import dicom_files, send
-from gateway.config import FrontendConfig
+from gateway.center import Center
+from gateway.config import DemoConfig
 from gateway.frontend import Frontend
 from gateway.sample import write_samples
 
@@ -25,38 +29,64 @@ def load_samples(fe: Frontend, folder: Path) -> int:
     files = dicom_files([folder])
     report = send(files, "127.0.0.1", fe.dicom_port, fe.cfg.dicom.ae_title, calling_ae="YBYX_DEMO")
     if not report.ok:
-        raise RuntimeError(
-            f"{len(report.failed)} sample files were not stored: {next(iter(report.failed.values()))}"
-        )
+        first = next(iter(report.failed.values()))
+        raise RuntimeError(f"{len(report.failed)} sample files were not stored: {first}")
     return len(report.sent)
 
 
-def run_demo(cfg: FrontendConfig, fe: Frontend, *, wait: Callable[[], None]) -> int:
+def wait_forwarded(fe: Frontend, timeout: float = 120) -> dict[str, float]:
+    """Wait until the front-end's outbox is confirmed (or the timeout); the outbox metrics."""
+    assert fe.forwarder is not None
+    deadline = time.monotonic() + timeout
+    while True:
+        m = fe.forwarder.metrics()
+        if m["queued"] + m["sending"] + m["sent"] == 0 or time.monotonic() > deadline:
+            return m
+        time.sleep(0.3)
+
+
+def run_demo(
+    cfg: DemoConfig,
+    *,
+    start_center: Callable[[], Center],
+    start_frontend: Callable[[], Frontend],
+    wait: Callable[[], None],
+) -> int:
+    center = start_center()
     try:
-        samples = cfg.storage.path.parent / "samples"
-        n = load_samples(fe, samples)
-        counts = fe.archive.catalog.counts()
-        ae, port = cfg.dicom.ae_title, fe.dicom_port
-        console.print(f"""
-[bold green]ybyx demo is running[/bold green] — front-end AE [bold]{ae}[/bold] on DICOM port {port}
-sent {n} sample instances; the archive holds {counts["studies"]} studies, {counts["instances"]} instances
-data: {cfg.storage.path.parent}
+        fe = start_frontend()
+        try:
+            samples = cfg.frontend.storage.path.parent.parent / "samples"
+            n = load_samples(fe, samples)
+            m = wait_forwarded(fe)
+            held = center.archive.catalog.counts()
+            ae, port, web = fe.cfg.dicom.ae_title, fe.dicom_port, f"http://127.0.0.1:{fe.http_port}"
+            console.print(f"""
+[bold green]ybyx demo is running[/bold green]
+  front-end  AE [bold]{ae}[/bold], DICOM 127.0.0.1:{port}, HTTP {web}
+  center     {center.url} (DICOMweb {center.url}/dicom-web)
+sent {n} sample instances to the front-end; forwarded studies confirmed: {m["confirmed"]:g}, \\
+failed: {m["failed"]:g}; the center holds {held["studies"]} studies, {held["instances"]} instances.
 
 Try (dcmtk):
   echoscu -aec {ae} 127.0.0.1 {port}
-  storescu -aec {ae} -aet MYSCU 127.0.0.1 {port} +sd {samples}
-  findscu -S -aec {ae} -k QueryRetrieveLevel=STUDY -k PatientName= -k StudyDate= \\
+  storescu -aec {ae} -aet MYSCU +sd +r 127.0.0.1 {port} {samples}
+  findscu -S -aec {ae} -k QueryRetrieveLevel=STUDY -k PatientName= -k StudyDate= \\\\
           -k StudyInstanceUID= 127.0.0.1 {port}
-  findscu -S -aec {ae} -k QueryRetrieveLevel=SERIES -k Modality=CT -k SeriesInstanceUID= \\
-          -k StudyInstanceUID= 127.0.0.1 {port}
-  getscu -S -aec {ae} -od /tmp/ybyx-get -k QueryRetrieveLevel=STUDY \\
+  getscu -S -aec {ae} -od /tmp/ybyx-get -k QueryRetrieveLevel=STUDY \\\\
           -k PatientID=<id from findscu> 127.0.0.1 {port}
+DICOMweb and status (curl):
+  curl '{center.url}/dicom-web/studies?PatientName=zhang*&fuzzymatching=true'
+  curl '{web}/api/v1/forwarding'
+  curl '{web}/metrics'
 Or with ybyx itself:
   ybyx send {samples} --to {ae}@127.0.0.1:{port}
 
 Press Ctrl-C to stop.""")
-        wait()
+            wait()
+        finally:
+            fe.stop()
     finally:
-        fe.stop()
+        center.stop()
         console.print("demo stopped")
     return 0

@@ -1,41 +1,93 @@
-"""前置机: the hospital front-end role — DICOM in, durable archive, (later) forward to the center."""
+"""前置机: the hospital front-end role — DICOM in, durable archive, forward to the center, DICOMweb out."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import timedelta
 
+from starlette.routing import Route
+
+from api.frontend import metrics
+from api.frontend import routes as frontend_api
+from dicomweb.client import DicomWebClient
 from dimse.server import DicomServer
 from gateway.archive import Archive
-from gateway.config import FrontendConfig
+from gateway.config import ForwardSection, FrontendConfig
+from gateway.forwarder import Forwarder, ForwardPolicy
 from gateway.ingest import Ingest
+from gateway.web import HttpServer, build_app
 
 log = logging.getLogger(__name__)
 
 
+def forward_policy(cfg: ForwardSection) -> ForwardPolicy:
+    return ForwardPolicy(
+        settle=timedelta(seconds=cfg.settle_seconds),
+        backoff_initial=timedelta(seconds=cfg.backoff_initial_seconds),
+        backoff_max=timedelta(seconds=cfg.backoff_max_seconds),
+        max_refusals=cfg.max_refusals,
+        reconcile_every=timedelta(hours=cfg.reconcile_every_hours),
+    )
+
+
 @dataclass
 class Frontend:
-    """A running front-end: its archive and its DICOM SCP."""
+    """A running front-end: its archive, DICOM SCP, HTTP service and (if configured) forwarder."""
 
     cfg: FrontendConfig
     archive: Archive
     ingest: Ingest
     dicom: DicomServer
+    http: HttpServer
+    forwarder: Forwarder | None = None
     dicom_port: int = 0
+    http_port: int = 0
 
     @classmethod
     def start(cls, cfg: FrontendConfig) -> Frontend:
-        archive = Archive.open(cfg.storage, cfg.database)
+        forwarding = cfg.forward.center_url is not None
+        archive = Archive.open(cfg.storage, cfg.database, outbox=forwarding)
         ingest = Ingest(
             archive.catalog, archive.store, quarantine=cfg.ingest.quarantine, policy=cfg.ingest.on_conflict
         )
+        forwarder = None
+        if cfg.forward.center_url is not None:
+            client = DicomWebClient(
+                cfg.forward.center_url,
+                timeout=cfg.forward.timeout_seconds,
+                max_batch_instances=cfg.forward.batch_max_instances,
+                max_batch_bytes=cfg.forward.batch_max_mb << 20,
+            )
+            forwarder = Forwarder(
+                archive.catalog,
+                archive.store,
+                client,
+                policy=forward_policy(cfg.forward),
+                workers=cfg.forward.workers,
+            )
         # By default on the same file system as the blobs: stored files are linked, not copied.
         spool = cfg.ingest.spool or cfg.storage.path / ".spool"
         server = DicomServer(cfg.dicom, ingest, archive.catalog, archive.store, spool)
-        fe = cls(cfg, archive, ingest, server)
+        app = build_app(
+            "frontend",
+            archive,
+            ingest,
+            max_request_bytes=cfg.dicomweb.max_request_mb << 20,
+            api_routes=list(frontend_api),
+            extra_routes=[Route("/metrics", metrics)],
+            state={"forwarder": forwarder},
+        )
+        fe = cls(cfg, archive, ingest, server, HttpServer(app, cfg.http.host, cfg.http.port), forwarder)
         fe.dicom_port = server.start()
+        fe.http_port = fe.http.start()
+        if forwarder is not None:
+            forwarder.start()
         return fe
 
     def stop(self) -> None:
         self.dicom.stop()
+        if self.forwarder is not None:
+            self.forwarder.stop()
+        self.http.stop()
         self.archive.close()

@@ -38,15 +38,28 @@ def pg_url() -> Iterator[str]:
 
 
 @pytest.fixture
-def fresh_pg_url(pg_url: str) -> Iterator[str]:
-    """An empty schema-less database per test (PostgreSQL), so tests don't see each other's rows."""
-    name = f"ybyx_t_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+def new_pg_db(pg_url: str) -> Iterator[Callable[[], str]]:
+    """Make empty PostgreSQL databases for this test (dropped afterwards): ``new_pg_db() -> url``."""
+    made: list[str] = []
     base = PG_ADMIN.rsplit("/", 1)[0]
-    yield f"{base}/{name}"
+
+    def make() -> str:
+        name = f"ybyx_t_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        made.append(name)
+        return f"{base}/{name}"
+
+    yield make
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        for name in made:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def fresh_pg_url(new_pg_db: Callable[[], str]) -> str:
+    """An empty PostgreSQL database for this test, so tests don't see each other's rows."""
+    return new_pg_db()
 
 
 @pytest.fixture(scope="session")
@@ -64,7 +77,12 @@ def ct200(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 def frontend_config(
-    root: Path, *, db_url: str | None = None, s3: S3Endpoint | None = None, **dicom: Any
+    root: Path,
+    *,
+    db_url: str | None = None,
+    s3: S3Endpoint | None = None,
+    forward: dict[str, Any] | None = None,
+    **dicom: Any,
 ) -> FrontendConfig:
     """A front-end config living in ``root`` on free ports; ``dicom`` overrides [dicom] keys."""
     data: dict[str, Any] = {
@@ -77,9 +95,11 @@ def frontend_config(
             "allow_any_calling_ae": True,
             **dicom,
         },
+        "http": {"host": "127.0.0.1", "port": free_port()},
         "storage": {"backend": "folder", "path": "blobs"},
         "database": {"url": db_url or "sqlite:///catalog.db"},
         "ingest": {"quarantine": "quarantine"},
+        **({"forward": forward} if forward else {}),
     }
     if s3 is not None:
         bucket = f"t-{uuid.uuid4().hex[:12]}"
@@ -105,9 +125,16 @@ def start_frontend(tmp_path: Path) -> Iterator[Callable[..., Frontend]]:
     started: list[Frontend] = []
 
     def start(
-        *, db_url: str | None = None, s3: S3Endpoint | None = None, root: Path | None = None, **dicom: Any
+        *,
+        db_url: str | None = None,
+        s3: S3Endpoint | None = None,
+        root: Path | None = None,
+        forward: dict[str, Any] | None = None,
+        **dicom: Any,
     ) -> Frontend:
-        cfg = frontend_config(root or tmp_path / f"fe{len(started)}", db_url=db_url, s3=s3, **dicom)
+        cfg = frontend_config(
+            root or tmp_path / f"fe{len(started)}", db_url=db_url, s3=s3, forward=forward, **dicom
+        )
         fe = Frontend.start(cfg)
         started.append(fe)
         return fe
@@ -131,3 +158,9 @@ def dcmtk(tool: str) -> str:
     if path is None:
         raise RuntimeError(f"{tool} not found: `make setup` installs dcmtk")
     return path
+
+
+@pytest.fixture
+def dicomweb(frontend: Frontend) -> str:
+    """The front-end's DICOMweb root URL (its own uvicorn, serving its local archive)."""
+    return f"http://127.0.0.1:{frontend.http_port}/dicom-web"

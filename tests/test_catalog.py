@@ -169,7 +169,7 @@ def test_parallel_writers_of_one_study_lose_nothing(catalog: Catalog) -> None:
         try:
             for i in range(15):
                 catalog.add_instance(rec(f"1.6.{n}.{i}", study="1.6", series=f"1.6.{i % 2}"))
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import CenterConfig, ConfigError, FrontendConfig, IndexConfig, load_config
+from gateway.config import CenterConfig, ConfigError, DemoConfig, FrontendConfig, IndexConfig, load_config
 from tests.peers.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ def problems(path: Path) -> list[str]:
         ("frontend.toml", FrontendConfig),
         ("center.toml", CenterConfig),
         ("index.toml", IndexConfig),
-        ("demo.toml", FrontendConfig),
+        ("demo.toml", DemoConfig),
     ],
 )
 def test_example_configs_are_valid(name: str, model: type) -> None:
@@ -77,7 +77,8 @@ def test_missing_file_and_bad_syntax(tmp_path: Path) -> None:
 
 def test_missing_or_unknown_role(tmp_path: Path) -> None:
     assert (
-        "role: must be one of frontend, center, index" in problems(write(tmp_path, 'institution = "H"\n'))[0]
+        "role: must be one of frontend, center, index, demo"
+        in problems(write(tmp_path, 'institution = "H"\n'))[0]
     )
 
 

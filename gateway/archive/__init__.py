@@ -47,7 +47,7 @@ class Archive:
     store: BlobStore
 
     @classmethod
-    def open(cls, storage: StorageSection, database: DatabaseSection) -> Archive:
+    def open(cls, storage: StorageSection, database: DatabaseSection, *, outbox: bool = False) -> Archive:
         """Open both, or raise :class:`ArchiveUnavailable` naming the config key and the reason."""
         from sqlalchemy.exc import SQLAlchemyError
 
@@ -56,7 +56,7 @@ class Archive:
         except OSError as exc:
             raise ArchiveUnavailable("storage", " ".join(str(exc).split())) from exc
         try:
-            catalog = Catalog.open(database.url)
+            catalog = Catalog.open(database.url, outbox=outbox)
         except SQLAlchemyError as exc:
             reason = " ".join(str(exc.__cause__ or exc).split())
             raise ArchiveUnavailable("database.url", f"cannot open the catalog: {reason}") from exc

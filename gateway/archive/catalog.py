@@ -17,14 +17,21 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
-from sqlalchemy import Connection, Engine, create_engine, event, func, select, update
+from sqlalchemy import Connection, Engine, case, create_engine, event, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
 from gateway.archive import query
 from gateway.archive.query import Level
 from gateway.archive.record import InstanceRecord, fold_name
-from gateway.archive.schema import instance_versions, instances, patients, series, studies
+from gateway.archive.schema import (
+    forward_jobs,
+    instance_versions,
+    instances,
+    patients,
+    series,
+    studies,
+)
 
 ConflictPolicy = Literal["keep-newest", "keep-first"]
 
@@ -133,19 +140,21 @@ class _SeriesCache:
 class Catalog:
     """The archive's index of what it holds."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, outbox: bool = False) -> None:
+        """``outbox``: also queue every changed study for forwarding, in the same transaction."""
         self.engine = engine
         self._is_sqlite = engine.dialect.name == "sqlite"
         # SQLite has one writer; serialising writers in-process avoids busy waits between threads.
         self._write_lock = threading.Lock() if self._is_sqlite else None
         self._known_series = _SeriesCache()
+        self.outbox = outbox
 
     @classmethod
-    def open(cls, url: str, *, migrate_schema: bool = True) -> Catalog:
+    def open(cls, url: str, *, migrate_schema: bool = True, outbox: bool = False) -> Catalog:
         engine = make_engine(url)
         if migrate_schema:
             migrate(engine)
-        return cls(engine)
+        return cls(engine, outbox=outbox)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -330,6 +339,7 @@ class Catalog:
         }
         if existing is None:
             conn.execute(instances.insert().values(sop_uid=rec.sop_uid, version=1, **inst_vals))
+            self._queue_forward(conn, rec.study_uid, now)
             return AddOutcome.STORED
         conn.execute(
             instance_versions.insert().values(
@@ -348,7 +358,38 @@ class Catalog:
             .where(instances.c.id == existing.id)
             .values(version=existing.version + 1, **inst_vals)
         )
+        self._queue_forward(conn, rec.study_uid, now)
         return AddOutcome.REPLACED
+
+    def _queue_forward(self, conn: Connection, study_uid: str, now: datetime) -> None:
+        """Queue the study for forwarding in the instance's own transaction (nothing slips through).
+
+        A job being sent is left alone: the forwarder looks for unsent instances when it finishes.
+        Finished jobs go back to ``queued``; ``next_attempt_at`` is pushed to now, and the
+        forwarder waits for the study to settle (``forward.settle_seconds`` since the last change).
+        """
+        if not self.outbox:
+            return
+        ins = self._insert(forward_jobs).values(
+            study_uid=study_uid,
+            state="queued",
+            attempts=0,
+            next_attempt_at=now,
+            last_error="",
+            enqueued_at=now,
+            updated_at=now,
+        )
+        requeue = case((forward_jobs.c.state == "sending", "sending"), else_="queued")
+        conn.execute(
+            ins.on_conflict_do_update(
+                index_elements=[forward_jobs.c.study_uid],
+                set_={
+                    "state": requeue,
+                    "updated_at": now,
+                    "attempts": case((forward_jobs.c.state == "sending", forward_jobs.c.attempts), else_=0),
+                },
+            )
+        )
 
     # ---- reads -------------------------------------------------------------------------------
 
@@ -361,14 +402,23 @@ class Catalog:
         offset: int = 0,
         fuzzy: bool = False,
         metadata: bool = False,
+        parent_counts: bool = False,
     ) -> list[dict[str, Any]]:
         """Rows matching ``criteria`` at ``level``, keyed by DICOM keyword (one SQL statement).
 
         ``fuzzy``: fuzzy person-name matching; ``metadata``: add ``_metadata_json`` (the DICOM JSON
-        header of the instance, or of the first instance of the study or series); see
-        :func:`query.build`.
+        header of the instance, or of the first instance of the study or series);
+        ``parent_counts``: add the enclosing levels' computed attributes; see :func:`query.build`.
         """
-        stmt = query.build(level, criteria, limit=limit, offset=offset, fuzzy=fuzzy, metadata=metadata)
+        stmt = query.build(
+            level,
+            criteria,
+            limit=limit,
+            offset=offset,
+            fuzzy=fuzzy,
+            metadata=metadata,
+            parent_counts=parent_counts,
+        )
         with self.engine.connect() as conn:
             rows = [dict(r._mapping) for r in conn.execute(stmt)]
         for row in rows:
@@ -392,6 +442,26 @@ class Catalog:
             )
             for r in self.find(Level.IMAGE, criteria)
         ]
+
+    def metadata(self, criteria: Mapping[str, str]) -> list[str]:
+        """The stored DICOM JSON of every instance matching ``criteria`` (WADO-RS ``/metadata``).
+
+        One statement, no file opened; ordered by series number, then instance number. Keys are
+        :data:`query.ATTRIBUTES` names (typically the study/series/instance UIDs).
+        """
+        conds = [cond for key, value in criteria.items() if (cond := query.match(key, value)) is not None]
+        stmt = (
+            select(instances.c.metadata_json)
+            .select_from(
+                studies.join(patients, patients.c.id == studies.c.patient_pk)
+                .join(series, series.c.study_pk == studies.c.id)
+                .join(instances, instances.c.series_pk == series.c.id)
+            )
+            .where(*conds)
+            .order_by(series.c.series_number, series.c.id, instances.c.instance_number, instances.c.id)
+        )
+        with self.engine.connect() as conn:
+            return list(conn.execute(stmt).scalars())
 
     def instances_by_uid(self, sop_uids: Sequence[str]) -> dict[str, StoredInstance]:
         """The catalogued instances among ``sop_uids`` (storage commitment)."""

@@ -255,6 +255,40 @@ def supported(key: str) -> bool:
     return key in ATTRIBUTES or key == "ModalitiesInStudy"
 
 
+def _study_computed() -> list[Any]:
+    """ModalitiesInStudy and the study's series and instance counts, correlated to ``studies``.
+
+    The subqueries use their own aliases of ``series`` and ``instances`` so that they correlate to
+    the study only, also in SERIES- and IMAGE-level statements that join those tables.
+    """
+    se, inst = series.alias("c_series"), instances.alias("c_instances")
+    n_series = select(func.count()).select_from(se).where(se.c.study_pk == studies.c.id).scalar_subquery()
+    n_inst = (
+        select(func.count())
+        .select_from(inst.join(se, se.c.id == inst.c.series_pk))
+        .where(se.c.study_pk == studies.c.id)
+        .scalar_subquery()
+    )
+    mods_in_study = (
+        select(func.aggregate_strings(se.c.modality, "\\"))
+        .select_from(se)
+        .where(se.c.study_pk == studies.c.id)
+        .scalar_subquery()
+    )
+    return [
+        mods_in_study.label("ModalitiesInStudy"),
+        n_series.label("NumberOfStudyRelatedSeries"),
+        n_inst.label("NumberOfStudyRelatedInstances"),
+    ]
+
+
+def _series_computed() -> list[Any]:
+    """The series' instance count, correlated to ``series`` (own alias of ``instances``)."""
+    inst = instances.alias("c_instances")
+    n_inst = select(func.count()).select_from(inst).where(inst.c.series_pk == series.c.id).scalar_subquery()
+    return [n_inst.label("NumberOfSeriesRelatedInstances")]
+
+
 def build(
     level: Level,
     criteria: Mapping[str, str],
@@ -263,6 +297,7 @@ def build(
     offset: int = 0,
     fuzzy: bool = False,
     metadata: bool = False,
+    parent_counts: bool = False,
 ) -> Select[Any]:
     """One SELECT returning every catalogued and computed attribute at ``level``.
 
@@ -271,13 +306,17 @@ def build(
     keys) so paging is stable. ``fuzzy`` turns on fuzzy person-name matching. ``metadata`` adds
     ``_metadata_json``: the instance's DICOM JSON header at IMAGE level, the first instance's at
     STUDY and SERIES level (QIDO-RS ``includefield`` of attributes the catalog does not keep).
+    ``parent_counts`` adds the computed attributes of the enclosing levels too (ModalitiesInStudy
+    and the study counts at SERIES and IMAGE level, the series count at IMAGE level), which
+    QIDO-RS returns for "all series" and "all instances" searches (PS3.18 §10.6.3.3).
     """
     conds: list[ColumnElement[bool]] = []
     for key, value in criteria.items():
         if key == "ModalitiesInStudy":
             mods = [m for m in value.split("\\") if m and m != "*"]
             if mods:
-                conds.append(exists().where(series.c.study_pk == studies.c.id, series.c.modality.in_(mods)))
+                other = series.alias("mods_series")  # not the row's own series at SERIES/IMAGE level
+                conds.append(exists().where(other.c.study_pk == studies.c.id, other.c.modality.in_(mods)))
             continue
         attr = ATTRIBUTES.get(key)
         if attr is None:
@@ -291,23 +330,7 @@ def build(
     cols: list[Any] = [a.column.label(k) for k, a in ATTRIBUTES.items() if _ORDER[a.level] <= _ORDER[level]]
     from_ = studies.join(patients, patients.c.id == studies.c.patient_pk)
     if level is Level.STUDY:
-        n_series = select(func.count()).where(series.c.study_pk == studies.c.id).scalar_subquery()
-        n_inst = (
-            select(func.count())
-            .select_from(instances.join(series, series.c.id == instances.c.series_pk))
-            .where(series.c.study_pk == studies.c.id)
-            .scalar_subquery()
-        )
-        mods_in_study = (
-            select(func.aggregate_strings(series.c.modality, "\\"))
-            .where(series.c.study_pk == studies.c.id)
-            .scalar_subquery()
-        )
-        cols += [
-            mods_in_study.label("ModalitiesInStudy"),
-            n_series.label("NumberOfStudyRelatedSeries"),
-            n_inst.label("NumberOfStudyRelatedInstances"),
-        ]
+        cols += _study_computed()
         if metadata:
             first = (
                 select(instances.c.metadata_json)
@@ -319,11 +342,11 @@ def build(
             )
             cols.append(first.label("_metadata_json"))
         order: list[Any] = [studies.c.study_date, studies.c.id]
-        stmt = select(*cols).select_from(from_)
     elif level is Level.SERIES:
         from_ = from_.join(series, series.c.study_pk == studies.c.id)
-        n_inst = select(func.count()).where(instances.c.series_pk == series.c.id).scalar_subquery()
-        cols.append(n_inst.label("NumberOfSeriesRelatedInstances"))
+        cols += _series_computed()
+        if parent_counts:
+            cols += _study_computed()
         if metadata:
             first = (
                 select(instances.c.metadata_json)
@@ -334,7 +357,6 @@ def build(
             )
             cols.append(first.label("_metadata_json"))
         order = [studies.c.study_date, studies.c.id, series.c.series_number, series.c.id]
-        stmt = select(*cols).select_from(from_)
     else:
         from_ = from_.join(series, series.c.study_pk == studies.c.id).join(
             instances, instances.c.series_pk == series.c.id
@@ -345,11 +367,12 @@ def build(
             instances.c.size.label("_size"),
             instances.c.sha256.label("_sha256"),
         ]
+        if parent_counts:
+            cols += _series_computed() + _study_computed()
         if metadata:
             cols.append(instances.c.metadata_json.label("_metadata_json"))
         order = [studies.c.id, series.c.id, instances.c.instance_number, instances.c.id]
-        stmt = select(*cols).select_from(from_)
-    stmt = stmt.where(and_(literal(True), *conds)).order_by(*order)
+    stmt = select(*cols).select_from(from_).where(and_(literal(True), *conds)).order_by(*order)
     if limit is not None:
         stmt = stmt.limit(limit)
     if offset:

@@ -126,3 +126,40 @@ instance_versions = Table(
     Column("superseded_at", DateTime(timezone=True), nullable=False),
 )
 Index("ix_instance_versions_sop", instance_versions.c.sop_uid)
+
+# ---- forwarding (front-end → center), issue 3 §6 -------------------------------------------------
+
+# The outbox: one job per study, filled by ingest, drained by the forwarder. A table, not memory,
+# so a crash anywhere resumes from here (ARCHITECTURE "the data path").
+forward_jobs = Table(
+    "forward_jobs",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("study_uid", UID, nullable=False, unique=True),
+    # queued | sending | sent | confirmed | failed
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False),
+    Column("lease_until", DateTime(timezone=True)),
+    Column("last_error", Text, nullable=False),
+    Column("enqueued_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("sent_at", DateTime(timezone=True)),
+    Column("confirmed_at", DateTime(timezone=True)),
+)
+Index("ix_forward_jobs_due", forward_jobs.c.state, forward_jobs.c.next_attempt_at)
+
+# What the center answered for each instance (by content hash, so new bytes are sent again).
+forward_results = Table(
+    "forward_results",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("study_uid", UID, nullable=False),
+    Column("sop_uid", UID, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("status", String(16), nullable=False),  # sent | failed
+    Column("reason", Text, nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("sop_uid", name="uq_forward_results_sop"),
+)
+Index("ix_forward_results_study", forward_results.c.study_uid)

@@ -23,7 +23,9 @@ depends_on = None
 
 def _fill(table: str, source: str, target: str) -> None:
     conn = op.get_bind()
-    t = sa.table(table, sa.column("id", sa.Integer), sa.column(source, sa.String), sa.column(target, sa.String))
+    t = sa.table(
+        table, sa.column("id", sa.Integer), sa.column(source, sa.String), sa.column(target, sa.String)
+    )
     rows = conn.execute(sa.select(t.c.id, t.c[source])).all()
     for row_id, name in rows:
         if name:

@@ -1,0 +1,73 @@
+"""The front-end's ``/api/v1`` routes and ``/metrics``: forwarding status (issue 3 §6)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from gateway.forwarder import Forwarder
+
+STATES = {"queued", "sending", "sent", "confirmed", "failed"}
+
+
+def _json(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+async def forwarding(request: Request) -> Response:
+    """``GET /api/v1/forwarding[?state=&limit=&offset=]``: per study state, attempts, errors."""
+    forwarder: Forwarder | None = request.app.state.forwarder
+    if forwarder is None:
+        return JSONResponse({"error": "forwarding is not configured ([forward] center_url)"}, status_code=404)
+    q = request.query_params
+    state = q.get("state")
+    if state is not None and state not in STATES:
+        return JSONResponse({"error": f"state: must be one of {', '.join(sorted(STATES))}"}, status_code=400)
+    try:
+        limit, offset = int(q.get("limit", "100")), int(q.get("offset", "0"))
+        if not (1 <= limit <= 1000 and offset >= 0):
+            raise ValueError
+    except ValueError:
+        return JSONResponse({"error": "limit must be 1-1000 and offset ≥ 0"}, status_code=400)
+    rows = await run_in_threadpool(forwarder.status, state=state, limit=limit, offset=offset)
+    keep = (
+        "study_uid",
+        "state",
+        "attempts",
+        "last_error",
+        "enqueued_at",
+        "updated_at",
+        "next_attempt_at",
+        "sent_at",
+        "confirmed_at",
+        "instances_sent",
+        "instances_failed",
+    )
+    return JSONResponse([{k: _json(r[k]) for k in keep} for r in rows])
+
+
+async def metrics(request: Request) -> Response:
+    """Prometheus text exposition: forward queue depth, oldest age, failures."""
+    lines = []
+    forwarder: Forwarder | None = request.app.state.forwarder
+    if forwarder is not None:
+        m = await run_in_threadpool(forwarder.metrics)
+        lines += [
+            "# HELP ybyx_forward_jobs Studies in the forward outbox by state.",
+            "# TYPE ybyx_forward_jobs gauge",
+        ]
+        lines += [f'ybyx_forward_jobs{{state="{s}"}} {m[s]:g}' for s in sorted(STATES)]
+        lines += [
+            "# HELP ybyx_forward_oldest_pending_seconds Age of the oldest queued or sending study.",
+            "# TYPE ybyx_forward_oldest_pending_seconds gauge",
+            f"ybyx_forward_oldest_pending_seconds {m['oldest_pending_seconds']:.3f}",
+        ]
+    return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+
+routes = [Route("/forwarding", forwarding, methods=["GET"])]

@@ -1,0 +1,159 @@
+"""The one DICOMweb client (httpx): STOW in batches, QIDO, WADO, and the center's inventory.
+
+Used by the forwarder (front-end → center) and later by cross-province fetch (issue 3 §5). It
+implements :class:`gateway.forwarder.CenterLink`. Every STOW part carries a ``Content-Digest``
+(RFC 9530, SHA-256) so the center can prove the bytes arrived intact; the per-instance sequences of
+the response are read, not only the status code (PS3.18 Table 10.5.3-1 has drifted over editions).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import httpx
+
+from dicomweb.multipart import MultipartWriter
+from gateway.archive.blobstore import BlobStore
+from gateway.archive.catalog import StoredInstance
+from gateway.forwarder import CenterUnavailable, InstanceOutcome
+
+log = logging.getLogger(__name__)
+
+REFERENCED_SOP_SEQUENCE = "00081199"
+FAILED_SOP_SEQUENCE = "00081198"
+REFERENCED_SOP_INSTANCE_UID = "00081155"
+FAILURE_REASON = "00081197"
+WARNING_REASON = "00081196"
+
+
+def content_digest(sha256_hex: str) -> str:
+    """``sha-256=:<base64>:`` for a hex SHA-256 (RFC 9530)."""
+    return f"sha-256=:{base64.b64encode(bytes.fromhex(sha256_hex)).decode()}:"
+
+
+def _batches(
+    items: Sequence[StoredInstance], max_count: int, max_bytes: int
+) -> Iterator[list[StoredInstance]]:
+    batch: list[StoredInstance] = []
+    size = 0
+    for item in items:
+        if batch and (len(batch) >= max_count or size + item.size > max_bytes):
+            yield batch
+            batch, size = [], 0
+        batch.append(item)
+        size += item.size
+    if batch:
+        yield batch
+
+
+def _first(item: dict[str, Any], tag: str) -> Any:
+    values = item.get(tag, {}).get("Value") or [None]
+    return values[0]
+
+
+class DicomWebClient:
+    """A DICOMweb peer at ``base_url`` (the server root; DICOMweb under ``/dicom-web``)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float = 60,
+        max_batch_instances: int = 50,
+        max_batch_bytes: int = 256 << 20,
+        headers: dict[str, str] | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.dicomweb = f"{self.base_url}/dicom-web"
+        self.max_batch_instances = max_batch_instances
+        self.max_batch_bytes = max_batch_bytes
+        self.http = httpx.Client(timeout=timeout, headers=headers, transport=transport)
+
+    def close(self) -> None:
+        self.http.close()
+
+    # ---- STOW-RS -------------------------------------------------------------------------------
+
+    def stow(
+        self, study_uid: str, items: Sequence[StoredInstance], store: BlobStore
+    ) -> dict[str, InstanceOutcome]:
+        """Store instances under their study, in batches; the center's answer per instance."""
+        outcomes: dict[str, InstanceOutcome] = {}
+        for batch in _batches(items, self.max_batch_instances, self.max_batch_bytes):
+            outcomes.update(self._stow_batch(study_uid, batch, store))
+        return outcomes
+
+    def _stow_batch(
+        self, study_uid: str, batch: list[StoredInstance], store: BlobStore
+    ) -> dict[str, InstanceOutcome]:
+        writer = MultipartWriter("application/dicom")
+        parts = (
+            (
+                {"Content-Type": "application/dicom", "Content-Digest": content_digest(i.sha256)},
+                store.get(i.blob_key),
+            )
+            for i in batch
+        )
+        try:
+            response = self.http.post(
+                f"{self.dicomweb}/studies/{study_uid}",
+                content=writer.iter(parts),
+                headers={"Content-Type": writer.content_type, "Accept": "application/dicom+json"},
+            )
+        except httpx.HTTPError as exc:
+            raise CenterUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        if response.status_code not in (200, 202, 409):
+            raise CenterUnavailable(f"STOW-RS answered {response.status_code}: {response.text[:300]}")
+        try:
+            body = response.json()
+        except ValueError as exc:
+            raise CenterUnavailable(f"STOW-RS answer is not JSON ({response.status_code})") from exc
+        outcomes: dict[str, InstanceOutcome] = {}
+        for item in body.get(REFERENCED_SOP_SEQUENCE, {}).get("Value", []):
+            sop = _first(item, REFERENCED_SOP_INSTANCE_UID)
+            if sop:
+                warning = _first(item, WARNING_REASON)
+                outcomes[str(sop)] = InstanceOutcome(True, f"warning 0x{warning:04X}" if warning else "")
+        for item in body.get(FAILED_SOP_SEQUENCE, {}).get("Value", []):
+            sop = _first(item, REFERENCED_SOP_INSTANCE_UID)
+            if sop:
+                reason = _first(item, FAILURE_REASON)
+                outcomes[str(sop)] = InstanceOutcome(False, f"failure 0x{int(reason or 0):04X}")
+        return outcomes
+
+    # ---- the center's inventory (issue 3 §7) -----------------------------------------------------
+
+    def inventory(self, study_uid: str, *, verify: bool = True) -> dict[str, str]:
+        """SOP Instance UID → SHA-256 of what the center holds for the study (verify: re-hashed)."""
+        try:
+            response = self.http.get(
+                f"{self.base_url}/api/v1/studies/{study_uid}/inventory",
+                params={"verify": "true" if verify else "false"},
+            )
+        except httpx.HTTPError as exc:
+            raise CenterUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        if response.status_code == 404:
+            return {}
+        if response.status_code != 200:
+            raise CenterUnavailable(f"inventory answered {response.status_code}: {response.text[:300]}")
+        return {sop: str(v["sha256"]) for sop, v in response.json()["instances"].items()}
+
+    # ---- QIDO-RS / WADO-RS ---------------------------------------------------------------------
+
+    def search(
+        self, level: str, params: dict[str, str] | None = None, *, study: str | None = None
+    ) -> list[dict[str, Any]]:
+        """QIDO-RS at ``level`` ("studies", "series", "instances"), optionally within a study."""
+        path = f"/studies/{study}/{level}" if study and level != "studies" else f"/{level}"
+        response = self.http.get(
+            f"{self.dicomweb}{path}", params=params, headers={"Accept": "application/dicom+json"}
+        )
+        response.raise_for_status()
+        if response.status_code == 204 or not response.content:
+            return []
+        result: list[dict[str, Any]] = response.json()
+        return result

@@ -1,0 +1,82 @@
+"""The HTTP side of a role: one Starlette app (DICOMweb + /api/v1 + /metrics) served by uvicorn.
+
+This is composition (like ``frontend.py`` wiring the DIMSE server): it mounts the edges' routes
+and hands them the domain objects through ``app.state``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import BaseRoute, Mount, Route
+
+from dicomweb.app import DicomWebContext
+from dicomweb.app import routes as dicomweb_routes
+from gateway.archive import Archive
+from gateway.ingest import Ingest
+
+log = logging.getLogger(__name__)
+
+
+async def _health(request: Request) -> JSONResponse:
+    return JSONResponse({"status": "ok", "role": request.app.state.role})
+
+
+def build_app(
+    role: str,
+    archive: Archive,
+    ingest: Ingest,
+    *,
+    max_request_bytes: int,
+    api_routes: list[BaseRoute],
+    extra_routes: list[BaseRoute] | None = None,
+    state: dict[str, Any] | None = None,
+) -> Starlette:
+    app = Starlette(
+        routes=[
+            Mount("/dicom-web", routes=dicomweb_routes()),
+            Mount("/api/v1", routes=api_routes),
+            Route("/healthz", _health),
+            *(extra_routes or []),
+        ]
+    )
+    app.state.role = role
+    app.state.archive = archive
+    app.state.dicomweb = DicomWebContext(archive, ingest, max_request_bytes=max_request_bytes)
+    for key, value in (state or {}).items():
+        setattr(app.state, key, value)
+    return app
+
+
+class HttpServer:
+    """uvicorn in a background thread (one worker; scale out with more processes behind a balancer)."""
+
+    def __init__(self, app: Starlette, host: str, port: int) -> None:
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off", access_log=False)
+        )
+        self._thread = threading.Thread(target=self.server.run, name="http", daemon=True)
+
+    def start(self, timeout: float = 15) -> int:
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise OSError(
+                    f"HTTP server did not start on {self.server.config.host}:{self.server.config.port}"
+                )
+            time.sleep(0.02)
+        port = int(self.server.servers[0].sockets[0].getsockname()[1])
+        log.info("HTTP listening on %s:%d", self.server.config.host, port)
+        return port
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(15)
