@@ -36,7 +36,9 @@ def routes() -> list[Route | Mount]:
     """The PS3.18 resources (relative to the DICOMweb root)."""
     from dicomweb import qido, stow, wado
 
-    s, se, i = "/studies/{study}", "/studies/{study}/series/{series}", "/studies/{study}/series/{series}/instances/{sop}"
+    s = "/studies/{study}"
+    se = f"{s}/series/{{series}}"
+    i = f"{se}/instances/{{sop}}"
     return [
         # STOW-RS
         Route("/studies", stow.store, methods=["POST"]),

@@ -314,15 +314,15 @@ class _SpoolFile:
             await anyio.to_thread.run_sync(self._flush)
 
     def _flush(self) -> None:
-        data = b"".join(self.pending)
+        for data in self.pending:  # chunk by chunk: joining them would copy the batch
+            self.digest.update(data)
+            view = memoryview(data)
+            while view:  # a raw file may write less than asked
+                written = self.fh.write(view)
+                view = view[written or 0 :]
+            self.size += len(data)
         self.pending.clear()
         self.pending_size = 0
-        self.digest.update(data)
-        view = memoryview(data)
-        while view:  # a raw file may write less than asked
-            written = self.fh.write(view)
-            view = view[written or 0 :]
-        self.size += len(data)
 
     def _finish(self) -> None:
         self._flush()

@@ -41,24 +41,27 @@ PATIENT_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.1.2"
 PATIENT_ROOT_GET = "1.2.840.10008.5.1.4.1.2.1.3"
 
 UNCOMPRESSED = [ImplicitVRLittleEndian, ExplicitVRLittleEndian]
-# Every transfer syntax we accept as C-STORE SCP (issue 2 §5); the order is our preference.
+# Every transfer syntax we accept as C-STORE SCP (issue 2 §5). The order is our preference when a
+# peer offers several in one presentation context (pynetdicom picks by the acceptor's order):
+# lossless compressed first (R-UP-1: the modality's own lossless compression is kept, bit-exact),
+# then uncompressed, and lossy last (never chosen over the uncompressed original).
 ACCEPTED_TRANSFER_SYNTAXES: list[str] = [
+    JPEGLSLossless,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    RLELossless,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
     JPEGLSNearLossless,
-    JPEG2000Lossless,
     JPEG2000,
-    HTJ2KLossless,
-    HTJ2KLosslessRPCL,
     HTJ2K,
-    RLELossless,
+    JPEGExtended12Bit,
+    JPEGBaseline8Bit,
 ]
 
 

@@ -200,7 +200,7 @@ class DicomServer:
             level, criteria, keys = self._criteria(event.identifier)
             rows = self.catalog.find(level, criteria)
         except QueryError as exc:
-            yield 0xA900, _status(0xA900, str(exc))
+            yield _status(0xA900, str(exc)), None  # type: ignore[misc]
             return
         for row in rows:
             if event.is_cancelled:
@@ -220,8 +220,26 @@ class DicomServer:
             yield 0xFF00, ds
 
     def _matched(self, identifier: Dataset) -> list[StoredInstance]:
-        _level, criteria, _keys = self._criteria(identifier)
-        return self.catalog.locate(criteria)
+        """Instances named by a retrieve identifier: the unique key(s) of its level, hierarchically.
+
+        Study Root retrieve (PS3.4 C.4.2.1.4) identifies entities by their unique keys only; an
+        identifier without the key of its level is refused rather than read as "everything".
+        """
+        level, criteria, _keys = self._criteria(identifier)
+        needed = {
+            Level.STUDY: "StudyInstanceUID",
+            Level.SERIES: "SeriesInstanceUID",
+            Level.IMAGE: "SOPInstanceUID",
+        }[level]
+        if not criteria.get(needed, "").strip():
+            raise QueryError(f"{needed} is required to retrieve at {level.value} level")
+        unique = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+        return self.catalog.locate({k: v for k, v in criteria.items() if k in unique and v.strip()})
+
+    def _refuse_retrieve(self, reason: str) -> Iterator[Any]:
+        """One announced sub-operation that fails: pynetdicom ends the retrieve with this status."""
+        yield 1
+        yield _status(0xA900, reason), None
 
     def _load(self, inst: StoredInstance) -> Dataset:
         return dcmread(BytesIO(b"".join(self.store.get(inst.blob_key))))
@@ -240,18 +258,23 @@ class DicomServer:
         except QueryError as exc:
             log.warning("C-MOVE refused: %s", exc)
             yield dest.host, dest.port
-            yield 0
+            yield from self._refuse_retrieve(str(exc))
             return
         contexts = contexts_for((i.sop_class_uid, i.transfer_syntax) for i in matched)
-        yield dest.host, dest.port, {"contexts": contexts} if contexts else {}
+        # the sub-operation association is ours as requestor: Nagle off there too
+        options: dict[str, Any] = {"evt_handlers": [(evt.EVT_ESTABLISHED, self._on_established)]}
+        if contexts:
+            options["contexts"] = contexts
+        yield dest.host, dest.port, options
         yield len(matched)
         yield from self._sub_operations(event, matched)
 
     def _on_get(self, event: evt.Event) -> Iterator[Any]:
         try:
             matched = self._matched(event.identifier)
-        except QueryError:
-            yield 0
+        except QueryError as exc:
+            log.warning("C-GET refused: %s", exc)
+            yield from self._refuse_retrieve(str(exc))
             return
         yield len(matched)
         yield from self._sub_operations(event, matched)

@@ -25,11 +25,14 @@ class Center:
         ingest = Ingest(
             archive.catalog, archive.store, quarantine=cfg.ingest.quarantine, policy=cfg.ingest.on_conflict
         )
+        # beside the blobs by default, so stored parts are linked into place, not copied
+        spool = cfg.ingest.spool or cfg.storage.path / ".spool"
         app = build_app(
             "center",
             archive,
             ingest,
             max_request_bytes=cfg.dicomweb.max_request_mb << 20,
+            spool=str(spool),
             api_routes=list(center_api),
         )
         center = cls(cfg, archive, ingest, HttpServer(app, cfg.http.host, cfg.http.port))

@@ -33,7 +33,8 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 
 
 class Strict(BaseModel):
-    """Base of every config section: unknown keys are errors, values are not coerced loosely."""
+    """Base of every config section: unknown keys are errors (pydantic's lax mode still turns
+    "11112" into 11112)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -73,6 +74,15 @@ class DicomSection(Strict):
     )
     peers: list[Peer] = Field(default_factory=list)
     move_destinations: list[MoveDestination] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _someone_may_call(self) -> DicomSection:
+        # pynetdicom treats an empty allow-list as "no check": refuse that rather than open the door.
+        if not self.allow_any_calling_ae and not self.peers:
+            raise ValueError(
+                "no [[dicom.peers]] listed: list the AEs that may connect, or set allow_any_calling_ae = true"
+            )
+        return self
 
     @model_validator(mode="after")
     def _unique_titles(self) -> DicomSection:
@@ -168,7 +178,7 @@ class FrontendConfig(Strict):
 
     role: Literal["frontend"]
     institution: str = Field(description="code of the hospital this front-end serves")
-    dicom: DicomSection = DicomSection()
+    dicom: DicomSection
     http: HttpSection = HttpSection()
     storage: StorageSection = StorageSection()
     database: DatabaseSection = DatabaseSection()

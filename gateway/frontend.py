@@ -74,6 +74,7 @@ class Frontend:
             archive,
             ingest,
             max_request_bytes=cfg.dicomweb.max_request_mb << 20,
+            spool=str(spool),
             api_routes=list(frontend_api),
             extra_routes=[Route("/metrics", metrics)],
             state={"forwarder": forwarder},

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import struct
 import uuid
@@ -194,7 +195,8 @@ class Ingest:
 
     def _refuse(self, path: Path, source: str, reason: str, kind: str, sop: str | None) -> Refused:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-        dest = self.quarantine / f"{stamp}-{source}-{uuid.uuid4().hex[:8]}.dcm"
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", source)[:32]  # AE titles may hold '/' or spaces
+        dest = self.quarantine / f"{stamp}-{safe}-{uuid.uuid4().hex[:8]}.dcm"
         try:
             shutil.copyfile(path, dest)
             dest.with_suffix(".reason.txt").write_text(

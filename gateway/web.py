@@ -35,6 +35,7 @@ def build_app(
     ingest: Ingest,
     *,
     max_request_bytes: int,
+    spool: str,
     api_routes: list[BaseRoute],
     extra_routes: list[BaseRoute] | None = None,
     state: dict[str, Any] | None = None,
@@ -49,7 +50,7 @@ def build_app(
     )
     app.state.role = role
     app.state.archive = archive
-    app.state.dicomweb = DicomWebContext(archive, ingest, max_request_bytes=max_request_bytes)
+    app.state.dicomweb = DicomWebContext(archive, ingest, max_request_bytes=max_request_bytes, spool=spool)
     for key, value in (state or {}).items():
         setattr(app.state, key, value)
     return app

@@ -12,6 +12,7 @@ from gateway.config import CenterConfig, ConfigError, DemoConfig, FrontendConfig
 from tests.peers.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
+FE_OPEN = 'role = "frontend"\ninstitution = "H1"\n[dicom]\nallow_any_calling_ae = true\n'
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -64,6 +65,14 @@ def test_backslash_in_ae_title_is_refused(tmp_path: Path) -> None:
     assert problems(path)[0].startswith(f"{path}: dicom.peers.0.ae_title: ")
 
 
+def test_a_frontend_nobody_may_call_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, 'role = "frontend"\ninstitution = "H1"\n[dicom]\nport = 104\n')
+    assert problems(path) == [
+        f"{path}: dicom: no [[dicom.peers]] listed: list the AEs that may connect, "
+        "or set allow_any_calling_ae = true"
+    ]
+
+
 def test_duplicate_peer_titles_are_refused(tmp_path: Path) -> None:
     peer = '[[dicom.peers]]\nae_title = "CT1"\ninstitution = "H1"\n'
     path = write(tmp_path, f'role = "frontend"\ninstitution = "H1"\n{peer}{peer}')
@@ -83,21 +92,29 @@ def test_missing_or_unknown_role(tmp_path: Path) -> None:
 
 
 def test_s3_backend_needs_its_section(tmp_path: Path) -> None:
-    path = write(tmp_path, 'role = "frontend"\ninstitution = "H1"\n[storage]\nbackend = "s3"\n')
+    path = write(
+        tmp_path,
+        FE_OPEN + '[storage]\nbackend = "s3"\n',
+    )
     assert problems(path) == [f"{path}: storage: backend 's3' needs a [storage.s3] section"]
 
 
 def test_bad_bucket_name_is_refused(tmp_path: Path) -> None:
     path = write(
         tmp_path,
-        'role = "frontend"\ninstitution = "H1"\n[storage]\nbackend = "s3"\n[storage.s3]\n'
+        FE_OPEN + '[storage]\nbackend = "s3"\n[storage.s3]\n'
         'endpoint = "127.0.0.1:9000"\nbucket = "B"\naccess_key = "a"\nsecret_key = "s"\n',
     )
     assert problems(path)[0].startswith(f"{path}: storage.s3.bucket: String should match pattern")
 
 
 def test_relative_paths_are_taken_from_the_config_folder(tmp_path: Path) -> None:
-    cfg = load_config(write(tmp_path, 'role = "frontend"\ninstitution = "H1"\n[storage]\npath = "b"\n'))
+    cfg = load_config(
+        write(
+            tmp_path,
+            FE_OPEN + '[storage]\npath = "b"\n',
+        )
+    )
     assert isinstance(cfg, FrontendConfig)
     assert cfg.storage.path == tmp_path / "b"
     assert cfg.database.url == f"sqlite:///{tmp_path / 'data/catalog.db'}"
@@ -113,7 +130,16 @@ def ybyx(*args: str) -> subprocess.CompletedProcess[str]:
 def test_config_check_cli_exit_codes(tmp_path: Path) -> None:
     good = ybyx("config", "check", str(ROOT / "config/frontend.toml"))
     assert good.returncode == 0 and "ok (frontend)" in good.stdout
-    bad = ybyx("config", "check", str(write(tmp_path, 'role = "frontend"\ninstitution = "H"\nbogus = 1\n')))
+    bad = ybyx(
+        "config",
+        "check",
+        str(
+            write(
+                tmp_path,
+                'role = "frontend"\ninstitution = "H"\nbogus = 1\n[dicom]\nallow_any_calling_ae = true\n',
+            )
+        ),
+    )
     assert bad.returncode == 2
     assert bad.stderr.strip() == f"{tmp_path / 'fe.toml'}: bogus: unknown key"
 
@@ -122,7 +148,7 @@ def test_unreachable_storage_stops_the_frontend(tmp_path: Path) -> None:
     port = free_port()  # nothing listens there
     path = write(
         tmp_path,
-        f'role = "frontend"\ninstitution = "H1"\n[dicom]\nport = {free_port()}\n'
+        f'role = "frontend"\ninstitution = "H1"\n[dicom]\nport = {free_port()}\nallow_any_calling_ae = true\n'
         f'[storage]\nbackend = "s3"\n[storage.s3]\nendpoint = "127.0.0.1:{port}"\nbucket = "ybyx-test"\n'
         'access_key = "a"\nsecret_key = "s"\nsecure = false\n',
     )
@@ -135,7 +161,7 @@ def test_unreachable_storage_stops_the_frontend(tmp_path: Path) -> None:
 def test_unreachable_database_stops_the_frontend(tmp_path: Path) -> None:
     path = write(
         tmp_path,
-        f'role = "frontend"\ninstitution = "H1"\n[dicom]\nport = {free_port()}\n'
+        f'role = "frontend"\ninstitution = "H1"\n[dicom]\nport = {free_port()}\nallow_any_calling_ae = true\n'
         f'[database]\nurl = "postgresql://nobody@127.0.0.1:{free_port()}/none"\n',
     )
     run = ybyx("frontend", "-c", str(path))

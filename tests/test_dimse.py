@@ -357,3 +357,26 @@ def test_spool_is_left_empty(loaded: Frontend) -> None:
     spool = loaded.cfg.storage.path / ".spool"
     assert [p for p in spool.iterdir()] == []
     shutil.rmtree(spool)  # the next start recreates it
+
+
+def test_retrieve_without_the_unique_key_is_refused_not_everything(loaded: Frontend, tmp_path: Path) -> None:
+    out = tmp_path / "get"
+    out.mkdir()
+    done = run(
+        dcmtk("getscu"),
+        "-v",
+        "-S",
+        "-aec",
+        "YBYX",
+        "-od",
+        str(out),
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        "PatientID=",
+        "127.0.0.1",
+        str(loaded.dicom_port),
+        timeout=60,
+    )
+    assert list(out.iterdir()) == []
+    assert "0xa900" in (done.stdout + done.stderr).lower() or "Failed" in done.stdout + done.stderr

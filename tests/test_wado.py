@@ -158,7 +158,7 @@ def loaded(samples: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             studies[name] = _sample_study(found)
             files += found
         ct = sorted((samples / "01_CT_chest").iterdir())
-        variants = {
+        variants: dict[str, tuple[int, list[Path], str | None, dict[str, Any]]] = {
             "ct_jls": (1, ct[:3], "jls", {}),
             "xa_jls": (2, sorted((samples / "04_XA_coronary").iterdir()), "jls", {}),
             "xa_jls_no_bot": (7, sorted((samples / "04_XA_coronary").iterdir()), "jls-no-bot", {}),

@@ -57,7 +57,7 @@ class Archive:
             raise ArchiveUnavailable("storage", " ".join(str(exc).split())) from exc
         try:
             catalog = Catalog.open(database.url, outbox=outbox)
-        except SQLAlchemyError as exc:
+        except (SQLAlchemyError, OSError) as exc:
             reason = " ".join(str(exc.__cause__ or exc).split())
             raise ArchiveUnavailable("database.url", f"cannot open the catalog: {reason}") from exc
         return cls(catalog, store)

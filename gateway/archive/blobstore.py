@@ -97,7 +97,7 @@ class FolderBlobStore:
 
     def put(self, key: str, stream: BinaryIO) -> tuple[int, str]:
         final = self._path(key)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        made = self._make_parents(final)
         tmp = self._tmp_path(final)
         digest = hashlib.sha256()
         size = 0
@@ -114,6 +114,8 @@ class FolderBlobStore:
             tmp.unlink(missing_ok=True)
             raise
         _fsync_dir(final.parent)
+        for folder in made:
+            _fsync_dir(folder.parent)
         return size, digest.hexdigest()
 
     def put_file(self, key: str, path: Path, *, known: tuple[int, str] | None = None) -> tuple[int, str]:
@@ -125,9 +127,7 @@ class FolderBlobStore:
         already; otherwise the file replaces it atomically.
         """
         final = self._path(key)
-        new_dir = not final.parent.is_dir()
-        if new_dir:
-            final.parent.mkdir(parents=True, exist_ok=True)
+        made = self._make_parents(final)
         size, sha = known or sha256_file(path)
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -144,9 +144,19 @@ class FolderBlobStore:
             with path.open("rb") as src:
                 return self.put(key, src)
         _fsync_dir(final.parent)
-        if new_dir:
-            _fsync_dir(final.parent.parent)
+        for folder in made:  # a new folder's entry lives in its parent: make that durable too
+            _fsync_dir(folder.parent)
         return size, sha
+
+    def _make_parents(self, final: Path) -> list[Path]:
+        """Create the missing folders above ``final``; the ones created, deepest first."""
+        made: list[Path] = []
+        folder = final.parent
+        while not folder.is_dir() and folder != self.root:
+            made.append(folder)
+            folder = folder.parent
+        final.parent.mkdir(parents=True, exist_ok=True)
+        return made
 
     def get(self, key: str) -> Iterator[bytes]:
         path = self._path(key)

@@ -18,7 +18,8 @@ from tests.peers.ports import free_port
 def serve(app: Any, *, health_path: str = "/") -> Iterator[str]:
     """Yield ``http://127.0.0.1:PORT`` while uvicorn serves ``app`` there."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
