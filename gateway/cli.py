@@ -31,6 +31,7 @@ def _setup_logging(verbose: bool) -> None:
     )
     if not verbose:
         for noisy, level in (
+            ("httpx", logging.WARNING),
             ("pynetdicom", logging.WARNING),
             ("alembic", logging.WARNING),
             ("urllib3", logging.ERROR),

@@ -8,6 +8,7 @@ so a config and its data can move together.
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from dataclasses import dataclass
@@ -233,6 +234,11 @@ class ConfigError(Exception):
         self.problems = problems
 
 
+def _join(base: Path, path: Path) -> Path:
+    """``base / path`` with ``..`` folded, so messages and logs show plain paths."""
+    return Path(os.path.normpath(base / path))
+
+
 def _below(
     model: FrontendConfig | CenterConfig | IndexConfig, base: Path
 ) -> FrontendConfig | CenterConfig | IndexConfig:
@@ -240,11 +246,11 @@ def _below(
     updates: dict[str, Any] = {}
     storage = getattr(model, "storage", None)
     if isinstance(storage, StorageSection) and not storage.path.is_absolute():
-        updates["storage"] = storage.model_copy(update={"path": base / storage.path})
+        updates["storage"] = storage.model_copy(update={"path": _join(base, storage.path)})
     ingest = getattr(model, "ingest", None)
     if isinstance(ingest, IngestSection):
         fix = {
-            k: base / v
+            k: _join(base, v)
             for k, v in (("spool", ingest.spool), ("quarantine", ingest.quarantine))
             if v is not None and not v.is_absolute()
         }
@@ -252,7 +258,9 @@ def _below(
             updates["ingest"] = ingest.model_copy(update=fix)
     db = model.database
     if db.url.startswith("sqlite:///") and not db.url.startswith("sqlite:////"):
-        updates["database"] = DatabaseSection(url=f"sqlite:///{base / db.url.removeprefix('sqlite:///')}")
+        updates["database"] = DatabaseSection(
+            url=f"sqlite:///{_join(base, Path(db.url.removeprefix('sqlite:///')))}"
+        )
     return model.model_copy(update=updates) if updates else model
 
 

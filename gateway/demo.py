@@ -61,22 +61,22 @@ def run_demo(
             m = wait_forwarded(fe)
             held = center.archive.catalog.counts()
             ae, port, web = fe.cfg.dicom.ae_title, fe.dicom_port, f"http://127.0.0.1:{fe.http_port}"
-            console.print(f"""
-[bold green]ybyx demo is running[/bold green]
-  front-end  AE [bold]{ae}[/bold], DICOM 127.0.0.1:{port}, HTTP {web}
+            print(f"""
+ybyx demo is running
+  front-end  AE {ae}, DICOM 127.0.0.1:{port}, HTTP {web}
   center     {center.url} (DICOMweb {center.url}/dicom-web)
-sent {n} sample instances to the front-end; forwarded studies confirmed: {m["confirmed"]:g}, \\
+sent {n} sample instances to the front-end; forwarded studies confirmed: {m["confirmed"]:g},
 failed: {m["failed"]:g}; the center holds {held["studies"]} studies, {held["instances"]} instances.
 
 Try (dcmtk):
   echoscu -aec {ae} 127.0.0.1 {port}
   storescu -aec {ae} -aet MYSCU +sd +r 127.0.0.1 {port} {samples}
-  findscu -S -aec {ae} -k QueryRetrieveLevel=STUDY -k PatientName= -k StudyDate= \\\\
+  findscu -S -aec {ae} -k QueryRetrieveLevel=STUDY -k PatientName= -k StudyDate= \\
           -k StudyInstanceUID= 127.0.0.1 {port}
-  getscu -S -aec {ae} -od /tmp/ybyx-get -k QueryRetrieveLevel=STUDY \\\\
+  getscu -S -aec {ae} -od /tmp/ybyx-get -k QueryRetrieveLevel=STUDY \\
           -k PatientID=<id from findscu> 127.0.0.1 {port}
 DICOMweb and status (curl):
-  curl '{center.url}/dicom-web/studies?PatientName=zhang*&fuzzymatching=true'
+  curl '{center.url}/dicom-web/studies?PatientName=zhang&fuzzymatching=true'
   curl '{web}/api/v1/forwarding'
   curl '{web}/metrics'
 Or with ybyx itself:

@@ -114,7 +114,7 @@ class Forwarder:
         One forwarder runs per front-end catalog (the front-end is one machine), so a job still
         marked ``sending`` at start belongs to a run that died; its lease need not be waited out.
         """
-        with self.catalog.engine.begin() as conn:
+        with self.catalog.write() as conn:
             taken = conn.execute(
                 update(forward_jobs)
                 .where(forward_jobs.c.state == "sending")
@@ -161,7 +161,7 @@ class Forwarder:
             ),
             and_(forward_jobs.c.state == "sending", forward_jobs.c.lease_until < now),
         )
-        with self.catalog.engine.begin() as conn:
+        with self.catalog.write() as conn:
             row = conn.execute(
                 select(forward_jobs.c.id, forward_jobs.c.study_uid, forward_jobs.c.state)
                 .where(due)
@@ -235,7 +235,7 @@ class Forwarder:
             log.warning(
                 "study %s: center lacks or differs on %d instances; sending them again", study_uid, len(wrong)
             )
-            with self.catalog.engine.begin() as conn:
+            with self.catalog.write() as conn:
                 conn.execute(delete(forward_results).where(forward_results.c.sop_uid.in_(wrong)))
             self._set(
                 study_uid,
@@ -250,7 +250,7 @@ class Forwarder:
     def schedule_reconciliation(self) -> int:
         """Re-queue recently confirmed studies whose last check is older than the policy says."""
         now = self.clock()
-        with self.catalog.engine.begin() as conn:
+        with self.catalog.write() as conn:
             return int(
                 conn.execute(
                     update(forward_jobs)
@@ -270,7 +270,7 @@ class Forwarder:
     ) -> None:
         now = self.clock()
         by_sop = {i.sop_uid: i for i in todo}
-        with self.catalog.engine.begin() as conn:
+        with self.catalog.write() as conn:
             answered = [sop for sop in outcomes if sop in by_sop]
             if answered:
                 conn.execute(delete(forward_results).where(forward_results.c.sop_uid.in_(answered)))
@@ -293,7 +293,7 @@ class Forwarder:
         values.setdefault("updated_at", self.clock())
         if values.get("state") != "sending":
             values.setdefault("lease_until", None)
-        with self.catalog.engine.begin() as conn:
+        with self.catalog.write() as conn:
             conn.execute(update(forward_jobs).where(forward_jobs.c.study_uid == study_uid).values(**values))
 
     def _attempts(self, study_uid: str) -> int:
@@ -311,7 +311,7 @@ class Forwarder:
             "study %s: %s; attempt %d, next in %.0f s", study_uid, error, attempts, delay.total_seconds()
         )
         # updated_at is not moved: the study has settled already
-        with self.catalog.engine.begin() as conn:
+        with self.catalog.write() as conn:
             conn.execute(
                 update(forward_jobs)
                 .where(forward_jobs.c.study_uid == study_uid)

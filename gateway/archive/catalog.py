@@ -160,7 +160,8 @@ class Catalog:
         self.engine.dispose()
 
     @contextmanager
-    def _write(self) -> Iterator[Connection]:
+    def write(self) -> Iterator[Connection]:
+        """A write transaction (SQLite: one writer at a time, lock taken up front)."""
         if self._write_lock is None:
             with self.engine.begin() as conn:
                 yield conn
@@ -200,7 +201,7 @@ class Catalog:
         """Catalogue an instance whose bytes are already durable in the blob store."""
         for attempt in range(3):
             try:
-                with self._write() as conn:
+                with self.write() as conn:
                     outcome, known = self._add(conn, rec, policy)
                 if known is not None:  # only after the commit: the rows surely exist now
                     self._known_series.remember(rec.series_uid, known)
