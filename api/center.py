@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import hashlib
 
+from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from api.errors import BadRequest, parse
 from gateway.archive import Archive
 from gateway.archive.blobstore import BlobNotFound
+from gateway.exams import ExamBook, ExamForwarded
+from gateway.monitoring import check_manifest, monitoring_record
 
 
 def _inventory(archive: Archive, study: str, verify: bool) -> dict[str, dict[str, object]]:
@@ -42,4 +46,47 @@ async def inventory(request: Request) -> JSONResponse:
     return JSONResponse({"study": study, "verified": verify, "instances": items})
 
 
-routes = [Route("/studies/{study}/inventory", inventory, methods=["GET"])]
+async def manifest(request: Request) -> JSONResponse:
+    """``PUT /api/v1/studies/{study}/manifest``: what a front-end sent → upload-monitoring record."""
+    archive: Archive = request.app.state.archive
+    try:
+        body = await parse(request, Manifest)
+    except BadRequest as bad:
+        return bad.response
+    record = await run_in_threadpool(
+        check_manifest, archive.catalog, request.path_params["study"], body.instances
+    )
+    return JSONResponse(record)
+
+
+async def monitoring(request: Request) -> JSONResponse:
+    """``GET /api/v1/upload-monitoring/{study}``: complete / incomplete / late (R-CE-9)."""
+    archive: Archive = request.app.state.archive
+    record = await run_in_threadpool(monitoring_record, archive.catalog, request.path_params["study"])
+    if record is None:
+        return JSONResponse({"error": "no upload-monitoring record for this study"}, status_code=404)
+    return JSONResponse(record)
+
+
+async def post_exam(request: Request) -> JSONResponse:
+    """``POST /api/v1/exams``: an exam record forwarded by a front-end (pseudonym only)."""
+    book: ExamBook = request.app.state.exams
+    try:
+        exam = await parse(request, ExamForwarded)
+    except BadRequest as bad:
+        return bad.response
+    row = await run_in_threadpool(book.record, exam)
+    return JSONResponse({"accession_number": row["accession_number"], "stored": True})
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    instances: dict[str, str]
+
+
+routes = [
+    Route("/studies/{study}/inventory", inventory, methods=["GET"]),
+    Route("/studies/{study}/manifest", manifest, methods=["PUT"]),
+    Route("/upload-monitoring/{study}", monitoring, methods=["GET"]),
+    Route("/exams", post_exam, methods=["POST"]),
+]

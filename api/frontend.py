@@ -10,6 +10,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from api.errors import BadRequest, parse
+from gateway.exams import ExamBook, ExamIn, SettlementIn
 from gateway.forwarder import Forwarder
 
 STATES = {"queued", "sending", "sent", "confirmed", "failed"}
@@ -70,4 +72,56 @@ async def metrics(request: Request) -> Response:
     return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
 
-routes = [Route("/forwarding", forwarding, methods=["GET"])]
+async def post_exam(request: Request) -> Response:
+    """``POST /api/v1/exams``: exam basic information from the RIS/HIS (R-UP-5)."""
+    book: ExamBook = request.app.state.exams
+    key: bytes | None = request.app.state.pseudonym_key
+    try:
+        exam = await parse(request, ExamIn)
+    except BadRequest as bad:
+        return bad.response
+    if key is None:
+        return JSONResponse({"error": "no pseudonym key configured ([identity] key_file)"}, status_code=503)
+    row = await run_in_threadpool(book.record, exam, key=key)
+    return JSONResponse(
+        {
+            "hospital_code": row["hospital_code"],
+            "accession_number": row["accession_number"],
+            "study_uid": row["study_uid"],
+            "id_masked": row["id_masked"],
+        },
+        status_code=201,
+    )
+
+
+async def post_settlement(request: Request) -> Response:
+    """``POST /api/v1/settlements``: the settlement ID of an accession (R-UP-3: due in 24 h)."""
+    book: ExamBook = request.app.state.exams
+    try:
+        settlement = await parse(request, SettlementIn)
+    except BadRequest as bad:
+        return bad.response
+    if not await run_in_threadpool(book.settle, settlement):
+        return JSONResponse(
+            {"error": f"no exam {settlement.accession_number} at {settlement.hospital_code}"}, status_code=404
+        )
+    return JSONResponse(
+        {"accession_number": settlement.accession_number, "settlement_id": settlement.settlement_id}
+    )
+
+
+async def upload_deadlines(request: Request) -> Response:
+    """``GET /api/v1/upload-deadlines[?state=overdue|pending|met|late]`` (R-UP-3)."""
+    book: ExamBook = request.app.state.exams
+    state = request.query_params.get("state")
+    if state is not None and state not in {"overdue", "pending", "met", "late"}:
+        return JSONResponse({"error": "state: must be overdue, pending, met or late"}, status_code=400)
+    return JSONResponse(await run_in_threadpool(book.deadlines, state=state))
+
+
+routes = [
+    Route("/forwarding", forwarding, methods=["GET"]),
+    Route("/exams", post_exam, methods=["POST"]),
+    Route("/settlements", post_settlement, methods=["POST"]),
+    Route("/upload-deadlines", upload_deadlines, methods=["GET"]),
+]

@@ -142,6 +142,24 @@ class DicomWebClient:
             raise CenterUnavailable(f"inventory answered {response.status_code}: {response.text[:300]}")
         return {sop: str(v["sha256"]) for sop, v in response.json()["instances"].items()}
 
+    def report_manifest(self, study_uid: str, manifest: dict[str, str]) -> dict[str, Any]:
+        """``PUT /api/v1/studies/{study}/manifest``: the center's upload-monitoring record back."""
+        return self._api("PUT", f"/api/v1/studies/{study_uid}/manifest", {"instances": manifest})
+
+    def post_exam(self, record: dict[str, Any]) -> None:
+        """``POST /api/v1/exams`` at the center: an exam record with the pseudonym (R-UP-5)."""
+        self._api("POST", "/api/v1/exams", record)
+
+    def _api(self, method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            response = self.http.request(method, f"{self.base_url}{path}", json=body)
+        except httpx.HTTPError as exc:
+            raise CenterUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        if response.status_code >= 300:
+            raise CenterUnavailable(f"{method} {path} answered {response.status_code}: {response.text[:300]}")
+        result: dict[str, Any] = response.json()
+        return result
+
     # ---- QIDO-RS / WADO-RS ---------------------------------------------------------------------
 
     def search(

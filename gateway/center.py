@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from api.center import routes as center_api
 from gateway.archive import Archive
 from gateway.config import CenterConfig
+from gateway.exams import ExamBook
 from gateway.ingest import Ingest
 from gateway.web import HttpServer, build_app
 
@@ -34,6 +35,7 @@ class Center:
             max_request_bytes=cfg.dicomweb.max_request_mb << 20,
             spool=str(spool),
             api_routes=list(center_api),
+            state={"exams": ExamBook(archive.catalog)},
         )
         center = cls(cfg, archive, ingest, HttpServer(app, cfg.http.host, cfg.http.port))
         center.http_port = center.http.start()

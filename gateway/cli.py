@@ -145,6 +145,20 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_keys_generate(args: argparse.Namespace) -> int:
+    from gateway.identity import write_new_key
+
+    path = Path(args.out)
+    if path.exists():
+        console.print(
+            f"{path}: exists; refusing to overwrite a key (data pseudonymised with it would be orphaned)"
+        )
+        return 2
+    write_new_key(path)
+    console.print(f"wrote a new 256-bit key to {path} (mode 600); back it up: pseudonyms depend on it")
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from gateway.sample import write_samples
 
@@ -161,6 +175,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if not isinstance(cfg, DemoConfig):
         raise ConfigError([f'{args.config}: role: this command needs role = "demo" (got {cfg.role!r})'])
+    key_file = cfg.frontend.identity.key_file
+    if key_file is not None and not key_file.exists():
+        from gateway.identity import write_new_key
+
+        write_new_key(key_file)  # each demo install gets its own key: no shared default secret
     return run_demo(
         cfg,
         start_center=lambda: _start(Center.start, cfg.center, args.config),
@@ -195,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--journal", help="file recording what was acknowledged; a rerun skips it")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_send)
+
+    p = sub.add_parser("keys", help="key management")
+    ksub = p.add_subparsers(dest="keys_command", required=True)
+    k = ksub.add_parser("generate", help="write a new random key file (mode 600)")
+    k.add_argument("--out", required=True)
+    k.set_defaults(func=cmd_keys_generate)
 
     p = sub.add_parser("sample", help="write synthetic sample studies (CT, MR, DX, multi-frame, RGB)")
     p.add_argument("--out", required=True)

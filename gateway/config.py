@@ -164,6 +164,14 @@ class ForwardSection(Strict):
     reconcile_every_hours: float = Field(default=24, gt=0, description="re-check confirmed studies")
 
 
+class IdentitySection(Strict):
+    """The pseudonym key: ID numbers are replaced by HMAC-SHA-256 under it (R-SE-8, issue 5)."""
+
+    key_file: Path | None = Field(
+        default=None, description="hex key file, mode 600 (`ybyx keys generate`); unset = exam API off"
+    )
+
+
 class DicomWebSection(Strict):
     max_request_mb: int = Field(default=2048, ge=1, description="STOW-RS body limit (413 above it)")
 
@@ -186,6 +194,7 @@ class FrontendConfig(Strict):
     ingest: IngestSection = IngestSection()
     forward: ForwardSection = ForwardSection()
     dicomweb: DicomWebSection = DicomWebSection()
+    identity: IdentitySection = IdentitySection()
 
 
 class CenterConfig(Strict):
@@ -256,6 +265,9 @@ def _below(
         }
         if fix:
             updates["ingest"] = ingest.model_copy(update=fix)
+    identity = getattr(model, "identity", None)
+    if isinstance(identity, IdentitySection) and identity.key_file and not identity.key_file.is_absolute():
+        updates["identity"] = IdentitySection(key_file=_join(base, identity.key_file))
     db = model.database
     if db.url.startswith("sqlite:///") and not db.url.startswith("sqlite:////"):
         updates["database"] = DatabaseSection(

@@ -29,6 +29,7 @@ from sqlalchemy import and_, delete, func, or_, select, update
 from gateway.archive.blobstore import BlobStore
 from gateway.archive.catalog import Catalog, StoredInstance
 from gateway.archive.schema import forward_jobs, forward_results
+from gateway.exams import ExamBook
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,14 @@ class CenterLink(Protocol):
 
     def inventory(self, study_uid: str) -> dict[str, str]:
         """SOP Instance UID → SHA-256 of the bytes the center holds. Raises CenterUnavailable."""
+        ...
+
+    def report_manifest(self, study_uid: str, manifest: dict[str, str]) -> dict[str, Any]:
+        """Tell the center what we sent; its upload-monitoring record back. Raises CenterUnavailable."""
+        ...
+
+    def post_exam(self, record: dict[str, Any]) -> None:
+        """Send an exam record (with settlement, if any). Raises CenterUnavailable."""
         ...
 
 
@@ -94,7 +103,9 @@ class Forwarder:
         policy: ForwardPolicy | None = None,
         workers: int = 2,
         clock: Clock = utcnow,
+        exams: ExamBook | None = None,
     ) -> None:
+        self.exams = exams
         self.catalog = catalog
         self.store = store
         self.center = center
@@ -140,7 +151,7 @@ class Forwarder:
                 if self.clock() - last_reconcile > timedelta(minutes=5):
                     self.schedule_reconciliation()
                     last_reconcile = self.clock()
-                worked = self.run_once()
+                worked = self.run_once() | self.forward_exams()
             except Exception:  # a bug or a database hiccup must not kill the worker
                 log.exception("forwarder pass failed")
                 worked = False
@@ -189,6 +200,20 @@ class Forwarder:
             self._retry_later(study, f"center unavailable: {exc}")
         return True
 
+    def forward_exams(self) -> bool:
+        """Send exam records and settlements the center has not taken (R-UP-5); True if any."""
+        if self.exams is None:
+            return False
+        rows = self.exams.unforwarded(limit=50)
+        for row in rows:
+            try:
+                self.center.post_exam(ExamBook.as_forwarded(row))
+            except CenterUnavailable as exc:
+                log.warning("exam %s not forwarded yet: %s", row["accession_number"], exc)
+                return False
+            self.exams.forwarded(row["id"], row["updated_at"], at=self.clock())
+        return bool(rows)
+
     def pending(self, study_uid: str) -> list[StoredInstance]:
         """The study's instances the center has not accepted in their current version."""
         held = self.catalog.locate({"StudyInstanceUID": study_uid})
@@ -230,6 +255,8 @@ class Forwarder:
         ours = {i.sop_uid: i.sha256 for i in self.catalog.locate({"StudyInstanceUID": study_uid})}
         theirs = self.center.inventory(study_uid)
         wrong = sorted(sop for sop, sha in ours.items() if theirs.get(sop) != sha)
+        # the center keeps its own upload-monitoring record from what we say we sent (R-CE-9)
+        self.center.report_manifest(study_uid, ours)
         now = self.clock()
         if wrong:
             log.warning(

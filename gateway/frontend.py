@@ -12,9 +12,11 @@ from api.frontend import metrics
 from api.frontend import routes as frontend_api
 from dicomweb.client import DicomWebClient
 from dimse.server import DicomServer
-from gateway.archive import Archive
+from gateway.archive import Archive, ArchiveUnavailable
 from gateway.config import ForwardSection, FrontendConfig
+from gateway.exams import ExamBook
 from gateway.forwarder import Forwarder, ForwardPolicy
+from gateway.identity import load_key
 from gateway.ingest import Ingest
 from gateway.web import HttpServer, build_app
 
@@ -46,11 +48,18 @@ class Frontend:
 
     @classmethod
     def start(cls, cfg: FrontendConfig) -> Frontend:
+        key = None
+        if cfg.identity.key_file is not None:
+            try:
+                key = load_key(cfg.identity.key_file)
+            except (OSError, ValueError) as exc:
+                raise ArchiveUnavailable("identity.key_file", str(exc)) from exc
         forwarding = cfg.forward.center_url is not None
         archive = Archive.open(cfg.storage, cfg.database, outbox=forwarding)
         ingest = Ingest(
             archive.catalog, archive.store, quarantine=cfg.ingest.quarantine, policy=cfg.ingest.on_conflict
         )
+        exams = ExamBook(archive.catalog)
         forwarder = None
         if cfg.forward.center_url is not None:
             client = DicomWebClient(
@@ -65,6 +74,7 @@ class Frontend:
                 client,
                 policy=forward_policy(cfg.forward),
                 workers=cfg.forward.workers,
+                exams=exams,
             )
         # By default on the same file system as the blobs: stored files are linked, not copied.
         spool = cfg.ingest.spool or cfg.storage.path / ".spool"
@@ -77,7 +87,7 @@ class Frontend:
             spool=str(spool),
             api_routes=list(frontend_api),
             extra_routes=[Route("/metrics", metrics)],
-            state={"forwarder": forwarder},
+            state={"forwarder": forwarder, "exams": exams, "pseudonym_key": key},
         )
         fe = cls(cfg, archive, ingest, server, HttpServer(app, cfg.http.host, cfg.http.port), forwarder)
         fe.dicom_port = server.start()

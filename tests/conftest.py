@@ -16,7 +16,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from gateway.config import FrontendConfig, parse_config
+from gateway.center import Center
+from gateway.config import CenterConfig, FrontendConfig, parse_config
 from gateway.frontend import Frontend
 from gateway.sample import ct_series, write_samples
 from tests.peers.ports import free_port
@@ -82,6 +83,7 @@ def frontend_config(
     db_url: str | None = None,
     s3: S3Endpoint | None = None,
     forward: dict[str, Any] | None = None,
+    identity: dict[str, Any] | None = None,
     **dicom: Any,
 ) -> FrontendConfig:
     """A front-end config living in ``root`` on free ports; ``dicom`` overrides [dicom] keys."""
@@ -100,6 +102,7 @@ def frontend_config(
         "database": {"url": db_url or "sqlite:///catalog.db"},
         "ingest": {"quarantine": "quarantine"},
         **({"forward": forward} if forward else {}),
+        **({"identity": identity} if identity else {}),
     }
     if s3 is not None:
         bucket = f"t-{uuid.uuid4().hex[:12]}"
@@ -130,10 +133,16 @@ def start_frontend(tmp_path: Path) -> Iterator[Callable[..., Frontend]]:
         s3: S3Endpoint | None = None,
         root: Path | None = None,
         forward: dict[str, Any] | None = None,
+        identity: dict[str, Any] | None = None,
         **dicom: Any,
     ) -> Frontend:
         cfg = frontend_config(
-            root or tmp_path / f"fe{len(started)}", db_url=db_url, s3=s3, forward=forward, **dicom
+            root or tmp_path / f"fe{len(started)}",
+            db_url=db_url,
+            s3=s3,
+            forward=forward,
+            identity=identity,
+            **dicom,
         )
         fe = Frontend.start(cfg)
         started.append(fe)
@@ -164,3 +173,45 @@ def dcmtk(tool: str) -> str:
 def dicomweb(frontend: Frontend) -> str:
     """The front-end's DICOMweb root URL (its own uvicorn, serving its local archive)."""
     return f"http://127.0.0.1:{frontend.http_port}/dicom-web"
+
+
+def center_config(
+    root: Path, *, port: int | None = None, db_url: str | None = None, s3: S3Endpoint | None = None
+) -> CenterConfig:
+    data: dict[str, Any] = {
+        "role": "center",
+        "province": "50",
+        "http": {"host": "127.0.0.1", "port": port or free_port()},
+        "storage": {"backend": "folder", "path": "blobs"},
+        "database": {"url": db_url or "sqlite:///catalog.db"},
+        "ingest": {"quarantine": "quarantine"},
+    }
+    if s3 is not None:
+        data["storage"] = {
+            "backend": "s3",
+            "s3": {
+                "endpoint": s3.endpoint,
+                "bucket": f"c-{uuid.uuid4().hex[:12]}",
+                "access_key": s3.access_key,
+                "secret_key": s3.secret_key,
+                "secure": False,
+            },
+        }
+        data["ingest"]["spool"] = "spool"
+    cfg = parse_config(data, "center.toml", root)
+    assert isinstance(cfg, CenterConfig)
+    return cfg
+
+
+@pytest.fixture
+def start_center(tmp_path: Path) -> Iterator[Callable[..., Center]]:
+    started: list[Center] = []
+
+    def start(**kw: Any) -> Center:
+        center = Center.start(center_config(tmp_path / f"center{len(started)}", **kw))
+        started.append(center)
+        return center
+
+    yield start
+    for c in started:
+        c.stop()

@@ -10,67 +10,21 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from pydicom import dcmread
 
 from dimse.scu import send
 from gateway.center import Center
-from gateway.config import CenterConfig, parse_config
 from gateway.frontend import Frontend
 from tests.peers.ports import free_port
 from tests.peers.seaweedfs import S3Endpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {"settle_seconds": 0.3, "backoff_initial_seconds": 0.2, "backoff_max_seconds": 1.0}
-
-
-def center_config(
-    root: Path, *, port: int | None = None, db_url: str | None = None, s3: S3Endpoint | None = None
-) -> CenterConfig:
-    data: dict[str, Any] = {
-        "role": "center",
-        "province": "50",
-        "http": {"host": "127.0.0.1", "port": port or free_port()},
-        "storage": {"backend": "folder", "path": "blobs"},
-        "database": {"url": db_url or "sqlite:///catalog.db"},
-        "ingest": {"quarantine": "quarantine"},
-    }
-    if s3 is not None:
-        import uuid
-
-        data["storage"] = {
-            "backend": "s3",
-            "s3": {
-                "endpoint": s3.endpoint,
-                "bucket": f"c-{uuid.uuid4().hex[:12]}",
-                "access_key": s3.access_key,
-                "secret_key": s3.secret_key,
-                "secure": False,
-            },
-        }
-        data["ingest"]["spool"] = "spool"
-    cfg = parse_config(data, "center.toml", root)
-    assert isinstance(cfg, CenterConfig)
-    return cfg
-
-
-@pytest.fixture
-def start_center(tmp_path: Path) -> Iterator[Callable[..., Center]]:
-    started: list[Center] = []
-
-    def start(**kw: Any) -> Center:
-        center = Center.start(center_config(tmp_path / f"center{len(started)}", **kw))
-        started.append(center)
-        return center
-
-    yield start
-    for c in started:
-        c.stop()
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 60, what: str = "condition") -> None:

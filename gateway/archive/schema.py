@@ -163,3 +163,58 @@ forward_results = Table(
     UniqueConstraint("sop_uid", name="uq_forward_results_sop"),
 )
 Index("ix_forward_results_study", forward_results.c.study_uid)
+
+# ---- exam records (影像检查基础信息), issue 3 §8, R-UP-5, R-UP-3 ----------------------------------
+
+# One row per exam (accession number at a hospital). The ID number is never stored: only its type,
+# its pseudonym (person_key) and a masked form (R-SE-8). On the front-end, forwarded_at says when
+# the center took the current version; on the center, the row is what the front-end sent.
+exams = Table(
+    "exams",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("hospital_code", String(64), nullable=False),
+    Column("accession_number", String(64), nullable=False),
+    Column("study_uid", UID, nullable=False),
+    Column("id_type", String(32), nullable=False),
+    Column("person_key", String(64), nullable=False),
+    Column("id_masked", String(32), nullable=False),
+    Column("patient_name", PN, nullable=False),
+    Column("exam_item_code", String(64), nullable=False),
+    Column("exam_item_name", String(200), nullable=False),
+    Column("body_part", String(64), nullable=False),
+    Column("device", String(64), nullable=False),
+    Column("modality", String(16), nullable=False),
+    Column("description", Text, nullable=False),
+    Column("diagnosis", Text, nullable=False),
+    Column("exam_time", DateTime(timezone=True)),
+    Column("report_time", DateTime(timezone=True), nullable=False),
+    Column("hospital_level", String(16), nullable=False),
+    Column("visit_type", String(16), nullable=False),
+    Column("settlement_id", String(64)),
+    Column("settled_at", DateTime(timezone=True)),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("forwarded_at", DateTime(timezone=True)),
+    Column("settlement_forwarded_at", DateTime(timezone=True)),
+    UniqueConstraint("hospital_code", "accession_number", name="uq_exams_accession"),
+)
+Index("ix_exams_study", exams.c.study_uid)
+Index("ix_exams_person", exams.c.person_key)
+
+# The center's upload-monitoring record per study (R-CE-9): what the front-end said it sent
+# (its manifest) against what the center holds; complete / incomplete, and late when the images
+# were complete only after the deadline (report time + 48 h, R-UP-3).
+upload_monitoring = Table(
+    "upload_monitoring",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("study_uid", UID, nullable=False, unique=True),
+    Column("expected", Integer, nullable=False),
+    Column("held", Integer, nullable=False),
+    Column("state", String(16), nullable=False),  # complete | incomplete
+    Column("late", Integer, nullable=False),  # 0/1
+    Column("missing", Text, nullable=False),  # JSON list of SOP Instance UIDs (first 100)
+    Column("checked_at", DateTime(timezone=True), nullable=False),
+    Column("completed_at", DateTime(timezone=True)),
+)

@@ -384,6 +384,64 @@ class OrthancPeer:
     def count_instances(self) -> int:
         return int(self._call("GET", "/statistics")["CountInstances"])
 
+    def study_id(self, study_uid: str) -> str:
+        """Orthanc's ID of the study with this Study Instance UID (raises if Orthanc has none)."""
+        found: list[str] = self._call(
+            "POST", "/tools/find", json={"Level": "Study", "Query": {"StudyInstanceUID": study_uid}}
+        )
+        if len(found) != 1:
+            raise OrthancError(f"Orthanc holds {len(found)} studies with UID {study_uid}")
+        return found[0]
+
+    # ---- the DICOMweb plugin as a client (``/dicom-web/servers/...``) ----------------------------
+
+    def set_dicomweb_server(self, name: str, url: str) -> None:
+        """Define a remote DICOMweb server at run time (``PUT /dicom-web/servers/{name}``).
+
+        ``url`` is the DICOMweb root (``http://host:port/dicom-web``); the plugin wants it to end
+        in ``/``. Kept in memory (``DicomWeb.ServersInDatabase`` is off), like ``set_modality``.
+        """
+        self._call("PUT", f"/dicom-web/servers/{name}", json={"Url": url.rstrip("/") + "/"})
+
+    def dicomweb_retrieve(self, server: str, study_uid: str, series_uid: str | None = None) -> dict[str, Any]:
+        """Pull a study (or one series) from a DICOMweb server by WADO-RS into this Orthanc, synchronously.
+
+        Returns the plugin's answer, e.g. ``{"ReceivedInstancesCount": "12", "NetworkUsageMB": "6"}``.
+        """
+        resource = {"Study": study_uid, **({"Series": series_uid} if series_uid else {})}
+        result: dict[str, Any] = self._call(
+            "POST", f"/dicom-web/servers/{server}/retrieve", json={"Resources": [resource]}
+        )
+        return result
+
+    def dicomweb_stow(self, server: str, resources: Iterable[str]) -> dict[str, Any]:
+        """Push Orthanc resources (IDs, any level) to a DICOMweb server by STOW-RS, synchronously.
+
+        Returns the plugin's answer, e.g. ``{"InstancesCount": "20", "NetworkSizeMB": "2"}``; a
+        refusal by the server surfaces as :class:`OrthancError` (the plugin answers HTTP 500).
+        """
+        result: dict[str, Any] = self._call(
+            "POST",
+            f"/dicom-web/servers/{server}/stow",
+            json={"Resources": list(resources), "Synchronous": True},
+        )
+        return result
+
+    def dicomweb_qido(
+        self, server: str, uri: str, arguments: Mapping[str, str] | None = None
+    ) -> list[dict[str, Any]]:
+        """QIDO-RS through the plugin: ``uri`` relative to the server's root (``/studies``).
+
+        Answers are DICOM JSON objects as the plugin reformats them: tag → ``{"Name", "vr",
+        "Value"}`` with ``Value`` a string for single values.
+        """
+        answers: list[dict[str, Any]] = self._call(
+            "POST",
+            f"/dicom-web/servers/{server}/qido",
+            json={"Uri": uri, "Arguments": dict(arguments or {})},
+        )
+        return answers
+
     def clear(self) -> None:
         """Delete every patient (and so every study, series and instance)."""
         for patient in self._call("GET", "/patients"):
