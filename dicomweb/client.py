@@ -11,11 +11,12 @@ from __future__ import annotations
 import base64
 import logging
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
 
-from dicomweb.multipart import MultipartWriter
+from dicomweb.multipart import MultipartParser, MultipartWriter, PartData, PartStart, parse_content_type
 from gateway.archive.blobstore import BlobStore
 from gateway.archive.catalog import StoredInstance
 from gateway.forwarder import CenterUnavailable, InstanceOutcome
@@ -175,3 +176,73 @@ class DicomWebClient:
             return []
         result: list[dict[str, Any]] = response.json()
         return result
+
+    def retrieve(
+        self,
+        out: Path,
+        study: str,
+        series: str | None = None,
+        sop: str | None = None,
+        *,
+        as_stored: bool = True,
+    ) -> list[Path]:
+        """WADO-RS retrieve into ``out`` (one file per instance), streamed: the response is parsed
+        as it arrives and each part written to disk, so a study never sits in memory.
+
+        ``as_stored``: ask for ``transfer-syntax=*`` (the bytes as archived); else the server's
+        default (Explicit VR Little Endian).
+        """
+        path = (
+            f"/studies/{study}"
+            + (f"/series/{series}" if series else "")
+            + (f"/instances/{sop}" if sop else "")
+        )
+        accept = 'multipart/related; type="application/dicom"' + ("; transfer-syntax=*" if as_stored else "")
+        return self._multipart_to_files(f"{self.dicomweb}{path}", accept, out, ".dcm")
+
+    def frames(
+        self,
+        out: Path,
+        study: str,
+        series: str,
+        sop: str,
+        frames: Sequence[int],
+        *,
+        media_type: str = "application/octet-stream",
+    ) -> list[Path]:
+        """WADO-RS ``/frames/{list}`` into ``out``, one file per frame, in the order asked."""
+        instance = f"{self.dicomweb}/studies/{study}/series/{series}/instances/{sop}"
+        url = f"{instance}/frames/{','.join(map(str, frames))}"
+        return self._multipart_to_files(url, f'multipart/related; type="{media_type}"', out, ".frame")
+
+    def _multipart_to_files(self, url: str, accept: str, out: Path, suffix: str) -> list[Path]:
+        out.mkdir(parents=True, exist_ok=True)
+        written: list[Path] = []
+        with self.http.stream("GET", url, headers={"Accept": accept}) as response:
+            if response.status_code != 200:
+                response.read()
+                raise httpx.HTTPStatusError(
+                    f"{response.status_code}: {response.text[:300]}",
+                    request=response.request,
+                    response=response,
+                )
+            _type, params = parse_content_type(response.headers.get("content-type", ""))
+            parser = MultipartParser(params.get("boundary", ""))
+            fh = None
+            try:
+                for chunk in response.iter_bytes():
+                    for event in parser.feed(chunk):
+                        if isinstance(event, PartStart):
+                            target = out / f"{len(written) + 1:05d}{suffix}"
+                            fh = target.open("wb")
+                            written.append(target)
+                        elif isinstance(event, PartData) and fh is not None:
+                            fh.write(event.data)
+                        elif fh is not None:
+                            fh.close()
+                            fh = None
+                parser.finish()
+            finally:
+                if fh is not None:
+                    fh.close()
+        return written

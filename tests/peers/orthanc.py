@@ -433,7 +433,8 @@ class OrthancPeer:
         """QIDO-RS through the plugin: ``uri`` relative to the server's root (``/studies``).
 
         Answers are DICOM JSON objects as the plugin reformats them: tag → ``{"Name", "vr",
-        "Value"}`` with ``Value`` a string for single values.
+        "Value"}`` with ``Value`` a string for single values, a PN's Alphabetic group only, and
+        (plugin 1.7) ``null`` for IS/DS values the server encoded as JSON numbers.
         """
         answers: list[dict[str, Any]] = self._call(
             "POST",
