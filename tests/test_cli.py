@@ -52,13 +52,18 @@ def test_sample_writes_the_demo_set(tmp_path: Path) -> None:
 
 
 def test_demo_runs_center_and_frontend_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    center_port = free_port()
     config = tmp_path / "demo.toml"
     config.write_text(
         f"""role = "demo"
 [center]
 province = "50"
 [center.http]
-port = {free_port()}
+port = {center_port}
+[center.storage]
+path = "c/blobs"
+[center.database]
+url = "sqlite:///c/catalog.db"
 [frontend]
 institution = "DEMO"
 [frontend.dicom]
@@ -73,21 +78,12 @@ path = "fe/blobs"
 [frontend.database]
 url = "sqlite:///fe/catalog.db"
 [frontend.forward]
-center_url = "http://127.0.0.1:CENTER"
+center_url = "http://127.0.0.1:{center_port}"
 settle_seconds = 0.5
 [frontend.identity]
 key_file = "fe/pseudonym.key"
 """,
         encoding="utf-8",
-    )
-    text = config.read_text()
-    center_port = text.split("[center.http]\nport = ")[1].split("\n")[0]
-    config.write_text(
-        text.replace("CENTER", center_port).replace(
-            "[center.http]",
-            '[center.storage]\npath = "c/blobs"\n'
-            '[center.database]\nurl = "sqlite:///c/catalog.db"\n[center.http]',
-        )
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "demo", "-c", str(config)],
