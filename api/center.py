@@ -11,8 +11,10 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from api.errors import BadRequest, parse
+from dicomweb.audit_hook import record_request
 from gateway.archive import Archive
 from gateway.archive.blobstore import BlobNotFound
+from gateway.audit import EventType
 from gateway.exams import ExamBook, ExamForwarded
 from gateway.monitoring import check_manifest, monitoring_record
 
@@ -76,6 +78,12 @@ async def post_exam(request: Request) -> JSONResponse:
     except BadRequest as bad:
         return bad.response
     row = await run_in_threadpool(book.record, exam)
+    await record_request(  # R-SE-4
+        request,
+        EventType.UPLOAD,
+        resource=f"exam:{row['hospital_code']}/{row['accession_number']}",
+        detail={"study_instance_uid": row["study_uid"], "kind": "exam-record"},
+    )
     return JSONResponse({"accession_number": row["accession_number"], "stored": True})
 
 

@@ -11,6 +11,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from api.errors import BadRequest, parse
+from dicomweb.audit_hook import record_request
+from gateway.audit import EventType
 from gateway.exams import ExamBook, ExamIn, SettlementIn
 from gateway.forwarder import Forwarder
 
@@ -83,6 +85,12 @@ async def post_exam(request: Request) -> Response:
     if key is None:
         return JSONResponse({"error": "no pseudonym key configured ([identity] key_file)"}, status_code=503)
     row = await run_in_threadpool(book.record, exam, key=key)
+    await record_request(  # R-SE-4
+        request,
+        EventType.UPLOAD,
+        resource=f"exam:{row['hospital_code']}/{row['accession_number']}",
+        detail={"study_instance_uid": row["study_uid"], "kind": "exam-record"},
+    )
     return JSONResponse(
         {
             "hospital_code": row["hospital_code"],

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,17 @@ def _batches(
         yield batch
 
 
+class _Replayable:
+    """A streamed body that can be sent again (each iteration starts afresh: the blobs are read
+    again), so a request refused with 401 can be retried with a new token."""
+
+    def __init__(self, make: Callable[[], Iterator[bytes]]) -> None:
+        self._make = make
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._make()
+
+
 def _first(item: dict[str, Any], tag: str) -> Any:
     values = item.get(tag, {}).get("Value") or [None]
     return values[0]
@@ -67,12 +78,15 @@ class DicomWebClient:
         max_batch_bytes: int = 256 << 20,
         headers: dict[str, str] | None = None,
         transport: httpx.BaseTransport | None = None,
+        auth: httpx.Auth | None = None,
     ) -> None:
+        """``auth``: how to prove who we are (the front-end's ``ClientCredentials`` at its center,
+        issue 6 §1); it may send a request twice, so bodies here are replayable."""
         self.base_url = base_url.rstrip("/")
         self.dicomweb = f"{self.base_url}/dicom-web"
         self.max_batch_instances = max_batch_instances
         self.max_batch_bytes = max_batch_bytes
-        self.http = httpx.Client(timeout=timeout, headers=headers, transport=transport)
+        self.http = httpx.Client(timeout=timeout, headers=headers, transport=transport, auth=auth)
 
     def close(self) -> None:
         self.http.close()
@@ -92,17 +106,21 @@ class DicomWebClient:
         self, study_uid: str, batch: list[StoredInstance], store: BlobStore
     ) -> dict[str, InstanceOutcome]:
         writer = MultipartWriter("application/dicom")
-        parts = (
-            (
-                {"Content-Type": "application/dicom", "Content-Digest": content_digest(i.sha256)},
-                store.get(i.blob_key),
+
+        def make_body() -> Iterator[bytes]:
+            parts = (
+                (
+                    {"Content-Type": "application/dicom", "Content-Digest": content_digest(i.sha256)},
+                    store.get(i.blob_key),
+                )
+                for i in batch
             )
-            for i in batch
-        )
+            return writer.iter(parts)
+
         try:
             response = self.http.post(
                 f"{self.dicomweb}/studies/{study_uid}",
-                content=writer.iter(parts),
+                content=_Replayable(make_body),
                 headers={"Content-Type": writer.content_type, "Accept": "application/dicom+json"},
             )
         except httpx.HTTPError as exc:

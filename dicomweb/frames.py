@@ -46,7 +46,7 @@ from pydicom.uid import (
 )
 
 from gateway.archive.blobstore import BlobStore
-from gateway.archive.catalog import StoredInstance
+from gateway.archive.catalog import PixelRow, StoredInstance
 
 PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # Pixel Data, Float, Double Float
 BLOCK = 64 * 1024
@@ -362,37 +362,8 @@ class PixelSource:
         return ">" if self.transfer_syntax == ExplicitVRBigEndian else "<"
 
     def _fragments(self) -> list[tuple[int, int]]:
-        """(offset, length) of every fragment's value, from 8-byte item headers read by range.
-
-        Unbuffered on purpose: a buffered read would fetch a whole block per header. Blob keys are
-        content-addressed, so the table is cached by key and never goes stale.
-        """
-        key = self.inst.blob_key
-        with _FRAGMENTS_LOCK:
-            cached = _FRAGMENTS.get(key)
-            if cached is not None:
-                _FRAGMENTS.move_to_end(key)
-                return cached
-        found: list[tuple[int, int]] = []
-        pos, first = self.value_offset, True
-        while pos + 8 <= self.inst.size:
-            head = self.store.read_range(key, pos, 8)
-            if len(head) < 8:
-                break
-            group, element, length = struct.unpack(f"{self._endian}HHL", head)
-            if (group, element) == (0xFFFE, 0xE0DD):  # sequence delimiter: done
-                break
-            if (group, element) != (0xFFFE, 0xE000):
-                raise PixelDataError(f"expected an item tag at byte {pos}, found ({group:04X},{element:04X})")
-            if not first:
-                found.append((pos + 8, length))
-            first = False  # the first item is the (empty) Basic Offset Table
-            pos += 8 + length
-        with _FRAGMENTS_LOCK:
-            _FRAGMENTS[key] = found
-            while len(_FRAGMENTS) > _FRAGMENTS_MAX:
-                _FRAGMENTS.popitem(last=False)
-        return found
+        """(offset, length) of every fragment's value (see :func:`_scan_fragments`)."""
+        return _scan_fragments(self.store, self.inst, self.value_offset, self._endian)
 
     def frame_dataset(self, n: int) -> Dataset:
         """A one-frame Explicit VR LE dataset (Image Pixel module + pixel data) holding frame ``n``.
@@ -455,6 +426,204 @@ class PixelSource:
         if len(data) < length:
             raise PixelDataError(f"the stored object ends inside the pixel data (byte {pos + len(data)})")
         return data
+
+
+def _scan_fragments(
+    store: BlobStore, inst: StoredInstance, value_offset: int, endian: str
+) -> list[tuple[int, int]]:
+    """(offset, length) of every fragment's value, from 8-byte item headers read by range.
+
+    Unbuffered on purpose: a buffered read would fetch a whole block per header. Blob keys are
+    content-addressed, so the table is cached by key and never goes stale.
+    """
+    key = inst.blob_key
+    with _FRAGMENTS_LOCK:
+        cached = _FRAGMENTS.get(key)
+        if cached is not None:
+            _FRAGMENTS.move_to_end(key)
+            return cached
+    found: list[tuple[int, int]] = []
+    pos, first = value_offset, True
+    while pos + 8 <= inst.size:
+        head = store.read_range(key, pos, 8)
+        if len(head) < 8:
+            break
+        group, element, length = struct.unpack(f"{endian}HHL", head)
+        if (group, element) == (0xFFFE, 0xE0DD):  # sequence delimiter: done
+            break
+        if (group, element) != (0xFFFE, 0xE000):
+            raise PixelDataError(f"expected an item tag at byte {pos}, found ({group:04X},{element:04X})")
+        if not first:
+            found.append((pos + 8, length))
+        first = False  # the first item is the (empty) Basic Offset Table
+        pos += 8 + length
+    with _FRAGMENTS_LOCK:
+        _FRAGMENTS[key] = found
+        while len(_FRAGMENTS) > _FRAGMENTS_MAX:
+            _FRAGMENTS.popitem(last=False)
+    return found
+
+
+# --------------------------------------------------------------------------- frames from the catalog
+
+# Basic Offset Tables by (immutable) blob key: (frame offsets, first fragment's item position).
+_OFFSETS: OrderedDict[str, tuple[tuple[int, ...], int]] = OrderedDict()
+_OFFSETS_LOCK = threading.Lock()
+_OFFSETS_MAX = 1024
+_ITEM = 0xE000FFFE  # (FFFE,E000) read as one little-endian uint32
+
+
+class NeedsHeader(PixelDataError):
+    """The catalog's pixel location is not enough for this frame: parse the header instead."""
+
+
+@dataclass(frozen=True)
+class IndexedPixels:
+    """Frames of an instance located from its catalog row alone (no header read).
+
+    Built by :func:`indexed_pixels` when ingest recorded the pixel data location: a native frame is
+    one range read; an encapsulated frame is found through the Basic Offset Table (cached per
+    blob) or, when that is empty, the cached fragment table. Anything else raises
+    :class:`NeedsHeader` and the caller falls back to :func:`open_pixels`.
+    """
+
+    store: BlobStore
+    inst: StoredInstance
+    transfer_syntax: UID
+    value_offset: int
+    length: int | None  # None: undefined length (encapsulated)
+    number_of_frames: int
+    frame_size: int  # bytes per native frame (0 when encapsulated)
+
+    @property
+    def encapsulated(self) -> bool:
+        return self.length is None
+
+    @property
+    def media_types(self) -> tuple[str, ...]:
+        if not self.encapsulated:
+            return ("application/octet-stream",)
+        return FRAME_MEDIA_TYPES.get(str(self.transfer_syntax), ("application/octet-stream",))
+
+    def check_frames(self, numbers: list[int]) -> None:
+        for n in numbers:
+            if not 1 <= n <= self.number_of_frames:
+                raise FrameOutOfRange(
+                    f"frame {n} is out of range: the instance has {self.number_of_frames} "
+                    f"frame{'s' if self.number_of_frames != 1 else ''}"
+                )
+
+    def _read(self, pos: int, length: int) -> bytes:
+        data = self.store.read_range(self.inst.blob_key, pos, length)
+        if len(data) < length:
+            raise PixelDataError(f"the stored object ends inside the pixel data (byte {pos + len(data)})")
+        return data
+
+    def stored_frame(self, n: int) -> bytes:
+        """Frame ``n`` (1-based) as stored: native little-endian pixels or compressed bytes."""
+        if self.length is not None:
+            start = (n - 1) * self.frame_size
+            if start + self.frame_size > self.length:
+                raise PixelDataError(
+                    f"pixel data holds {self.length} bytes, too few for frame {n} of {self.number_of_frames}"
+                )
+            return self._read(self.value_offset + start, self.frame_size)
+        offsets, first = self._offsets()
+        if not offsets:
+            fragments = _scan_fragments(self.store, self.inst, self.value_offset, "<")
+            if len(fragments) == self.number_of_frames:
+                return self._read(*fragments[n - 1])
+            if self.number_of_frames == 1:
+                return b"".join(self._read(*f) for f in fragments)
+            raise NeedsHeader("several fragments per frame and no Basic Offset Table")
+        start = first + offsets[n - 1]
+        if n < self.number_of_frames:
+            return self._items(self._read(start, first + offsets[n] - start), start)
+        return self._last_frame(start)
+
+    def _offsets(self) -> tuple[tuple[int, ...], int]:
+        """The Basic Offset Table (empty if absent) and where the first fragment's item starts."""
+        key = self.inst.blob_key
+        with _OFFSETS_LOCK:
+            cached = _OFFSETS.get(key)
+            if cached is not None:
+                _OFFSETS.move_to_end(key)
+                return cached
+        want = 4 * self.number_of_frames
+        head = self.store.read_range(key, self.value_offset, 8 + want)
+        if len(head) < 8:
+            raise PixelDataError("the stored object ends inside the pixel data")
+        tag, length = struct.unpack("<LL", head[:8])
+        if tag != _ITEM or length % 4:
+            raise PixelDataError(f"no Basic Offset Table item at byte {self.value_offset}")
+        if length and length != want:
+            raise NeedsHeader(
+                f"the Basic Offset Table has {length // 4} entries for {self.number_of_frames} frames"
+            )
+        if len(head) < 8 + length:
+            raise PixelDataError("the stored object ends inside the Basic Offset Table")
+        found = (struct.unpack(f"<{length // 4}L", head[8 : 8 + length]), self.value_offset + 8 + length)
+        with _OFFSETS_LOCK:
+            _OFFSETS[key] = found
+            while len(_OFFSETS) > _OFFSETS_MAX:
+                _OFFSETS.popitem(last=False)
+        return found
+
+    @staticmethod
+    def _items(data: bytes, pos: int) -> bytes:
+        """The values of the fragment items filling ``data`` (read at byte ``pos``), joined."""
+        values: list[bytes] = []
+        at = 0
+        while at < len(data):
+            if at + 8 > len(data):
+                raise PixelDataError(f"a fragment item header crosses the next frame at byte {pos + at}")
+            tag, length = struct.unpack_from("<LL", data, at)
+            if tag != _ITEM or at + 8 + length > len(data):
+                raise PixelDataError(f"the Basic Offset Table does not point at fragments (byte {pos + at})")
+            values.append(data[at + 8 : at + 8 + length])
+            at += 8 + length
+        return values[0] if len(values) == 1 else b"".join(values)
+
+    def _last_frame(self, pos: int) -> bytes:
+        """The fragments from ``pos`` up to the sequence delimiter; each read takes the next header."""
+        head = self._read(pos, 8)
+        values: list[bytes] = []
+        while True:
+            tag, length = struct.unpack("<LL", head)
+            if tag != _ITEM:  # the sequence delimiter (or trailing padding) after the last fragment
+                break
+            data = self.store.read_range(self.inst.blob_key, pos + 8, length + 8)
+            if len(data) < length:
+                raise PixelDataError(
+                    f"the stored object ends inside the pixel data (byte {pos + 8 + len(data)})"
+                )
+            values.append(data[:length])
+            head, pos = data[length:], pos + 8 + length
+            if len(head) < 8:  # no delimiter at the file's end: the last fragment ends it
+                break
+        if not values:
+            raise PixelDataError("the last frame has no fragments")
+        return values[0] if len(values) == 1 else b"".join(values)
+
+
+def indexed_pixels(store: BlobStore, row: PixelRow) -> IndexedPixels | None:
+    """Frames located from the catalog row, or None when the header must be parsed (old rows,
+    big-endian or deflated files, BitsAllocated not a multiple of 8, missing attributes)."""
+    if row.pixel_offset is None:
+        return None
+    ts = UID(row.instance.transfer_syntax)
+    frames = max(row.number_of_frames or 1, 1)
+    if row.pixel_length is None:
+        if not ts.is_compressed or ts == DeflatedExplicitVRLittleEndian:
+            return None
+        return IndexedPixels(store, row.instance, ts, row.pixel_offset, None, frames, 0)
+    if ts not in (ImplicitVRLittleEndian, ExplicitVRLittleEndian):
+        return None
+    rows, cols, spp, bits = row.rows, row.columns, row.samples_per_pixel, row.bits_allocated
+    if not rows or not cols or not spp or not bits or bits % 8:
+        return None
+    size = rows * cols * spp * bits // 8
+    return IndexedPixels(store, row.instance, ts, row.pixel_offset, row.pixel_length, frames, size)
 
 
 def _number_of_frames(header: Dataset) -> int:

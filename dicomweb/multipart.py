@@ -53,7 +53,10 @@ __all__ = [
 ]
 
 #: RFC 2046 §5.1.1: a boundary is 1 to 70 characters.
-MAX_BOUNDARY = 70
+# RFC 2046 §5.1.1 caps boundaries at 70 characters, but real clients exceed it (Orthanc 1.10's
+# STOW-RS client sends 73: two UUIDs). Be liberal in what we accept; the parser only ever searches
+# for the delimiter, so a longer one costs nothing. Our own writer stays within 70.
+MAX_BOUNDARY = 200
 #: Whitespace allowed between a delimiter and its CRLF ("transport padding"); more is an error.
 MAX_PADDING = 1024
 

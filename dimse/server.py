@@ -22,6 +22,7 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dimse import audit_events, fastpath
 from dimse.commitment import CommitmentReporter
 from dimse.contexts import (
     ACCEPTED_TRANSFER_SYNTAXES,
@@ -40,6 +41,7 @@ from dimse.contexts import (
 from gateway.archive.blobstore import BlobStore
 from gateway.archive.catalog import Catalog, StoredInstance
 from gateway.archive.query import Level, QueryError
+from gateway.audit import AuditLog
 from gateway.config import DicomSection
 from gateway.ingest import Accepted, Ingest
 
@@ -71,9 +73,16 @@ class DicomServer:
     """One SCP bound to one archive."""
 
     def __init__(
-        self, cfg: DicomSection, ingest: Ingest, catalog: Catalog, store: BlobStore, spool: Path
+        self,
+        cfg: DicomSection,
+        ingest: Ingest,
+        catalog: Catalog,
+        store: BlobStore,
+        spool: Path,
+        audit: AuditLog | None = None,
     ) -> None:
         self.cfg = cfg
+        self.audit = audit  # R-SE-4: queries, retrieves, rejected associations (dimse/audit_events.py)
         self.ingest = ingest
         self.catalog = catalog
         self.store = store
@@ -136,7 +145,11 @@ class DicomServer:
         server = cast(
             _NoDelayServer,
             ae.make_server(
-                (self.cfg.host, self.cfg.port), evt_handlers=handlers, server_class=_NoDelayServer
+                (self.cfg.host, self.cfg.port),
+                evt_handlers=handlers,
+                server_class=_NoDelayServer,
+                # event-driven association reactors instead of 1 ms polling (dimse/fastpath.py)
+                request_handler=fastpath.request_handler(),
             ),
         )
         ae._servers.append(server)  # as start_server does, so server.shutdown() can deregister it
@@ -161,6 +174,7 @@ class DicomServer:
     def _on_rejected(self, event: evt.Event) -> None:
         req = event.assoc.requestor
         log.warning("association from %s (%s:%s) rejected", req.ae_title, req.address, req.port)
+        audit_events.rejected(self.audit, self.cfg, event)
 
     def _on_store(self, event: evt.Event) -> Dataset:
         calling = event.assoc.requestor.ae_title
@@ -168,6 +182,7 @@ class DicomServer:
             event.dataset_path,
             source=calling,
             expected_sop_uid=str(cast(Any, event.request).AffectedSOPInstanceUID),
+            who=audit_events.peer_actor(self.cfg, event.assoc),
         )
         if isinstance(result, Accepted):
             return _status(0x0000)
@@ -200,8 +215,10 @@ class DicomServer:
             level, criteria, keys = self._criteria(event.identifier)
             rows = self.catalog.find(level, criteria)
         except QueryError as exc:
+            audit_events.query(self.audit, self.cfg, event, "?", {}, None, str(exc))
             yield _status(0xA900, str(exc)), None  # type: ignore[misc]
             return
+        audit_events.query(self.audit, self.cfg, event, level.value, criteria, len(rows))
         for row in rows:
             if event.is_cancelled:
                 yield 0xFE00, None
@@ -251,12 +268,18 @@ class DicomServer:
             log.warning(
                 "C-MOVE to unknown destination %r from %s", dest_title, event.assoc.requestor.ae_title
             )
+            audit_events.retrieve(
+                self.audit, self.cfg, event, "C-MOVE", [], destination=dest_title, error="unknown destination"
+            )
             yield None, None
             return
         try:
             matched = self._matched(event.identifier)
         except QueryError as exc:
             log.warning("C-MOVE refused: %s", exc)
+            audit_events.retrieve(
+                self.audit, self.cfg, event, "C-MOVE", [], destination=dest_title, error=str(exc)
+            )
             yield dest.host, dest.port
             yield from self._refuse_retrieve(str(exc))
             return
@@ -265,6 +288,7 @@ class DicomServer:
         options: dict[str, Any] = {"evt_handlers": [(evt.EVT_ESTABLISHED, self._on_established)]}
         if contexts:
             options["contexts"] = contexts
+        audit_events.retrieve(self.audit, self.cfg, event, "C-MOVE", matched, destination=dest_title)
         yield dest.host, dest.port, options
         yield len(matched)
         yield from self._sub_operations(event, matched)
@@ -274,8 +298,10 @@ class DicomServer:
             matched = self._matched(event.identifier)
         except QueryError as exc:
             log.warning("C-GET refused: %s", exc)
+            audit_events.retrieve(self.audit, self.cfg, event, "C-GET", [], error=str(exc))
             yield from self._refuse_retrieve(str(exc))
             return
+        audit_events.retrieve(self.audit, self.cfg, event, "C-GET", matched)
         yield len(matched)
         yield from self._sub_operations(event, matched)
 

@@ -7,7 +7,7 @@ import logging
 import re
 import signal
 import sys
-import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -39,11 +39,26 @@ def _setup_logging(verbose: bool) -> None:
             logging.getLogger(noisy).setLevel(level)
 
 
-def _wait_for_signal() -> None:
-    stop = threading.Event()
+def _stop_on_signal() -> Callable[[], None]:
+    """Catch SIGINT/SIGTERM from now on; returns a function that waits for one.
+
+    The handler runs on the main thread, so it must not take a lock the main thread may hold
+    (``Event.set()`` inside ``Event.wait()`` deadlocks now and then: a demo that ignored Ctrl-C).
+    Installed before anything is printed, so a Ctrl-C right after "Press Ctrl-C" is not lost.
+    """
+    stopped: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+        signal.signal(sig, lambda signum, _frame: stopped.append(signum))
+
+    def wait() -> None:
+        while not stopped:
+            time.sleep(0.2)
+
+    return wait
+
+
+def _wait_for_signal() -> None:
+    _stop_on_signal()()
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
@@ -159,6 +174,81 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_generate_signing(args: argparse.Namespace) -> int:
+    from gateway.security.tokens import write_signing_key
+
+    path = Path(args.out)
+    if path.exists():
+        console.print(f"{path}: exists; refusing to overwrite a signing key")
+        return 2
+    key = write_signing_key(path)
+    console.print(
+        f"wrote an Ed25519 signing key to {path} (mode 600), kid {key.kid}; public key {path}.pub.\n"
+        "To rotate: point [security] signing_key_file at the new key and list the old one under "
+        "previous_signing_keys until the tokens it signed have expired."
+    )
+    return 0
+
+
+def _node_catalog(args: argparse.Namespace) -> tuple[str, str]:
+    """(role, catalog URL) of the node whose clients ``ybyx clients`` manages."""
+    cfg = load_config(args.config)
+    if isinstance(cfg, DemoConfig):
+        if args.role is None:
+            raise ConfigError([f"{args.config}: role: a demo config holds two nodes: give --role"])
+        cfg = cfg.frontend if args.role == "frontend" else cfg.center
+    if not isinstance(cfg, FrontendConfig | CenterConfig):
+        raise ConfigError([f"{args.config}: role: clients live on a front-end or center, not {cfg.role!r}"])
+    return cfg.role, cfg.database.url
+
+
+def cmd_clients(args: argparse.Namespace) -> int:
+    """``ybyx clients add|list|reset-secret|revoke``: who may obtain tokens here (issue 6 §1)."""
+    from gateway.archive.catalog import Catalog
+    from gateway.security.clients import ClientError, ClientRegistry
+    from gateway.security.credentials import write_secret
+    from gateway.security.guard import ROLE_SCOPES
+
+    role, url = _node_catalog(args)
+    out = Path(args.secret_out) if getattr(args, "secret_out", None) else None
+    if out is not None and out.exists():
+        console.print(f"{out}: exists; refusing to overwrite")
+        return 2
+    catalog = Catalog.open(url)
+    try:
+        registry = ClientRegistry(catalog, ROLE_SCOPES[role])
+        try:
+            if args.clients_command == "list":
+                for c in registry.list(include_revoked=args.all):
+                    state = f"revoked {c.revoked_at:%Y-%m-%d %H:%M}" if c.revoked_at else "active"
+                    print(f"{c.client_id}\t{c.name}\t{' '.join(sorted(c.scopes))}\t{state}")
+                return 0
+            if args.clients_command == "revoke":
+                if not registry.revoke(args.client_id):
+                    console.print(f"no active client {args.client_id!r}")
+                    return 2
+                console.print(f"revoked {args.client_id}: it gets no more tokens")
+                return 0
+            if args.clients_command == "add":
+                client, secret = registry.add(args.name, args.scopes, client_id=args.client_id)
+                cid = client.client_id
+            else:
+                cid, secret = args.client_id, registry.reset_secret(args.client_id)
+        except ClientError as exc:
+            console.print(str(exc))
+            return 2
+    finally:
+        catalog.close()
+    print(f"client_id     {cid}")
+    if out is not None:
+        write_secret(out, secret)
+        print(f"client_secret written to {out} (mode 600)")
+    else:
+        print(f"client_secret {secret}")
+        console.print("The secret is shown this once and stored only as a hash: keep it now.")
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from gateway.sample import write_samples
 
@@ -184,7 +274,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         cfg,
         start_center=lambda: _start(Center.start, cfg.center, args.config),
         start_frontend=lambda: _start(Frontend.start, cfg.frontend, args.config),
-        wait=_wait_for_signal,
+        wait=_stop_on_signal(),
+        config_path=args.config,
     )
 
 
@@ -220,6 +311,32 @@ def build_parser() -> argparse.ArgumentParser:
     k = ksub.add_parser("generate", help="write a new random key file (mode 600)")
     k.add_argument("--out", required=True)
     k.set_defaults(func=cmd_keys_generate)
+    k = ksub.add_parser("generate-signing", help="write a new Ed25519 token-signing key (PEM, mode 600)")
+    k.add_argument("--out", required=True)
+    k.set_defaults(func=cmd_keys_generate_signing)
+
+    p = sub.add_parser("clients", help="OAuth clients that may obtain tokens from a node")
+    clsub = p.add_subparsers(dest="clients_command", required=True)
+    for name, text in (
+        ("add", "register a client; prints its id and secret (shown once)"),
+        ("list", "list the clients"),
+        ("reset-secret", "give a client a new secret (shown once); the old one stops working"),
+        ("revoke", "stop a client from obtaining tokens"),
+    ):
+        c = clsub.add_parser(name, help=text)
+        c.add_argument("-c", "--config", required=True, help="the node's TOML file")
+        c.add_argument("--role", choices=["frontend", "center"], help="which node of a demo config")
+        if name == "add":
+            c.add_argument("name")
+            c.add_argument("--scopes", required=True, help='space-separated, e.g. "stow api:inventory"')
+            c.add_argument("--client-id", help="choose the id (default: NAME-<random>)")
+        elif name in ("reset-secret", "revoke"):
+            c.add_argument("client_id")
+        else:
+            c.add_argument("--all", action="store_true", help="include revoked clients")
+        if name in ("add", "reset-secret"):
+            c.add_argument("--secret-out", help="write the secret to this file (mode 600) instead")
+        c.set_defaults(func=cmd_clients)
 
     p = sub.add_parser("sample", help="write synthetic sample studies (CT, MR, DX, multi-frame, RGB)")
     p.add_argument("--out", required=True)
@@ -229,6 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the one-machine demo (center + front-end with sample studies)")
     p.add_argument("-c", "--config", default="config/demo.toml")
     p.set_defaults(func=cmd_demo)
+
+    from gateway.audit_cli import add_parser as add_audit_parser  # issue 6 §4
+
+    add_audit_parser(sub)
     return parser
 
 

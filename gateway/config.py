@@ -162,6 +162,20 @@ class ForwardSection(Strict):
     backoff_max_seconds: float = Field(default=1800, gt=0)
     max_refusals: int = Field(default=5, ge=1, description="attempts at instances the center refuses")
     reconcile_every_hours: float = Field(default=24, gt=0, description="re-check confirmed studies")
+    # Node identity (issue 6 §1): the center's token endpoint is <center_url>/oauth/token.
+    client_id: str | None = Field(
+        default=None, description="this front-end's client id at the center (`ybyx clients add` there)"
+    )
+    client_secret_file: Path | None = Field(default=None, description="its client secret, mode 600")
+    scope: str | None = Field(
+        default=None, description="scopes to ask for (space-separated); unset = all the center granted"
+    )
+
+    @model_validator(mode="after")
+    def _credentials_in_pairs(self) -> ForwardSection:
+        if (self.client_id is None) != (self.client_secret_file is None):
+            raise ValueError("client_id and client_secret_file go together")
+        return self
 
 
 class IdentitySection(Strict):
@@ -169,6 +183,75 @@ class IdentitySection(Strict):
 
     key_file: Path | None = Field(
         default=None, description="hex key file, mode 600 (`ybyx keys generate`); unset = exam API off"
+    )
+
+
+class TrustedIssuer(Strict):
+    """Another node whose tokens this node accepts (audience: this node), with its public keys."""
+
+    issuer: str = Field(min_length=1)
+    jwks_url: str | None = Field(default=None, pattern=r"^https?://[^\s/]+(/[^\s]*)?$")
+    public_key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> TrustedIssuer:
+        if (self.jwks_url is None) == (self.public_key_file is None):
+            raise ValueError("give exactly one of jwks_url and public_key_file")
+        return self
+
+
+class SecuritySection(Strict):
+    """Node identity and the route guard (issue 6 §1, §3, R-SE-16): every HTTP route but health and
+    the token endpoints needs a bearer token this node issued (or a trusted issuer did)."""
+
+    enabled: bool = True
+    insecure_no_auth_i_understand: bool = Field(
+        default=False, description="needed with enabled = false (local experiments only)"
+    )
+    issuer: str | None = Field(
+        default=None,
+        min_length=1,
+        description="this node's id: iss of its tokens and their audience; "
+        "default urn:ybyx:frontend:<institution> / urn:ybyx:center:<province>",
+    )
+    signing_key_file: Path = Field(
+        default=Path("data/signing-key.pem"),
+        description="Ed25519 private key, mode 600 (`ybyx keys generate-signing --out FILE`); "
+        "made on first start if missing",
+    )
+    previous_signing_keys: list[Path] = Field(
+        default_factory=list,
+        description="public (or retired private) key files still accepted after a rotation",
+    )
+    token_lifetime_seconds: int = Field(default=300, ge=30, le=3600)
+    trusted_issuers: list[TrustedIssuer] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _off_only_on_purpose(self) -> SecuritySection:
+        if not self.enabled and not self.insecure_no_auth_i_understand:
+            raise ValueError(
+                "enabled = false leaves every route open: also set insecure_no_auth_i_understand = true "
+                "(local experiments only)"
+            )
+        return self
+
+
+class AuditSection(Strict):
+    """The audit trail (issue 6 §4, R-SE-4; ``gateway/audit.py``). Works without configuration: the
+    signing key is generated on first start (mode 600), never shipped as a shared default."""
+
+    signing_key: Path = Field(
+        default=Path("data/audit/signing-key.pem"),
+        description="Ed25519 private key (PEM, mode 600) signing checkpoints; created if absent",
+    )
+    export_path: Path = Field(
+        default=Path("data/audit/export"),
+        description="append-only folder for signed checkpoints and closed segments (files 0444)",
+    )
+    checkpoint_every_records: int = Field(default=1000, ge=1, le=1_000_000)
+    checkpoint_every_seconds: float = Field(default=300, gt=0, le=86400)
+    verify_keys: list[Path] = Field(
+        default_factory=list, description="older public keys (after a rotation) still trusted by verify"
     )
 
 
@@ -195,6 +278,17 @@ class FrontendConfig(Strict):
     forward: ForwardSection = ForwardSection()
     dicomweb: DicomWebSection = DicomWebSection()
     identity: IdentitySection = IdentitySection()
+    audit: AuditSection = AuditSection()
+    security: SecuritySection = SecuritySection()
+
+    @model_validator(mode="after")
+    def _forward_needs_credentials(self) -> FrontendConfig:
+        if self.forward.center_url and self.forward.client_id is None and self.security.enabled:
+            raise ValueError(
+                "forward: center_url needs client_id and client_secret_file "
+                "(register this front-end at the center: ybyx clients add)"
+            )
+        return self
 
 
 class CenterConfig(Strict):
@@ -203,10 +297,12 @@ class CenterConfig(Strict):
     role: Literal["center"]
     province: str = Field(description="province code, e.g. '50' for Chongqing")
     http: HttpSection = HttpSection(port=8081)
+    audit: AuditSection = AuditSection()
     storage: StorageSection = StorageSection()
     database: DatabaseSection = DatabaseSection()
     ingest: IngestSection = IngestSection()
     dicomweb: DicomWebSection = DicomWebSection()
+    security: SecuritySection = SecuritySection()
 
 
 class IndexConfig(Strict):
@@ -268,6 +364,34 @@ def _below(
     identity = getattr(model, "identity", None)
     if isinstance(identity, IdentitySection) and identity.key_file and not identity.key_file.is_absolute():
         updates["identity"] = IdentitySection(key_file=_join(base, identity.key_file))
+    security = getattr(model, "security", None)
+    if isinstance(security, SecuritySection):
+        updates["security"] = security.model_copy(
+            update={
+                "signing_key_file": _join(base, security.signing_key_file),
+                "previous_signing_keys": [_join(base, p) for p in security.previous_signing_keys],
+                "trusted_issuers": [
+                    t.model_copy(update={"public_key_file": _join(base, t.public_key_file)})
+                    if t.public_key_file is not None
+                    else t
+                    for t in security.trusted_issuers
+                ],
+            }
+        )
+    forward = getattr(model, "forward", None)
+    if isinstance(forward, ForwardSection) and forward.client_secret_file is not None:
+        updates["forward"] = forward.model_copy(
+            update={"client_secret_file": _join(base, forward.client_secret_file)}
+        )
+    audit = getattr(model, "audit", None)
+    if isinstance(audit, AuditSection):
+        updates["audit"] = audit.model_copy(
+            update={
+                "signing_key": _join(base, audit.signing_key),
+                "export_path": _join(base, audit.export_path),
+                "verify_keys": [_join(base, p) for p in audit.verify_keys],
+            }
+        )
     db = model.database
     if db.url.startswith("sqlite:///") and not db.url.startswith("sqlite:////"):
         updates["database"] = DatabaseSection(
@@ -292,6 +416,8 @@ def parse_config(data: dict[str, Any], source: str = "<config>", base: Path | No
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"
+            elif not err["loc"] and ": " in msg:  # a check across sections names its key
+                key, msg = msg.split(": ", 1)
             problems.append(f"{source}: {key}: {msg}")
         raise ConfigError(problems) from None
     return _below(model, base) if base is not None else model
@@ -311,6 +437,12 @@ def _parse_demo(data: dict[str, Any], source: str, base: Path | None) -> DemoCon
             parsed[name] = parse_config({**table, "role": name}, f"{source}: {name}", base)
         except ConfigError as exc:
             problems += [p.replace(f"{source}: {name}: ", f"{source}: {name}.", 1) for p in exc.problems]
+    keys = {parsed[n].security.signing_key_file for n in parsed}
+    if len(parsed) == 2 and len(keys) == 1:
+        problems.append(  # two nodes, one token-signing key: each node must have its own (issue 6 §1)
+            f"{source}: frontend.security.signing_key_file: the same file as the center's; "
+            "give each node its own key"
+        )
     if problems:
         raise ConfigError(problems)
     return DemoConfig(frontend=parsed["frontend"], center=parsed["center"])

@@ -29,6 +29,7 @@ from sqlalchemy import and_, delete, func, or_, select, update
 from gateway.archive.blobstore import BlobStore
 from gateway.archive.catalog import Catalog, StoredInstance
 from gateway.archive.schema import forward_jobs, forward_results
+from gateway.audit import AuditLog, EventType, Result
 from gateway.exams import ExamBook
 
 log = logging.getLogger(__name__)
@@ -104,8 +105,10 @@ class Forwarder:
         workers: int = 2,
         clock: Clock = utcnow,
         exams: ExamBook | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.exams = exams
+        self.audit = audit  # R-SE-4: a study confirmed by the center, or given up on
         self.catalog = catalog
         self.store = store
         self.center = center
@@ -272,6 +275,7 @@ class Forwarder:
             )
         else:
             self._set(study_uid, state="confirmed", confirmed_at=now, last_error="")
+            self._audit(study_uid, Result.SUCCESS, {"state": "confirmed", "instances": len(ours)})
         return wrong
 
     def schedule_reconciliation(self) -> int:
@@ -316,6 +320,18 @@ class Forwarder:
                     ],
                 )
 
+    def _audit(self, study_uid: str, result: Result, detail: dict[str, Any]) -> None:
+        if self.audit is None:
+            return
+        center = getattr(self.center, "base_url", None)
+        self.audit.record_as(
+            self.audit.system,
+            EventType.FORWARD,
+            resource=f"study:{study_uid}",
+            result=result,
+            detail={"study_instance_uid": study_uid, **({"center": center} if center else {}), **detail},
+        )
+
     def _set(self, study_uid: str, **values: Any) -> None:
         values.setdefault("updated_at", self.clock())
         if values.get("state") != "sending":
@@ -358,6 +374,7 @@ class Forwarder:
         if attempts >= self.policy.max_refusals:
             log.error("study %s: %s; giving up after %d attempts", study_uid, error, attempts)
             self._set(study_uid, state="failed", attempts=attempts, last_error=error)
+            self._audit(study_uid, Result.FAILURE, {"state": "failed", "attempts": attempts, "error": error})
             return
         self._set(
             study_uid,

@@ -13,11 +13,14 @@ from api.frontend import routes as frontend_api
 from dicomweb.client import DicomWebClient
 from dimse.server import DicomServer
 from gateway.archive import Archive, ArchiveUnavailable
+from gateway.audit import AuditLog, start_audit, stop_audit
 from gateway.config import ForwardSection, FrontendConfig
 from gateway.exams import ExamBook
 from gateway.forwarder import Forwarder, ForwardPolicy
 from gateway.identity import load_key
 from gateway.ingest import Ingest
+from gateway.security.credentials import ClientCredentials, read_secret
+from gateway.security.node import NodeSecurity, default_node_id
 from gateway.web import HttpServer, build_app
 
 log = logging.getLogger(__name__)
@@ -33,6 +36,26 @@ def forward_policy(cfg: ForwardSection) -> ForwardPolicy:
     )
 
 
+def _center_credentials(cfg: ForwardSection) -> ClientCredentials | None:
+    """This front-end's client credentials at the center (issue 6 §1), if configured."""
+    if cfg.center_url is None or cfg.client_id is None or cfg.client_secret_file is None:
+        return None
+    try:
+        secret = read_secret(cfg.client_secret_file)
+    except FileNotFoundError:
+        reason = f"{cfg.client_secret_file}: no such file"
+        raise ArchiveUnavailable("forward.client_secret_file", reason) from None
+    except (OSError, ValueError) as exc:
+        raise ArchiveUnavailable("forward.client_secret_file", str(exc)) from exc
+    return ClientCredentials(
+        f"{cfg.center_url.rstrip('/')}/oauth/token",
+        cfg.client_id,
+        secret,
+        scope=cfg.scope,
+        timeout=cfg.timeout_seconds,
+    )
+
+
 @dataclass
 class Frontend:
     """A running front-end: its archive, DICOM SCP, HTTP service and (if configured) forwarder."""
@@ -42,9 +65,11 @@ class Frontend:
     ingest: Ingest
     dicom: DicomServer
     http: HttpServer
+    security: NodeSecurity
     forwarder: Forwarder | None = None
     dicom_port: int = 0
     http_port: int = 0
+    audit: AuditLog | None = None
 
     @classmethod
     def start(cls, cfg: FrontendConfig) -> Frontend:
@@ -56,8 +81,28 @@ class Frontend:
                 raise ArchiveUnavailable("identity.key_file", str(exc)) from exc
         forwarding = cfg.forward.center_url is not None
         archive = Archive.open(cfg.storage, cfg.database, outbox=forwarding)
+        try:
+            security = NodeSecurity.open(
+                cfg.security,
+                role="frontend",
+                node_id=cfg.security.issuer or default_node_id("frontend", cfg.institution),
+                catalog=archive.catalog,
+            )
+            center_auth = _center_credentials(cfg.forward)
+        except ArchiveUnavailable:
+            archive.close()
+            raise
+        try:
+            audit = start_audit(cfg, archive.catalog)  # R-SE-4
+        except ArchiveUnavailable:
+            archive.close()
+            raise
         ingest = Ingest(
-            archive.catalog, archive.store, quarantine=cfg.ingest.quarantine, policy=cfg.ingest.on_conflict
+            archive.catalog,
+            archive.store,
+            quarantine=cfg.ingest.quarantine,
+            policy=cfg.ingest.on_conflict,
+            audit=audit,
         )
         exams = ExamBook(archive.catalog)
         forwarder = None
@@ -67,6 +112,7 @@ class Frontend:
                 timeout=cfg.forward.timeout_seconds,
                 max_batch_instances=cfg.forward.batch_max_instances,
                 max_batch_bytes=cfg.forward.batch_max_mb << 20,
+                auth=center_auth,
             )
             forwarder = Forwarder(
                 archive.catalog,
@@ -75,10 +121,11 @@ class Frontend:
                 policy=forward_policy(cfg.forward),
                 workers=cfg.forward.workers,
                 exams=exams,
+                audit=audit,
             )
         # By default on the same file system as the blobs: stored files are linked, not copied.
         spool = cfg.ingest.spool or cfg.storage.path / ".spool"
-        server = DicomServer(cfg.dicom, ingest, archive.catalog, archive.store, spool)
+        server = DicomServer(cfg.dicom, ingest, archive.catalog, archive.store, spool, audit=audit)
         app = build_app(
             "frontend",
             archive,
@@ -86,10 +133,13 @@ class Frontend:
             max_request_bytes=cfg.dicomweb.max_request_mb << 20,
             spool=str(spool),
             api_routes=list(frontend_api),
+            security=security,
             extra_routes=[Route("/metrics", metrics)],
-            state={"forwarder": forwarder, "exams": exams, "pseudonym_key": key},
+            state={"forwarder": forwarder, "exams": exams, "pseudonym_key": key, "audit": audit},
         )
-        fe = cls(cfg, archive, ingest, server, HttpServer(app, cfg.http.host, cfg.http.port), forwarder)
+        http = HttpServer(app, cfg.http.host, cfg.http.port)
+        fe = cls(cfg, archive, ingest, server, http, security, forwarder)
+        fe.audit = audit
         fe.dicom_port = server.start()
         fe.http_port = fe.http.start()
         if forwarder is not None:
@@ -101,4 +151,5 @@ class Frontend:
         if self.forwarder is not None:
             self.forwarder.stop()
         self.http.stop()
+        stop_audit(self.audit)
         self.archive.close()

@@ -12,20 +12,33 @@ Order of work (ARCHITECTURE "the data path"):
 4. catalogue in one transaction (committed with ``synchronous=FULL`` on SQLite).
 
 Only then is the sender told *success*. A crash between 3 and 4 leaves an unreferenced blob and no
-acknowledgement; the sender's retry lands on the same key. Refused files are moved to the
-quarantine folder with a ``.reason.txt`` beside them, for the admin (issue 2 §6).
+acknowledgement; the sender's retry lands on the same key.
+
+What needs only the bytes runs beside what needs the header (worker threads; fsync and hashing
+release the GIL): the file's fsync and SHA-256 start as soon as it arrives, while 1–2 are checked,
+and the blob is placed while the catalog record is built. The order that matters is kept: the
+blob is durable before the catalog transaction commits, and both before the answer.
+
+Refused files are moved to the quarantine folder with a ``.reason.txt`` beside them, for the admin
+(issue 2 §6).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import os
 import re
 import shutil
 import struct
+import threading
 import uuid
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from io import BytesIO
 from pathlib import Path
 from typing import BinaryIO
 
@@ -33,10 +46,12 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
+from sqlalchemy import Connection
 
-from gateway.archive.blobstore import BlobStore, sha256_file
+from gateway.archive.blobstore import CHUNK, BlobStore, FolderBlobStore
 from gateway.archive.catalog import AddOutcome, Catalog, ConflictPolicy
 from gateway.archive.record import InstanceRecord, InvalidInstance
+from gateway.audit import Actor, AuditLog, EventType, Result
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +83,95 @@ def blob_key(study: str, series: str, sop: str, sha256: str) -> str:
     return f"{study}/{series}/{sop}.{sha256[:16]}.dcm"
 
 
+_workers: ThreadPoolExecutor | None = None
+_workers_lock = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    """Threads for the waits of ingest (fsync, hashing, placing blobs), shared by all archives."""
+    global _workers
+    with _workers_lock:
+        if _workers is None:
+            # Generous: put_file may be an S3 upload, and each association's ingest waits on its
+            # own jobs only (no job waits on another), so this bounds concurrency, never deadlocks.
+            _workers = ThreadPoolExecutor(max_workers=32, thread_name_prefix="ingest-io")
+        return _workers
+
+
+def _sha256_fd(fd: int) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    size = 0
+    while chunk := os.pread(fd, CHUNK, size):
+        digest.update(chunk)
+        size += len(chunk)
+    return size, digest.hexdigest()
+
+
+class _Early:
+    """A received file's SHA-256 and (for the folder store, where the spool file *is* the blob)
+    its fsync, started in worker threads the moment ingest begins, on a descriptor of its own."""
+
+    def __init__(self, path: Path, *, sync: bool) -> None:
+        self._fd = os.open(path, os.O_RDONLY)
+        pool = _pool()
+        self._hash = pool.submit(_sha256_fd, self._fd)
+        self._sync: Future[None] | None = pool.submit(os.fsync, self._fd) if sync else None
+
+    def sha256(self) -> tuple[int, str]:
+        return self._hash.result()
+
+    def close(self) -> None:
+        """Wait for both (their errors surface in the real write, not here); release the file."""
+        for job in (self._hash, self._sync):
+            if job is not None:
+                with contextlib.suppress(Exception):  # put_file repeats the fsync and reports
+                    job.result()
+        os.close(self._fd)
+
+
+# The header is parsed from one read of the file's start: pydicom reading a file object makes ~80
+# small reads and tell()s per header, each a system call that gives up the GIL (and waits to get it
+# back from the ingest worker threads).
+HEADER_PROBE = 256 * 1024
+
+
 def _read_header(fh: BinaryIO) -> tuple[Dataset, int | None]:
     """The dataset without pixel data, and the offset of the pixel data element (None if absent)."""
+    probe = fh.read(HEADER_PROBE)
+    size = fh.seek(0, os.SEEK_END)
+    buf = BytesIO(probe)
+    if len(probe) >= size:  # the whole file: the same bytes, parsed from memory
+        ds = dcmread(buf, stop_before_pixels=True)
+        offset = buf.tell()
+        return ds, (offset if size > offset else None)
+    try:
+        ds = dcmread(buf, stop_before_pixels=True)
+        # pydicom reads at most 12 bytes of the element it stops before, then seeks back to it: a
+        # stop with those inside the probe was the pixel data, not the probe's end.
+        if buf.tell() + 12 <= len(probe):
+            return ds, buf.tell()
+    except Exception:  # an element crossing the probe's end: read the file itself
+        pass
+    fh.seek(0)
     ds = dcmread(fh, stop_before_pixels=True)
     offset = fh.tell()
     fh.seek(0, os.SEEK_END)
     return ds, (offset if fh.tell() > offset else None)
 
 
-def _check_pixel_element(fh: BinaryIO, offset: int, size: int, transfer_syntax: str) -> bool:
-    """Whether the pixel data element at ``offset`` is complete in a file of ``size`` bytes.
+@dataclass(frozen=True)
+class PixelValue:
+    """Where the Pixel Data (7FE0,0010) value is in the file (catalog ``pixel_offset``)."""
+
+    offset: int  # first byte of the value (encapsulated: the Basic Offset Table item's tag)
+    length: int | None  # None: undefined length (encapsulated)
+
+
+def _check_pixel_element(
+    fh: BinaryIO, offset: int, size: int, transfer_syntax: str
+) -> tuple[bool, PixelValue | None]:
+    """Whether the pixel data element at ``offset`` is complete in a file of ``size`` bytes, and
+    where its value is when it is Pixel Data (7FE0,0010).
 
     pydicom's header read stops before the element, so a file cut short in its pixel data would
     look fine; here the element's length (or, when encapsulated, its sequence delimiter) is checked
@@ -86,48 +180,107 @@ def _check_pixel_element(fh: BinaryIO, offset: int, size: int, transfer_syntax: 
     fh.seek(offset)
     head = fh.read(12)
     if len(head) < 8:
-        return False
+        return False, None
     big = transfer_syntax == ExplicitVRBigEndian
     endian = ">" if big else "<"
-    group, _elem = struct.unpack(f"{endian}HH", head[:4])
+    group, elem = struct.unpack(f"{endian}HH", head[:4])
     if group != 0x7FE0:
-        return True  # trailing non-pixel elements (e.g. padding); pydicom parsed everything before
+        # trailing non-pixel elements (e.g. padding); pydicom parsed everything before
+        return True, None
     if transfer_syntax == ImplicitVRLittleEndian:
         (length,) = struct.unpack("<I", head[4:8])
         start = offset + 8
     elif head[4:6] in (b"OB", b"OW", b"OF", b"OD", b"OL", b"UN", b"OV"):
         if len(head) < 12:
-            return False
+            return False, None
         (length,) = struct.unpack(f"{endian}I", head[8:12])
         start = offset + 12
     else:
         (length,) = struct.unpack(f"{endian}H", head[6:8])
         start = offset + 8
+    value = PixelValue(start, None if length == 0xFFFFFFFF else length) if elem == 0x0010 else None
     if length == 0xFFFFFFFF:
         # Encapsulated: the value ends with a sequence delimitation item (FFFE,E0DD). It is
         # normally the file's last 8 bytes; allow a little trailing padding after it.
         tail_len = min(size - start, 4096)
         fh.seek(size - tail_len)
-        return b"\xfe\xff\xdd\xe0\x00\x00\x00\x00" in fh.read(tail_len)
-    return bool(start + length <= size)
+        return b"\xfe\xff\xdd\xe0\x00\x00\x00\x00" in fh.read(tail_len), value
+    return start + length <= size, value
+
+
+def _frame_location(ds: Dataset, transfer_syntax: str, value: PixelValue | None) -> PixelValue | None:
+    """``value`` if WADO-RS frames can be cut from it with the catalog's columns alone.
+
+    Not for big-endian native data (frames are byte-swapped), native YBR_FULL_422 (two samples per
+    pixel) or BitsAllocated not a whole number of bytes: those keep parsing the header per request.
+    """
+    if value is None or transfer_syntax == ExplicitVRBigEndian:
+        return None
+    if value.length is None:
+        return value
+    if str(ds.get("PhotometricInterpretation", "")) == "YBR_FULL_422":
+        return None
+    bits = ds.get("BitsAllocated")
+    if not isinstance(bits, int) or bits <= 0 or bits % 8:
+        return None
+    return value
 
 
 class Ingest:
     """Accepts received files into one archive (catalog + blob store)."""
 
     def __init__(
-        self, catalog: Catalog, store: BlobStore, *, quarantine: Path, policy: ConflictPolicy = "keep-newest"
+        self,
+        catalog: Catalog,
+        store: BlobStore,
+        *,
+        quarantine: Path,
+        policy: ConflictPolicy = "keep-newest",
+        audit: AuditLog | None = None,
     ) -> None:
         self.catalog = catalog
         self.store = store
         self.quarantine = quarantine
         self.policy: ConflictPolicy = policy
+        self.audit = audit
         quarantine.mkdir(parents=True, exist_ok=True)
 
     def accept_file(
-        self, path: Path, *, source: str, expected_sop_uid: str | None = None
+        self, path: Path, *, source: str, expected_sop_uid: str | None = None, who: Actor | None = None
     ) -> Accepted | Refused:
-        """Store the Part-10 file at ``path`` (the caller keeps ownership of ``path``)."""
+        """Store the Part-10 file at ``path`` (the caller keeps ownership of ``path``).
+
+        Audited (R-SE-4) as an ``upload`` by ``who`` (default: the ``source``): an accepted instance
+        in its own catalog transaction, a refusal with its reason.
+        """
+        who = who or Actor(source, "", "", "")
+        result = self._accept_file(path, source=source, expected_sop_uid=expected_sop_uid, who=who)
+        if isinstance(result, Refused) and self.audit is not None:
+            self.audit.record_as(
+                who,
+                EventType.UPLOAD,
+                resource=f"instance:{result.sop_uid or '?'}",
+                result=Result.FAILURE,
+                detail={
+                    "sop_instance_uid": result.sop_uid or "",
+                    "refused": result.kind,
+                    "reason": result.reason,
+                },
+            )
+        return result
+
+    def _accept_file(
+        self, path: Path, *, source: str, expected_sop_uid: str | None, who: Actor
+    ) -> Accepted | Refused:
+        early = _Early(path, sync=isinstance(self.store, FolderBlobStore))
+        try:
+            return self._accept_early(path, early, source=source, expected_sop_uid=expected_sop_uid, who=who)
+        finally:
+            early.close()
+
+    def _accept_early(
+        self, path: Path, early: _Early, *, source: str, expected_sop_uid: str | None, who: Actor
+    ) -> Accepted | Refused:
         try:
             with path.open("rb") as fh:
                 ds, pixel_offset = _read_header(fh)
@@ -135,12 +288,14 @@ class Ingest:
                 if not ts:
                     raise InvalidInstance("file meta has no TransferSyntaxUID")
                 size = os.fstat(fh.fileno()).st_size
-                if (
-                    pixel_offset is not None
-                    and ts != DeflatedExplicitVRLittleEndian
-                    and not _check_pixel_element(fh, pixel_offset, size, ts)
-                ):
-                    raise _Malformed("pixel data is truncated (the file ends inside the pixel data element)")
+                located: PixelValue | None = None
+                if pixel_offset is not None and ts != DeflatedExplicitVRLittleEndian:
+                    complete, located = _check_pixel_element(fh, pixel_offset, size, ts)
+                    if not complete:
+                        raise _Malformed(
+                            "pixel data is truncated (the file ends inside the pixel data element)"
+                        )
+                    located = _frame_location(ds, ts, located)
             study, series_uid, sop, sop_class = InstanceRecord.identify(ds)
         except InvalidInstance as exc:
             return self._refuse(path, source, str(exc), "missing-attribute", expected_sop_uid)
@@ -161,15 +316,11 @@ class Ingest:
                 path, source, "MediaStorageSOPInstanceUID differs from SOPInstanceUID", "mismatch", sop
             )
 
-        size, sha = sha256_file(path)
+        size, sha = early.sha256()
         key = blob_key(study, series_uid, sop, sha)
-        try:
-            size, sha_stored = self.store.put_file(key, path, known=(size, sha))
-        except OSError as exc:
-            log.error("blob store write failed for %s: %s", sop, exc)
-            return Refused(f"storage unavailable: {exc}", "storage", sop)
-        if sha_stored != sha:
-            return Refused("file changed while being stored", "storage", sop)
+        # The blob is made durable in a worker while the record is built here.
+        placing = _pool().submit(self.store.put_file, key, path, known=(size, sha))
+        rec: InstanceRecord | Exception
         try:
             rec = InstanceRecord.from_dataset(
                 ds,
@@ -180,8 +331,22 @@ class Ingest:
                 blob_key=key,
                 received_at=datetime.now(UTC),
                 source_ae=source,
+                pixel_offset=located.offset if located is not None else None,
+                pixel_length=located.length if located is not None else None,
             )
-            outcome = self.catalog.add_instance(rec, self.policy)
+        except Exception as exc:  # reported below, after the blob's own outcome (as before)
+            rec = exc
+        try:
+            size, sha_stored = placing.result()
+        except OSError as exc:
+            log.error("blob store write failed for %s: %s", sop, exc)
+            return Refused(f"storage unavailable: {exc}", "storage", sop)
+        if sha_stored != sha:
+            return Refused("file changed while being stored", "storage", sop)
+        try:
+            if isinstance(rec, Exception):
+                raise rec
+            outcome = self.catalog.add_instance(rec, self.policy, also=self._audited(who, rec))
         except Exception as exc:  # the catalog must not turn a DB outage into a lost instance
             log.exception("catalog write failed for %s", sop)
             return Refused(f"catalog unavailable: {exc}", "storage", sop)
@@ -192,6 +357,25 @@ class Ingest:
                 "instance %s received again from %s with different bytes: %s", sop, source, outcome.value
             )
         return Accepted(sop, sop_class, study, outcome, sha, size)
+
+    def _audited(self, who: Actor, rec: InstanceRecord) -> Callable[[Connection, AddOutcome], None] | None:
+        """The audit record of a stored instance, written in the catalog's transaction (R-SE-4):
+        no instance is catalogued (and acknowledged) without it, for no extra commit."""
+        audit = self.audit
+        if audit is None:
+            return None
+
+        def record(conn: Connection, outcome: AddOutcome) -> None:
+            audit.record_in(
+                conn,
+                who,
+                EventType.UPLOAD,
+                resource=f"study:{rec.study_uid}",
+                result=Result.SUCCESS,
+                detail=_upload_detail(rec, outcome),
+            )
+
+        return record
 
     def _refuse(self, path: Path, source: str, reason: str, kind: str, sop: str | None) -> Refused:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
@@ -207,6 +391,18 @@ class Ingest:
             return Refused(reason, kind, sop, None)
         log.warning("refused instance from %s: %s (kept in %s)", source, reason, dest)
         return Refused(reason, kind, sop, dest)
+
+
+def _upload_detail(rec: InstanceRecord, outcome: AddOutcome) -> dict[str, str | int]:
+    return {
+        "study_instance_uid": rec.study_uid,
+        "series_instance_uid": rec.series_uid,
+        "sop_instance_uid": rec.sop_uid,
+        "sop_class_uid": rec.sop_class_uid,
+        "outcome": outcome.value,
+        "sha256": rec.sha256,
+        "size": rec.size,
+    }
 
 
 class _Malformed(Exception):

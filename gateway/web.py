@@ -1,7 +1,10 @@
 """The HTTP side of a role: one Starlette app (DICOMweb + /api/v1 + /metrics) served by uvicorn.
 
 This is composition (like ``frontend.py`` wiring the DIMSE server): it mounts the edges' routes
-and hands them the domain objects through ``app.state``.
+and hands them the domain objects through ``app.state``. Every app is wrapped in the one
+:class:`~gateway.security.guard.Guard` (issue 6 §3, R-SE-16): no route, present or added later, is
+reachable without a token carrying the scope the guard's table names for it, except the public
+health and token routes.
 """
 
 from __future__ import annotations
@@ -13,14 +16,18 @@ from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Mount, Route
 
 from dicomweb.app import DicomWebContext
 from dicomweb.app import routes as dicomweb_routes
+from dicomweb.audit_hook import AuditHook
 from gateway.archive import Archive
 from gateway.ingest import Ingest
+from gateway.security.guard import Guard
+from gateway.security.node import NodeSecurity
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +44,7 @@ def build_app(
     max_request_bytes: int,
     spool: str,
     api_routes: list[BaseRoute],
+    security: NodeSecurity,
     extra_routes: list[BaseRoute] | None = None,
     state: dict[str, Any] | None = None,
 ) -> Starlette:
@@ -45,14 +53,19 @@ def build_app(
             Mount("/dicom-web", routes=dicomweb_routes()),
             Mount("/api/v1", routes=api_routes),
             Route("/healthz", _health),
+            *security.routes(),
             *(extra_routes or []),
-        ]
+        ],
+        middleware=[Middleware(Guard, security=security)],
     )
     app.state.role = role
+    app.state.security = security
     app.state.archive = archive
     app.state.dicomweb = DicomWebContext(archive, ingest, max_request_bytes=max_request_bytes, spool=spool)
     for key, value in (state or {}).items():
         setattr(app.state, key, value)
+    # outermost, so it also sees the guard's 401/403; records into state["audit"] if given (R-SE-4)
+    app.add_middleware(AuditHook)
     return app
 
 

@@ -13,13 +13,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 
+from gateway.archive.catalog import Catalog
 from gateway.center import Center
 from gateway.config import CenterConfig, FrontendConfig, parse_config
 from gateway.frontend import Frontend
 from gateway.sample import ct_series, write_samples
+from gateway.security.clients import ClientRegistry
+from gateway.security.credentials import write_secret
+from gateway.security.guard import ROLE_SCOPES
 from tests.peers.ports import free_port
 from tests.peers.seaweedfs import S3Endpoint, seaweedfs  # noqa: F401  (session fixture)
 
@@ -84,9 +89,12 @@ def frontend_config(
     s3: S3Endpoint | None = None,
     forward: dict[str, Any] | None = None,
     identity: dict[str, Any] | None = None,
+    security: dict[str, Any] | None = None,
     **dicom: Any,
 ) -> FrontendConfig:
-    """A front-end config living in ``root`` on free ports; ``dicom`` overrides [dicom] keys."""
+    """A front-end config living in ``root`` on free ports; ``dicom`` overrides [dicom] keys.
+
+    ``forward``: e.g. :func:`forward_to` (center URL and this front-end's credentials there)."""
     data: dict[str, Any] = {
         "role": "frontend",
         "institution": "TEST_HOSPITAL",
@@ -103,6 +111,7 @@ def frontend_config(
         "ingest": {"quarantine": "quarantine"},
         **({"forward": forward} if forward else {}),
         **({"identity": identity} if identity else {}),
+        "security": {**TEST_SECURITY, **(security or {})},
     }
     if s3 is not None:
         bucket = f"t-{uuid.uuid4().hex[:12]}"
@@ -134,6 +143,7 @@ def start_frontend(tmp_path: Path) -> Iterator[Callable[..., Frontend]]:
         root: Path | None = None,
         forward: dict[str, Any] | None = None,
         identity: dict[str, Any] | None = None,
+        security: dict[str, Any] | None = None,
         **dicom: Any,
     ) -> Frontend:
         cfg = frontend_config(
@@ -142,6 +152,7 @@ def start_frontend(tmp_path: Path) -> Iterator[Callable[..., Frontend]]:
             s3=s3,
             forward=forward,
             identity=identity,
+            security=security,
             **dicom,
         )
         fe = Frontend.start(cfg)
@@ -175,8 +186,19 @@ def dicomweb(frontend: Frontend) -> str:
     return f"http://127.0.0.1:{frontend.http_port}/dicom-web"
 
 
+@pytest.fixture
+def headers(frontend: Frontend) -> dict[str, str]:
+    """Bearer headers for the ``frontend`` fixture, with every scope its routes need."""
+    return auth(frontend)
+
+
 def center_config(
-    root: Path, *, port: int | None = None, db_url: str | None = None, s3: S3Endpoint | None = None
+    root: Path,
+    *,
+    port: int | None = None,
+    db_url: str | None = None,
+    s3: S3Endpoint | None = None,
+    security: dict[str, Any] | None = None,
 ) -> CenterConfig:
     data: dict[str, Any] = {
         "role": "center",
@@ -185,6 +207,7 @@ def center_config(
         "storage": {"backend": "folder", "path": "blobs"},
         "database": {"url": db_url or "sqlite:///catalog.db"},
         "ingest": {"quarantine": "quarantine"},
+        "security": {**TEST_SECURITY, **(security or {})},
     }
     if s3 is not None:
         data["storage"] = {
@@ -207,11 +230,84 @@ def center_config(
 def start_center(tmp_path: Path) -> Iterator[Callable[..., Center]]:
     started: list[Center] = []
 
-    def start(**kw: Any) -> Center:
-        center = Center.start(center_config(tmp_path / f"center{len(started)}", **kw))
+    def start(*, root: Path | None = None, **kw: Any) -> Center:
+        center = Center.start(center_config(root or tmp_path / f"center{len(started)}", **kw))
         started.append(center)
         return center
 
     yield start
     for c in started:
         c.stop()
+
+
+# ---- node identity (issue 6 §1): every HTTP call of a test carries a token ---------------------
+
+# A signing key per node, made on first start beside its catalog; tokens outlive a test module.
+TEST_SECURITY: dict[str, Any] = {"signing_key_file": "signing.pem", "token_lifetime_seconds": 3600}
+# What a front-end needs at its center (the forwarder: STOW-RS, inventory, manifest, exam records).
+FORWARDER_SCOPES = "stow api:inventory api:manifest api:exams"
+Node = Frontend | Center
+_tokens: dict[tuple[int, str, str], str] = {}
+
+
+def node_url(node: Node) -> str:
+    return f"http://127.0.0.1:{node.http_port}"
+
+
+def register_client(node: Node, name: str, scopes: str) -> tuple[str, str]:
+    """A new client of ``node`` (its registry, as ``ybyx clients add`` does): (client id, secret)."""
+    client, secret = node.security.clients.add(name, scopes)
+    return client.client_id, secret
+
+
+def fetch_token(node: Node, client_id: str, secret: str, scope: str | None = None) -> httpx.Response:
+    """``POST /oauth/token`` at ``node`` with HTTP Basic client authentication."""
+    return httpx.post(
+        f"{node_url(node)}/oauth/token",
+        data={"grant_type": "client_credentials", **({"scope": scope} if scope else {})},
+        auth=(client_id, secret),
+        timeout=30,
+    )
+
+
+def token(node: Node, scopes: str | None = None) -> str:
+    """A token from ``node``'s own token endpoint with ``scopes`` (default: all its role's routes
+    need), for a client registered for it; cached per node key and scopes."""
+    wanted = scopes or " ".join(sorted(node.security.scopes))
+    assert node.security.issuer is not None
+    key = (node.http_port, node.security.issuer.key.kid, wanted)
+    if key not in _tokens:
+        client_id, secret = register_client(node, "tests", wanted)
+        r = fetch_token(node, client_id, secret)
+        assert r.status_code == 200, r.text
+        _tokens[key] = r.json()["access_token"]
+    return _tokens[key]
+
+
+def auth(node: Node, scopes: str | None = None) -> dict[str, str]:
+    """``Authorization: Bearer …`` headers for calls to ``node`` (see :func:`token`)."""
+    return {"Authorization": f"Bearer {token(node, scopes)}"}
+
+
+def center_client(catalog: Catalog, folder: Path, scopes: str = FORWARDER_SCOPES) -> dict[str, str]:
+    """Register a front-end at a center (its catalog: the center may not run yet); the
+    ``[forward]`` keys naming the client and its secret file."""
+    client, secret = ClientRegistry(catalog, ROLE_SCOPES["center"]).add("frontend", scopes)
+    path = folder / f"{client.client_id}.secret"
+    write_secret(path, secret)
+    return {"client_id": client.client_id, "client_secret_file": str(path)}
+
+
+def forward_to(center: Center, **forward: Any) -> dict[str, Any]:
+    """``[forward]`` for a front-end sending to ``center``, as a client registered there."""
+    creds = center_client(center.archive.catalog, center.cfg.security.signing_key_file.parent)
+    return {"center_url": center.url, **creds, **forward}
+
+
+def center_client_before_start(root: Path) -> dict[str, str]:
+    """Register a front-end in the catalog of a center that will start later from ``root``."""
+    catalog = Catalog.open(f"sqlite:///{root / 'catalog.db'}")
+    try:
+        return center_client(catalog, root)
+    finally:
+        catalog.close()

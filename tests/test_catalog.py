@@ -79,6 +79,25 @@ def test_migrations_match_schema(catalog: Catalog) -> None:
     assert diff == []
 
 
+def test_pixel_row_is_one_lookup_by_the_three_uids(catalog: Catalog) -> None:
+    """WADO-RS frames' lookup (a precompiled statement on a DBAPI connection, both dialects)."""
+    catalog.add_instance(rec("1.9.7", pixel_offset=1234, pixel_length=524288, samples_per_pixel=1))
+    catalog.add_instance(rec("1.9.8", transfer_syntax="1.2.840.10008.1.2.4.80", pixel_offset=99))
+    catalog.add_instance(rec("1.9.9"))  # stored without a pixel location (e.g. before 0007)
+    row = catalog.pixel_row("1.2.3", "1.2.3.1", "1.9.7")
+    assert row is not None
+    assert (row.instance.sop_uid, row.instance.blob_key, row.instance.size) == ("1.9.7", "k/1.9.7/aaaa", 10)
+    assert (row.pixel_offset, row.pixel_length, row.rows, row.columns) == (1234, 524288, 512, 512)
+    assert (row.samples_per_pixel, row.bits_allocated, row.number_of_frames) == (1, 16, None)
+    jls = catalog.pixel_row("1.2.3", "1.2.3.1", "1.9.8")
+    assert jls is not None and (jls.pixel_offset, jls.pixel_length) == (99, None)
+    old = catalog.pixel_row("1.2.3", "1.2.3.1", "1.9.9")
+    assert old is not None and old.pixel_offset is None
+    assert catalog.pixel_row("1.2.3", "1.2.3.2", "1.9.7") is None  # wrong series
+    assert catalog.pixel_row("1.2.4", "1.2.3.1", "1.9.7") is None  # wrong study
+    assert catalog.pixel_row("1.2.3", "1.2.3.1", "1.9.6") is None
+
+
 def test_add_then_duplicate_then_new_bytes_makes_a_version(catalog: Catalog) -> None:
     assert catalog.add_instance(rec("1.9.1")) is AddOutcome.STORED
     assert catalog.add_instance(rec("1.9.1")) is AddOutcome.DUPLICATE

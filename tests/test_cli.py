@@ -64,6 +64,8 @@ port = {center_port}
 path = "c/blobs"
 [center.database]
 url = "sqlite:///c/catalog.db"
+[center.security]
+signing_key_file = "c/signing-key.pem"
 [frontend]
 institution = "DEMO"
 [frontend.dicom]
@@ -80,6 +82,10 @@ url = "sqlite:///fe/catalog.db"
 [frontend.forward]
 center_url = "http://127.0.0.1:{center_port}"
 settle_seconds = 0.5
+client_id = "demo-frontend"
+client_secret_file = "fe/center-client.secret"
+[frontend.security]
+signing_key_file = "fe/signing-key.pem"
 [frontend.identity]
 key_file = "fe/pseudonym.key"
 """,
@@ -107,5 +113,8 @@ key_file = "fe/pseudonym.key"
     assert "the center holds 5 studies, 63 instances" in text
     assert "confirmed: 5" in text
     assert (tmp_path / "fe/pseudonym.key").stat().st_mode & 0o777 == 0o600
+    # real node identity: the front-end's secret at the center, and curl lines with tokens
+    assert (tmp_path / "fe/center-client.secret").stat().st_mode & 0o777 == 0o600
+    assert "-u demo-his:ybyx_cs_" in text and "Authorization: Bearer $HIS" in text
     proc.send_signal(signal.SIGINT)
     assert proc.wait(60) == 0

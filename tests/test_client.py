@@ -11,12 +11,13 @@ from pydicom import dcmread
 from dicomweb.client import DicomWebClient
 from dimse.scu import send
 from gateway.frontend import Frontend
+from tests.conftest import auth
 
 
 def test_client_searches_and_retrieves_streamed(frontend: Frontend, samples: Path, tmp_path: Path) -> None:
     files = sorted((samples / "04_XA_coronary").iterdir()) + sorted((samples / "02_MR_brain").iterdir())
     assert send(files, "127.0.0.1", frontend.dicom_port, "YBYX").ok
-    client = DicomWebClient(f"http://127.0.0.1:{frontend.http_port}")
+    client = DicomWebClient(f"http://127.0.0.1:{frontend.http_port}", headers=auth(frontend, "qido wado"))
     try:
         studies = client.search("studies", {"ModalitiesInStudy": "XA"})
         assert len(studies) == 1

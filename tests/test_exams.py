@@ -16,6 +16,7 @@ from dimse.scu import send
 from gateway.center import Center
 from gateway.frontend import Frontend
 from gateway.identity import IdType, InvalidId, mask, normalise, person_key, resident_id_check, write_new_key
+from tests.conftest import auth, center_client_before_start, forward_to
 from tests.test_forwarding import FAST, all_confirmed, wait_until
 
 BIRTH = "500103199003071"
@@ -97,7 +98,8 @@ def exam_body(study_uid: str, **over: Any) -> dict[str, Any]:
 
 
 def post(fe: Frontend, path: str, body: Any) -> httpx.Response:
-    return httpx.post(f"http://127.0.0.1:{fe.http_port}/api/v1/{path}", json=body, timeout=10)
+    url = f"http://127.0.0.1:{fe.http_port}/api/v1/{path}"
+    return httpx.post(url, json=body, headers=auth(fe), timeout=10)
 
 
 def test_bad_exam_records_get_422_naming_the_field(
@@ -119,7 +121,7 @@ def test_bad_exam_records_get_422_naming_the_field(
     r = httpx.post(
         f"http://127.0.0.1:{fe.http_port}/api/v1/exams",
         content=b"{not json",
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", **auth(fe)},
         timeout=10,
     )
     assert r.status_code == 400 and "not JSON" in r.json()["error"]
@@ -147,7 +149,7 @@ def test_exam_forwarded_with_pseudonym_only_and_monitoring_complete(
     samples: Path,
 ) -> None:
     center = start_center()
-    fe = _fe(start_frontend, key_file, forward={"center_url": center.url, **FAST})
+    fe = _fe(start_frontend, key_file, forward=forward_to(center, **FAST))
     files = sorted((samples / "02_MR_brain").iterdir())
     study = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     id_number = resident_id("77")
@@ -194,18 +196,25 @@ def test_exam_forwarded_with_pseudonym_only_and_monitoring_complete(
         raw += wal.read_bytes() if wal.exists() else b""
         assert id_number.encode() not in raw
 
-    monitoring = httpx.get(f"{center.url}/api/v1/upload-monitoring/{study}", timeout=10).json()
+    monitoring = httpx.get(
+        f"{center.url}/api/v1/upload-monitoring/{study}", headers=auth(center), timeout=10
+    ).json()
     assert monitoring["state"] == "complete" and monitoring["late"] is False
     assert monitoring["expected"] == monitoring["held"] == len(files)
-    deadlines = httpx.get(f"http://127.0.0.1:{fe.http_port}/api/v1/upload-deadlines", timeout=10).json()
+    deadlines = httpx.get(
+        f"http://127.0.0.1:{fe.http_port}/api/v1/upload-deadlines", headers=auth(fe), timeout=10
+    ).json()
     [item] = deadlines
     assert item["images"]["state"] == "met" and item["settlement"]["state"] == "met"
 
 
-def test_overdue_deadlines_are_listed(start_frontend: Callable[..., Frontend], key_file: Path) -> None:
+def test_overdue_deadlines_are_listed(
+    start_frontend: Callable[..., Frontend], key_file: Path, tmp_path: Path
+) -> None:
     from tests.peers.ports import free_port
 
-    fe = _fe(start_frontend, key_file, forward={"center_url": f"http://127.0.0.1:{free_port()}", **FAST})
+    nowhere = {"center_url": f"http://127.0.0.1:{free_port()}", **center_client_before_start(tmp_path / "c")}
+    fe = _fe(start_frontend, key_file, forward={**nowhere, **FAST})
     old = (datetime.now(UTC) - timedelta(days=3)).isoformat()
     fresh = datetime.now(UTC).isoformat()
     assert (
@@ -230,10 +239,10 @@ def test_overdue_deadlines_are_listed(start_frontend: Callable[..., Frontend], k
     assert r.status_code == 200
     time.sleep(0.5)
     url = f"http://127.0.0.1:{fe.http_port}/api/v1/upload-deadlines"
-    overdue = httpx.get(url, params={"state": "overdue"}, timeout=10).json()
+    overdue = httpx.get(url, params={"state": "overdue"}, headers=auth(fe), timeout=10).json()
     assert {i["accession_number"] for i in overdue} == {"OLD", "NEW"}
     new = next(i for i in overdue if i["accession_number"] == "NEW")
     assert new["images"]["state"] == "pending" and new["settlement"]["state"] == "overdue"
-    pending = httpx.get(url, params={"state": "pending"}, timeout=10).json()
+    pending = httpx.get(url, params={"state": "pending"}, headers=auth(fe), timeout=10).json()
     assert [i["accession_number"] for i in pending] == ["NEW"]
-    assert httpx.get(url, params={"state": "soon"}, timeout=10).status_code == 400
+    assert httpx.get(url, params={"state": "soon"}, headers=auth(fe), timeout=10).status_code == 400

@@ -48,10 +48,15 @@ def dicom_part(data: bytes, **headers: str) -> tuple[dict[str, str], bytes]:
     return {"Content-Type": "application/dicom", **headers}, data
 
 
-def post(url: str, parts: list[tuple[dict[str, str], bytes]], **kw: Any) -> httpx.Response:
+def post(
+    url: str, parts: list[tuple[dict[str, str], bytes]], headers: dict[str, str], **kw: Any
+) -> httpx.Response:
+    """STOW-RS ``parts`` to ``url``; ``headers``: the bearer token (the ``headers`` fixture)."""
     writer = MultipartWriter()
     body = b"".join(writer.iter(parts))
-    return httpx.post(url, content=body, headers={"Content-Type": writer.content_type}, timeout=60, **kw)
+    return httpx.post(
+        url, content=body, headers={"Content-Type": writer.content_type, **headers}, timeout=60, **kw
+    )
 
 
 def sequence(response: httpx.Response, tag: str) -> list[dict[str, Any]]:
@@ -93,10 +98,11 @@ def sha256_b64(data: bytes) -> str:
 
 
 def test_dicomweb_client_stores_a_ct_series_with_hashes_that_match_the_blobs(
-    frontend: Frontend, dicomweb: str, ct_files: list[Path]
+    frontend: Frontend, dicomweb: str, headers: dict[str, str], ct_files: list[Path]
 ) -> None:
     statuses: list[int] = []
     session = requests.Session()
+    session.headers.update(headers)
     session.hooks["response"].append(lambda r, *_a, **_k: statuses.append(r.status_code))
     client = DICOMwebClient(url=dicomweb, session=session)
     datasets = [dcmread(p) for p in ct_files]
@@ -123,9 +129,13 @@ def test_dicomweb_client_stores_a_ct_series_with_hashes_that_match_the_blobs(
 
 
 def test_a_part_that_is_not_dicom_fails_and_the_other_is_stored(
-    frontend: Frontend, dicomweb: str, ct_files: list[Path]
+    frontend: Frontend, dicomweb: str, headers: dict[str, str], ct_files: list[Path]
 ) -> None:
-    r = post(f"{dicomweb}/studies", [dicom_part(ct_files[0].read_bytes()), dicom_part(b"not a DICOM file")])
+    r = post(
+        f"{dicomweb}/studies",
+        [dicom_part(ct_files[0].read_bytes()), dicom_part(b"not a DICOM file")],
+        headers,
+    )
 
     assert r.status_code == 202, r.text
     [ok] = sequence(r, REFERENCED)
@@ -139,10 +149,10 @@ def test_a_part_that_is_not_dicom_fails_and_the_other_is_stored(
 
 
 def test_an_instance_of_another_study_than_the_path_fails_with_43265(
-    frontend: Frontend, dicomweb: str, ct_files: list[Path], samples: Path
+    frontend: Frontend, dicomweb: str, headers: dict[str, str], ct_files: list[Path], samples: Path
 ) -> None:
     ct = dcmread(ct_files[0], stop_before_pixels=True)
-    r = post(f"{dicomweb}/studies/1.2.3.4.5", [dicom_part(ct_files[0].read_bytes())])
+    r = post(f"{dicomweb}/studies/1.2.3.4.5", [dicom_part(ct_files[0].read_bytes())], headers)
 
     assert r.status_code == 409, r.text
     [bad] = sequence(r, FAILED)
@@ -155,6 +165,7 @@ def test_an_instance_of_another_study_than_the_path_fails_with_43265(
     r = post(
         f"{dicomweb}/studies/{ct.StudyInstanceUID}",
         [dicom_part(ct_files[0].read_bytes()), dicom_part(mr.read_bytes())],
+        headers,
     )
     assert r.status_code == 202, r.text
     assert value(r.json(), RETRIEVE_URL) == f"{dicomweb}/studies/{ct.StudyInstanceUID}"
@@ -164,11 +175,11 @@ def test_an_instance_of_another_study_than_the_path_fails_with_43265(
 
 
 def test_content_digest_is_verified_before_anything_is_stored(
-    frontend: Frontend, dicomweb: str, ct_files: list[Path]
+    frontend: Frontend, dicomweb: str, headers: dict[str, str], ct_files: list[Path]
 ) -> None:
     data = ct_files[0].read_bytes()
     wrong = f"sha-256=:{sha256_b64(data + b'x')}:"
-    r = post(f"{dicomweb}/studies", [dicom_part(data, **{"Content-Digest": wrong})])
+    r = post(f"{dicomweb}/studies", [dicom_part(data, **{"Content-Digest": wrong})], headers)
     assert r.status_code == 409, r.text
     [bad] = sequence(r, FAILED)
     assert value(bad, FAILURE_REASON) == 0x0110
@@ -178,7 +189,7 @@ def test_content_digest_is_verified_before_anything_is_stored(
 
     sha512 = base64.b64encode(hashlib.sha512(data).digest()).decode()
     right = f"sha-512=:{sha512}:, sha-256=:{sha256_b64(data)}:, md5=:AAAA:"
-    r = post(f"{dicomweb}/studies", [dicom_part(data, **{"Content-Digest": right})])
+    r = post(f"{dicomweb}/studies", [dicom_part(data, **{"Content-Digest": right})], headers)
     assert r.status_code == 200, r.text
     [inst] = frontend.archive.catalog.locate({"SOPInstanceUID": dcmread(ct_files[0]).SOPInstanceUID})
     assert inst.sha256 == hashlib.sha256(data).hexdigest()
@@ -214,7 +225,7 @@ def test_a_body_over_the_limit_is_refused_with_413_and_nothing_stored(
 
 
 def test_a_client_that_goes_away_mid_body_leaves_nothing_stored_or_spooled(
-    frontend: Frontend, dicomweb: str, ct_files: list[Path]
+    frontend: Frontend, dicomweb: str, headers: dict[str, str], ct_files: list[Path]
 ) -> None:
     writer = MultipartWriter()
     body = b"".join(writer.iter([dicom_part(p.read_bytes()) for p in ct_files[:3]]))
@@ -222,6 +233,7 @@ def test_a_client_that_goes_away_mid_body_leaves_nothing_stored_or_spooled(
     spool = frontend.cfg.storage.path / ".spool"
     head = (
         f"POST {url.path}/studies HTTP/1.1\r\nHost: {url.host}\r\nContent-Type: {writer.content_type}\r\n"
+        f"Authorization: {headers['Authorization']}\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     )
     with socket.create_connection((url.host, url.port or 80)) as sock:
@@ -254,21 +266,29 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 10) -> N
     ],
 )
 def test_a_malformed_or_unsupported_request_is_refused_with_a_message(
-    frontend: Frontend, dicomweb: str, content_type: str, body: bytes, status: int, message: str
+    frontend: Frontend,
+    dicomweb: str,
+    headers: dict[str, str],
+    content_type: str,
+    body: bytes,
+    status: int,
+    message: str,
 ) -> None:
-    r = httpx.post(f"{dicomweb}/studies", content=body, headers={"Content-Type": content_type}, timeout=30)
+    r = httpx.post(
+        f"{dicomweb}/studies", content=body, headers={"Content-Type": content_type, **headers}, timeout=30
+    )
     assert r.status_code == status, r.text
     assert message in r.text
     assert_nothing_stored(frontend)
 
 
 def test_storing_the_same_instance_twice_succeeds_without_a_second_copy(
-    frontend: Frontend, dicomweb: str, ct_files: list[Path]
+    frontend: Frontend, dicomweb: str, headers: dict[str, str], ct_files: list[Path]
 ) -> None:
     data = ct_files[0].read_bytes()
-    first = post(f"{dicomweb}/studies", [dicom_part(data)])
+    first = post(f"{dicomweb}/studies", [dicom_part(data)], headers)
     blobs = blob_files(frontend)
-    second = post(f"{dicomweb}/studies", [dicom_part(data)])
+    second = post(f"{dicomweb}/studies", [dicom_part(data)], headers)
 
     assert (first.status_code, second.status_code) == (200, 200)
     assert sequence(first, REFERENCED) == sequence(second, REFERENCED)
@@ -279,7 +299,7 @@ def test_storing_the_same_instance_twice_succeeds_without_a_second_copy(
 
 
 def test_a_large_chunked_body_is_streamed_not_held_in_memory(
-    frontend: Frontend, dicomweb: str, ct_files: list[Path], samples: Path
+    frontend: Frontend, dicomweb: str, headers: dict[str, str], ct_files: list[Path], samples: Path
 ) -> None:
     import tracemalloc
 
@@ -287,7 +307,7 @@ def test_a_large_chunked_body_is_streamed_not_held_in_memory(
     files = [dx, *ct_files, dx]  # the second DX is a duplicate: stored once, reported twice
     total = sum(p.stat().st_size for p in files)
     assert total > 25_000_000
-    warm_up = post(f"{dicomweb}/studies", [dicom_part(ct_files[0].read_bytes())])  # imports, caches
+    warm_up = post(f"{dicomweb}/studies", [dicom_part(ct_files[0].read_bytes())], headers)  # imports, caches
     assert warm_up.status_code == 200
 
     def read(path: Path) -> Iterator[bytes]:
@@ -302,7 +322,7 @@ def test_a_large_chunked_body_is_streamed_not_held_in_memory(
         r = httpx.post(
             f"{dicomweb}/studies",
             content=writer.iter(parts),
-            headers={"Content-Type": writer.content_type},
+            headers={"Content-Type": writer.content_type, **headers},
             timeout=120,
         )
         _, peak = tracemalloc.get_traced_memory()
@@ -468,8 +488,10 @@ def test_spool_parts_writes_each_body_to_a_file_and_cleans_up_on_error(tmp_path:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_warning_headers_are_ascii_and_name_the_part(frontend: Frontend, dicomweb: str) -> None:
-    r = post(f"{dicomweb}/studies", [dicom_part("不是 DICOM".encode())])
+def test_warning_headers_are_ascii_and_name_the_part(
+    frontend: Frontend, dicomweb: str, headers: dict[str, str]
+) -> None:
+    r = post(f"{dicomweb}/studies", [dicom_part("不是 DICOM".encode())], headers)
     assert r.status_code == 409
     assert r.headers["warning"].startswith('299 ybyx "part 1 (SOP Instance UID unknown): ')
     assert json.loads(r.content)[FAILED]["Value"][0][FAILURE_REASON] == {"vr": "US", "Value": [0xC000]}

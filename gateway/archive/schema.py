@@ -108,6 +108,14 @@ instances = Table(
     # DICOM JSON (PS3.18 F.2) of the header, bulk data as BulkDataURI: WADO-RS /metadata is
     # served from here without opening a file.
     Column("metadata_json", Text, nullable=False),
+    # Where the Pixel Data (7FE0,0010) value starts in the stored file (for encapsulated data: the
+    # Basic Offset Table item) and its length (NULL: undefined length, i.e. encapsulated), so
+    # WADO-RS frames are one range read without parsing the header. NULL offset (rows from before
+    # migration 0007, deflated or big-endian files, native 4:2:2 or float pixel data): frames
+    # parse the header instead (dicomweb/frames.py).
+    Column("pixel_offset", BigInteger),
+    Column("pixel_length", BigInteger),
+    Column("samples_per_pixel", Integer),
 )
 Index("ix_instances_series", instances.c.series_pk)
 
@@ -217,4 +225,72 @@ upload_monitoring = Table(
     Column("missing", Text, nullable=False),  # JSON list of SOP Instance UIDs (first 100)
     Column("checked_at", DateTime(timezone=True), nullable=False),
     Column("completed_at", DateTime(timezone=True)),
+)
+
+# ---- node identity: OAuth 2.0 client-credentials clients, issue 6 §1, R-SE-16 -----------------------
+
+# The clients that may obtain tokens from this node's token endpoint. The secret is never stored:
+# only its argon2id hash. A revoked client keeps its row (who it was stays known to the audit).
+oauth_clients = Table(
+    "oauth_clients",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("client_id", String(64), nullable=False, unique=True),
+    Column("name", String(64), nullable=False),
+    Column("secret_hash", String(255), nullable=False),
+    Column("scopes", Text, nullable=False),  # space-separated, the most a token may carry
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("secret_set_at", DateTime(timezone=True), nullable=False),
+    Column("revoked_at", DateTime(timezone=True)),
+)
+
+# ---- audit trail, issue 6 §4, R-SE-4 (gateway/audit.py) -------------------------------------------
+
+# A hash chain: seq 1, 2, 3 … without gaps; hash = SHA-256 of the canonical JSON of the other
+# columns (prev_hash included). Times are text (ISO 8601, UTC, microseconds) so every database
+# returns them exactly as hashed. Rows are only ever inserted.
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("time", String(32), nullable=False),
+    Column("event_type", String(32), nullable=False),
+    Column("actor", String(256), nullable=False),
+    Column("role", String(64), nullable=False),
+    Column("institution", String(64), nullable=False),
+    Column("resource", Text, nullable=False),
+    Column("result", String(16), nullable=False),
+    Column("source", String(256), nullable=False),
+    Column("detail", Text, nullable=False),  # canonical JSON object
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+)
+Index("ix_audit_log_time", audit_log.c.time)
+
+# PostgreSQL's audit outbox: a hot-path record is inserted here in the caller's transaction (no
+# lock, no extra commit) and chained into audit_log by the audit thread within a second.
+audit_pending = Table(
+    "audit_pending",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+    Column("time", String(32), nullable=False),
+    Column("event_type", String(32), nullable=False),
+    Column("actor", String(256), nullable=False),
+    Column("role", String(64), nullable=False),
+    Column("institution", String(64), nullable=False),
+    Column("resource", Text, nullable=False),
+    Column("result", String(16), nullable=False),
+    Column("source", String(256), nullable=False),
+    Column("detail", Text, nullable=False),
+)
+
+# Signed checkpoints (Ed25519 over seq, hash, time, key_id); also exported append-only.
+audit_checkpoints = Table(
+    "audit_checkpoints",
+    metadata,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("hash", String(64), nullable=False),
+    Column("time", String(32), nullable=False),
+    Column("key_id", String(16), nullable=False),
+    Column("signature", String(128), nullable=False),
 )

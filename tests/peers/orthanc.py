@@ -395,13 +395,17 @@ class OrthancPeer:
 
     # ---- the DICOMweb plugin as a client (``/dicom-web/servers/...``) ----------------------------
 
-    def set_dicomweb_server(self, name: str, url: str) -> None:
+    def set_dicomweb_server(self, name: str, url: str, headers: Mapping[str, str] | None = None) -> None:
         """Define a remote DICOMweb server at run time (``PUT /dicom-web/servers/{name}``).
 
         ``url`` is the DICOMweb root (``http://host:port/dicom-web``); the plugin wants it to end
         in ``/``. Kept in memory (``DicomWeb.ServersInDatabase`` is off), like ``set_modality``.
+        ``headers`` are sent with every request (``HttpHeaders``: e.g. a bearer token).
         """
-        self._call("PUT", f"/dicom-web/servers/{name}", json={"Url": url.rstrip("/") + "/"})
+        server: dict[str, Any] = {"Url": url.rstrip("/") + "/"}
+        if headers:
+            server["HttpHeaders"] = dict(headers)
+        self._call("PUT", f"/dicom-web/servers/{name}", json=server)
 
     def dicomweb_retrieve(self, server: str, study_uid: str, series_uid: str | None = None) -> dict[str, Any]:
         """Pull a study (or one series) from a DICOMweb server by WADO-RS into this Orthanc, synchronously.

@@ -1,0 +1,338 @@
+"""Event-driven reactors for the associations our SCP accepts (relies on pynetdicom 3.0.x internals).
+
+**Why.** pynetdicom runs two threads per association, and both poll:
+
+* the DUL reactor (``DULServiceProvider.run_reactor``) sleeps ``_run_loop_delay`` (1 ms) whenever
+  it found nothing to do, so the first PDU of a request and the response the association thread
+  queued for sending each wait up to ~1 ms (``time.sleep(0.001)`` is ~1.06 ms on Linux);
+* the association reactor (``Association._run_reactor``) sleeps a hard-coded 1 ms before every
+  look at the queue of decoded DIMSE messages, so a complete C-STORE request waits up to ~1 ms
+  more before its handler runs.
+
+With one association and dcmtk ``storescu`` (one request in flight) these waits add ~1.5–2 ms to
+every instance, about a fifth of the whole per-instance time measured before this module existed
+(``bench/ingest.py``; numbers in ``docs``/the issue-2 closing note). Setting the supported-looking
+knob ``dul._run_loop_delay = 0`` (a private attribute too) only turns the DUL sleep into a busy
+loop that burns a core and fights for the GIL; it cannot reach the association reactor's sleep.
+
+**What.** Two subclasses replace those two loops with waits that wake as soon as there is work:
+
+* :class:`_EventDUL` — ``run_reactor`` is pynetdicom 3.0.4's loop, line for line, except that the
+  idle ``time.sleep`` is ``select()`` on the association socket *and* a wake-up socket pair, with
+  a timeout (:data:`IDLE_WAIT`) so the ARTIM timer and kill flag are still looked at. ``send_pdu``,
+  ``kill_dul`` and ``stop_dul`` ring the wake-up socket. After every state-machine action that
+  left something for the association thread (a decoded DIMSE message, an A-RELEASE/A-ABORT
+  primitive) it sets the association's doorbell.
+* :class:`_EventAssociation` — ``_run_reactor`` is 3.0.4's loop, except that the 1 ms sleep is a
+  wait on that doorbell (an :class:`threading.Event`, with timeout :data:`IDLE_WAIT` for the
+  network-idle timer). The reactor counts as *paused* while it waits there: it touches no queue
+  until it has passed ``_reactor_checkpoint``, so threads that pause it to send on the association
+  (``release()``, ``abort()``, N-EVENT-REPORT for storage commitment) do not wait for a timeout.
+
+Nothing else changes: PDU decoding, the state machine, the chunked write of data sets, events and
+statuses are pynetdicom's own. Only associations accepted by :class:`dimse.server.DicomServer` get
+these classes (its request handler upgrades each new ``Association`` before its threads start);
+the library's classes are not patched, and our SCU associations are untouched.
+
+**Private pynetdicom attributes relied on** (all present in 3.0.0–3.0.4): ``Association._kill``,
+``_is_paused``, ``_reactor_checkpoint``, ``_dul_ready``, ``_serve_request``, ``dimse.msg_queue``;
+``DULServiceProvider._kill_thread``, ``_run_loop_delay``, ``_idle_timer``, ``event_queue``,
+``to_provider_queue``, ``to_user_queue``, ``_process_recv_primitive``, ``_is_transport_event``,
+``state_machine``; and ``threading.Thread._target`` (re-pointed at the subclass's reactor).
+
+**Version check.** :data:`ENABLED` is true only for pynetdicom 3.0.x (and unless the environment
+sets ``YBYX_DIMSE_FASTPATH=0``); otherwise :func:`request_handler` returns pynetdicom's own
+``RequestHandler`` and a warning is logged once: the SCP works as before, only slower. Covered by
+``tests/test_ingest_speed.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import select
+import socket
+import threading
+import time
+from typing import Any, cast
+
+import pynetdicom
+from pynetdicom import evt
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.transport import AssociationSocket, RequestHandler
+from pynetdicom.utils import make_target
+
+log = logging.getLogger(__name__)
+# The reactors log what pynetdicom's own would, under its logger.
+_pnd_log = logging.getLogger("pynetdicom")
+
+SUPPORTED = ("3.0.",)
+# Longest idle wait of either reactor: bounds how late an expired ARTIM or network-idle timer, or
+# a kill from another thread that did not ring, is noticed. Work wakes the reactors at once.
+IDLE_WAIT = 0.05
+
+
+def _supported(version: str) -> bool:
+    return version.startswith(SUPPORTED)
+
+
+ENABLED = _supported(pynetdicom.__version__) and os.environ.get("YBYX_DIMSE_FASTPATH", "1") != "0"
+
+
+class _EventDUL(DULServiceProvider):
+    """A DUL reactor that sleeps in ``select()`` on its socket and a wake-up socket pair."""
+
+    _wake_r: socket.socket | None
+    _wake_w: socket.socket | None
+    _bell: threading.Event
+
+    def _fast_init(self, bell: threading.Event) -> None:
+        self._bell = bell
+        try:
+            self._wake_r, self._wake_w = socket.socketpair()
+            self._wake_r.setblocking(False)
+            self._wake_w.setblocking(False)
+        except OSError:  # out of descriptors: fall back to the timed sleep
+            self._wake_r = self._wake_w = None
+        # Thread.__init__ bound the thread's target to DULServiceProvider.run_reactor.
+        self._target = make_target(self.run_reactor)
+
+    # ---- waking ------------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        w = self._wake_w
+        if w is not None:
+            with contextlib.suppress(OSError):  # full (rung already) or closed (reactor gone)
+                w.send(b"\0")
+
+    def send_pdu(self, primitive: Any) -> None:
+        super().send_pdu(primitive)
+        self._wake()
+
+    def kill_dul(self) -> None:
+        super().kill_dul()
+        self._wake()
+
+    def stop_dul(self) -> bool:
+        if self.state_machine.current_state == "Sta1":
+            self._kill_thread = True
+            self._wake()
+        return super().stop_dul()
+
+    def _idle_wait(self) -> None:
+        """Wait until the peer sent something, a primitive is queued, or :data:`IDLE_WAIT`."""
+        r = self._wake_r
+        sock = getattr(self.socket, "socket", None)
+        if r is None or sock is None:
+            time.sleep(self._run_loop_delay)
+            return
+        if self.to_provider_queue.queue or (hasattr(sock, "pending") and sock.pending()):
+            return  # work queued already / TLS has buffered bytes select() cannot see
+        try:
+            ready, _, _ = select.select([sock, r], [], [], IDLE_WAIT)
+        except (OSError, ValueError):  # socket closed under us: let the loop find out
+            return
+        if r in ready:
+            try:
+                while r.recv(4096):
+                    pass
+            except OSError:
+                pass
+
+    def _ring_assoc(self) -> None:
+        assoc = self.assoc
+        if assoc.dimse.msg_queue.queue or self.to_user_queue.queue or assoc._kill:
+            self._bell.set()
+
+    # ---- the reactor: pynetdicom 3.0.4 DULServiceProvider.run_reactor, waits replaced -----------
+
+    def run_reactor(self) -> None:
+        try:
+            self._run_event_reactor()
+        finally:
+            self._bell.set()  # the association thread checks dul.is_alive()
+            for s in (self._wake_r, self._wake_w):
+                if s is not None:
+                    s.close()
+
+    def _run_event_reactor(self) -> None:
+        self._idle_timer.start()
+        self.socket = cast(Any, self.socket)
+        sleep = False
+
+        while True:
+            if not self.assoc._dul_ready.is_set():
+                self.assoc._dul_ready.set()
+                sleep = True
+
+            if sleep:
+                self._idle_wait()
+
+            if self._kill_thread:
+                break
+
+            if self.artim_timer.expired:
+                self.event_queue.put("Evt18")
+
+            try:
+                if self._process_recv_primitive():
+                    pass
+                elif self._is_transport_event():
+                    self._idle_timer.restart()
+            except Exception as exc:
+                _pnd_log.error("Exception in DUL.run(), aborting association")
+                _pnd_log.exception(exc)
+                abort_pdu = A_ABORT_RQ()
+                abort_pdu.source = 0x02
+                abort_pdu.reason_diagnostic = 0x00
+                self.socket.send(abort_pdu.encode())
+                self.assoc.is_aborted = True
+                self.assoc.is_established = False
+                self.assoc._kill = True
+                self._kill_thread = True
+                return
+
+            try:
+                event = self.event_queue.get(block=False)
+            except queue.Empty:
+                sleep = True
+                continue
+
+            self.state_machine.do_action(event)
+            self._ring_assoc()
+            sleep = False
+
+
+class _BulkSocket(AssociationSocket):
+    """``recv`` fills one buffer with as few system calls as the kernel allows.
+
+    pynetdicom 3.0.4 reads a PDU in 4 KiB ``recv`` calls appended to a ``bytearray``: ~32 calls,
+    and as many GIL hand-overs, per 128 KiB P-DATA-TF PDU. Same contract: blocks until
+    ``nr_bytes`` arrived, returns fewer only when the peer closed the connection; socket errors and
+    timeouts propagate unchanged.
+    """
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        sock = cast(socket.socket, self.socket)
+        buf = bytearray(nr_bytes)
+        with memoryview(buf) as view:
+            got = 0
+            while got < nr_bytes:
+                n = sock.recv_into(view[got:], nr_bytes - got)
+                if not n:
+                    break
+                got += n
+        if got < nr_bytes:
+            del buf[got:]
+        return buf
+
+
+class _EventAssociation(Association):
+    """An acceptor whose reactor waits on a doorbell the DUL rings instead of polling every 1 ms."""
+
+    _bell: threading.Event
+
+    def kill(self) -> None:
+        super().kill()
+        self._bell.set()
+
+    # ---- pynetdicom 3.0.4 Association._run_reactor, the 1 ms sleep replaced -----------------------
+
+    def _run_reactor(self) -> None:
+        bell = self._bell
+        served = False
+        self._is_paused = False
+        while not self._kill:
+            # Idle wait: counts as paused (no queue is touched before the checkpoint below).
+            self._is_paused = True
+            if not served:
+                bell.wait(IDLE_WAIT)
+            bell.clear()
+            self._reactor_checkpoint.wait()
+            self._is_paused = False
+
+            context_id, msg = self.dimse.get_msg(block=False)
+            served = msg is not None
+            if msg:
+                self._serve_request(msg, cast(int, context_id))
+
+            if self.is_established and self.acse.is_release_requested():
+                self.acse.send_release(is_response=True)
+                _pnd_log.info("Association Released")
+                self.is_released = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_RELEASED, {})
+                self.kill()
+                return
+
+            if self.acse.is_aborted():
+                log_msg = "Association Aborted"
+                if self.acse.is_aborted("a-p-abort"):
+                    log_msg += " (A-P-ABORT)"
+                _pnd_log.info(log_msg)
+                self.dul.receive_pdu(wait=False)
+                self.is_aborted = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_ABORTED, {})
+                self.kill()
+                return
+
+            if not self.dul.is_alive():
+                self.kill()
+                return
+
+            if self.dul.idle_timer_expired():
+                _pnd_log.error("Network timeout reached")
+                if self.network_timeout_response == "A-RELEASE":
+                    self._is_paused = True
+                    self._reactor_checkpoint.wait()
+                    self.release()
+                    self._is_paused = False
+                else:
+                    self.abort()
+
+                self.kill()
+                return
+
+
+def upgrade(assoc: Association) -> Association:
+    """Give a new acceptor (threads not yet started) the event-driven reactors."""
+    if not ENABLED or assoc.is_alive() or assoc.dul.is_alive():
+        return assoc
+    bell = threading.Event()
+    assoc.__class__ = _EventAssociation
+    assoc._bell = bell  # type: ignore[attr-defined]
+    dul = assoc.dul
+    dul.__class__ = _EventDUL
+    if type(dul.socket) is AssociationSocket:
+        dul.socket.__class__ = _BulkSocket
+    cast(_EventDUL, dul)._fast_init(bell)
+    return assoc
+
+
+class EventRequestHandler(RequestHandler):
+    """pynetdicom's request handler, with each association upgraded by :func:`upgrade`."""
+
+    def _create_association(self) -> Association:
+        return upgrade(super()._create_association())
+
+
+_warned = False
+
+
+def request_handler() -> type[RequestHandler]:
+    """The request handler our SCP should use: the event-driven one if this pynetdicom allows."""
+    global _warned
+    if ENABLED:
+        return EventRequestHandler
+    if not _warned and not _supported(pynetdicom.__version__):
+        log.warning(
+            "pynetdicom %s is not 3.0.x: DIMSE fast path off (stock polling reactors)",
+            pynetdicom.__version__,
+        )
+        _warned = True
+    return RequestHandler

@@ -1,0 +1,393 @@
+"""The C-STORE fast path (issue 2 "Numbers"): what was changed for speed still behaves the same.
+
+* ``dimse/fastpath.py`` — event-driven association reactors (pynetdicom 3.0.x internals): the
+  version gate, that our SCP's associations really use them, and that echo, store, release, abort
+  and server shutdown still work on them (storage commitment on the same association, which pauses
+  the reactor from another thread, is covered by ``test_commitment.py``);
+* ``gateway/archive/record.py`` — the per-element memo: metadata JSON and catalog values identical
+  to pydicom's own conversion, cold and warm, over pydicom's bundled test files and our samples;
+* ``gateway/ingest.py`` — the header read from one probe equals a plain ``dcmread``, and the
+  worker-thread overlap stores the right bytes and leaks no descriptors.
+
+No timings are asserted (the machine is shared); ``bench/ingest.py`` measures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import MRImageStorage, Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import RequestHandler
+
+from dimse import fastpath
+from gateway.archive import record
+from gateway.archive.blobstore import FolderBlobStore
+from gateway.archive.catalog import Catalog
+from gateway.archive.record import BULK_THRESHOLD, InstanceRecord
+from gateway.frontend import Frontend
+from gateway.ingest import Accepted, Ingest, Refused, _read_header
+from gateway.sample import ct_series
+
+PYDICOM_FILES = sorted(
+    p for p in (Path(pydicom.__file__).parent / "data" / "test_files").rglob("*") if p.is_file()
+)
+
+
+# ---------------------------------------------------------------------------------------------- fastpath
+
+
+def test_fastpath_version_gate(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert fastpath._supported("3.0.0") and fastpath._supported("3.0.4")
+    assert not fastpath._supported("3.1.0") and not fastpath._supported("2.0.2")
+    # The installed pynetdicom is one the fast path was written against: if this fails after an
+    # upgrade, re-check dimse/fastpath.py against the new reactors before widening SUPPORTED.
+    assert fastpath._supported(pynetdicom_version()), pynetdicom_version()
+    monkeypatch.setattr(fastpath, "ENABLED", False)
+    assert fastpath.request_handler() is RequestHandler
+    monkeypatch.setattr(fastpath, "ENABLED", True)
+    assert fastpath.request_handler() is fastpath.EventRequestHandler
+
+
+def pynetdicom_version() -> str:
+    import pynetdicom
+
+    return str(pynetdicom.__version__)
+
+
+def _scu(*contexts: str) -> AE:
+    ae = AE(ae_title="SPEED_SCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    for cx in contexts:
+        ae.add_requested_context(cx, ExplicitVRLittleEndian)
+    return ae
+
+
+def _wait(predicate: Any, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return bool(predicate())
+
+
+def _active(fe: Frontend) -> list[Any]:
+    server = fe.dicom._server
+    assert server is not None
+    return list(server.active_associations)
+
+
+def test_scp_associations_use_event_reactors(frontend: Frontend, samples: Path) -> None:
+    files = sorted((samples / "02_MR_brain").iterdir())[:5]
+    assoc = _scu(Verification, MRImageStorage).associate("127.0.0.1", frontend.dicom_port, ae_title="YBYX")
+    assert assoc.is_established
+    try:
+        [theirs] = _active(frontend)
+        assert type(theirs) is fastpath._EventAssociation
+        assert type(theirs.dul) is fastpath._EventDUL
+        assert type(theirs.dul.socket) is fastpath._BulkSocket
+        for _ in range(50):  # request/response ping-pong: every wake-up path of both reactors
+            assert assoc.send_c_echo().Status == 0x0000
+        for path in files:
+            assert assoc.send_c_store(dcmread(path)).Status == 0x0000
+    finally:
+        started = time.monotonic()
+        assoc.release()
+    assert assoc.is_released and time.monotonic() - started < 2.0
+    assert _wait(lambda: not _active(frontend)), "the SCP's association threads did not end"
+    for path in files:
+        [inst] = frontend.archive.catalog.locate({"SOPInstanceUID": str(dcmread(path).SOPInstanceUID)})
+        assert inst.sha256  # catalogued
+
+
+def test_peer_abort_ends_the_association(frontend: Frontend) -> None:
+    aborted = threading.Event()
+    server = frontend.dicom._server
+    assert server is not None
+    server.bind(evt.EVT_ABORTED, lambda _event: aborted.set())
+    assoc = _scu(Verification).associate("127.0.0.1", frontend.dicom_port, ae_title="YBYX")
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0x0000
+    assoc.abort()
+    assert aborted.wait(5), "the SCP did not notice the A-ABORT"
+    assert _wait(lambda: not _active(frontend))
+
+
+def test_peer_vanishing_ends_the_association(frontend: Frontend) -> None:
+    assoc = _scu(Verification).associate("127.0.0.1", frontend.dicom_port, ae_title="YBYX")
+    assert assoc.is_established
+    assert assoc.dul.socket is not None
+    sock = assoc.dul.socket.socket
+    assert sock is not None
+    sock.shutdown(socket.SHUT_RDWR)  # the connection drops without A-RELEASE or A-ABORT
+    assert _wait(lambda: not _active(frontend)), "the SCP kept a dead association"
+    assoc.kill()
+
+
+def test_server_stops_with_an_association_open(start_frontend: Any) -> None:
+    """As with pynetdicom's own reactors: stopping the server does not wait for, or end, open
+    associations; they keep working until released."""
+    fe = start_frontend()
+    assoc = _scu(Verification).associate("127.0.0.1", fe.dicom_port, ae_title="YBYX")
+    assert assoc.is_established
+    started = time.monotonic()
+    fe.dicom.stop()
+    assert time.monotonic() - started < 5.0
+    assert assoc.send_c_echo().Status == 0x0000
+    assoc.release()
+    assert assoc.is_released
+
+
+def test_bulk_socket_reads_everything_or_what_came_before_eof() -> None:
+    a, b = socket.socketpair()
+    payload = os.urandom(300_000)
+    fake = SimpleNamespace(socket=b)
+
+    def send_slowly() -> None:
+        for i in range(0, len(payload), 70_001):
+            a.sendall(payload[i : i + 70_001])
+            time.sleep(0.005)
+        a.sendall(b"tail")
+        a.close()
+
+    writer = threading.Thread(target=send_slowly)
+    writer.start()
+    got = fastpath._BulkSocket.recv(fake, len(payload))  # type: ignore[arg-type]
+    assert isinstance(got, bytearray) and bytes(got) == payload
+    assert bytes(fastpath._BulkSocket.recv(fake, 100)) == b"tail"  # type: ignore[arg-type]
+    writer.join()
+    b.close()
+
+
+# ---------------------------------------------------------------------------------------------- record
+
+
+def _reference_json(ds: Dataset, *, study: str, series: str, sop: str, has_pixels: bool) -> str:
+    """The metadata JSON as it was computed before the memo: pydicom's to_json_dict, whole."""
+    base = f"studies/{study}/series/{series}/instances/{sop}/bulk"
+    doc = ds.to_json_dict(
+        bulk_data_threshold=BULK_THRESHOLD, bulk_data_element_handler=lambda e: f"{base}/{e.tag:08X}"
+    )
+    if has_pixels and "7FE00010" not in doc:
+        vr = "OW" if ds.get("BitsAllocated", 8) > 8 else "OB"
+        doc["7FE00010"] = {"vr": vr, "BulkDataURI": f"{base}/7FE00010"}
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
+
+
+def _all_files(samples: Path) -> list[Path]:
+    return PYDICOM_FILES + sorted(p for p in samples.rglob("*") if p.is_file())
+
+
+def test_metadata_json_is_pydicoms_cold_and_warm(samples: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.CRITICAL)
+    record._memo.clear()
+    compared = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for path in _all_files(samples):
+            for stop in (True, False):
+                try:
+                    reference = _reference_json(
+                        dcmread(path, stop_before_pixels=stop),
+                        study="1",
+                        series="2",
+                        sop="3",
+                        has_pixels=stop,
+                    )
+                except Exception:  # files pydicom itself cannot turn into JSON
+                    continue
+                for _pass in ("cold", "warm"):
+                    got = record.metadata_json(
+                        dcmread(path, stop_before_pixels=stop),
+                        study="1",
+                        series="2",
+                        sop="3",
+                        has_pixels=stop,
+                    )
+                    assert got == reference, f"{path.name} stop_before_pixels={stop} ({_pass})"
+                    compared += 1
+    assert compared > 300 and record._memo
+
+
+def _reference_record(ds: Dataset) -> dict[str, Any]:
+    """The catalog values as computed before the memo (plain pydicom attribute access)."""
+
+    def text(keyword: str, limit: int = 400) -> str:
+        value = ds.get(keyword)
+        if value is None:
+            return ""
+        if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+            return "\\".join(str(v) for v in value)[:limit]
+        return str(value)[:limit]
+
+    def integer(keyword: str) -> int | None:
+        value = ds.get(keyword)
+        if value is None or value == "":
+            return None
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            return None
+
+    return {
+        "patient_id": text("PatientID", 64),
+        "issuer": text("IssuerOfPatientID", 64),
+        "patient_name": text("PatientName"),
+        "birth_date": text("PatientBirthDate", 8),
+        "sex": text("PatientSex", 16),
+        "study_date": text("StudyDate", 8),
+        "study_time": text("StudyTime", 16),
+        "accession_number": text("AccessionNumber", 64),
+        "study_id": text("StudyID", 16),
+        "referring_physician": text("ReferringPhysicianName"),
+        "study_description": text("StudyDescription"),
+        "institution_name": text("InstitutionName"),
+        "modality": text("Modality", 16),
+        "series_number": integer("SeriesNumber"),
+        "series_description": text("SeriesDescription"),
+        "body_part": text("BodyPartExamined", 64),
+        "pps_start_date": text("PerformedProcedureStepStartDate", 8),
+        "pps_start_time": text("PerformedProcedureStepStartTime", 16),
+        "instance_number": integer("InstanceNumber"),
+        "rows": integer("Rows"),
+        "columns": integer("Columns"),
+        "bits_allocated": integer("BitsAllocated"),
+        "number_of_frames": integer("NumberOfFrames"),
+    }
+
+
+def test_catalog_values_are_pydicoms_cold_and_warm(samples: Path) -> None:
+    from datetime import UTC, datetime
+
+    record._memo.clear()
+    checked = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for path in _all_files(samples):
+            try:
+                ds = dcmread(path, stop_before_pixels=True)
+                InstanceRecord.identify(ds)
+                _reference_json(ds, study="1", series="2", sop="3", has_pixels=False)
+                expected = _reference_record(dcmread(path, stop_before_pixels=True))
+            except Exception:  # not an instance the catalog took before either
+                continue
+            for _pass in ("cold", "warm"):
+                rec = InstanceRecord.from_dataset(
+                    dcmread(path, stop_before_pixels=True),
+                    transfer_syntax=ExplicitVRLittleEndian,
+                    has_pixels=False,
+                    size=1,
+                    sha256="0" * 64,
+                    blob_key="k",
+                    received_at=datetime.now(UTC),
+                    source_ae="X",
+                )
+                got = {key: getattr(rec, key) for key in expected}
+                assert got == expected, f"{path.name} ({_pass})"
+                checked += 1
+    assert checked > 50
+
+
+def test_memo_is_bounded(monkeypatch: pytest.MonkeyPatch, samples: Path) -> None:
+    monkeypatch.setattr(record, "_MEMO_MAX_ENTRIES", 50)
+    record._memo.clear()
+    for path in sorted((samples / "02_MR_brain").iterdir()):
+        record.metadata_json(
+            dcmread(path, stop_before_pixels=True), study="1", series="2", sop="3", has_pixels=True
+        )
+        assert len(record._memo) <= 50
+
+
+# ---------------------------------------------------------------------------------------------- ingest
+
+
+def _plain_header(path: Path) -> tuple[Dataset, int | None]:
+    with path.open("rb") as fh:
+        ds = dcmread(fh, stop_before_pixels=True)
+        offset = fh.tell()
+        size = fh.seek(0, os.SEEK_END)
+    return ds, (offset if size > offset else None)
+
+
+def _big_header(src: Path, dst: Path) -> Path:
+    """``src`` with a 300 KB element before the pixel data: a header longer than the probe."""
+    ds = dcmread(src)
+    ds.add_new(0x00291010, "OB", os.urandom(300_000))
+    ds.add_new(0x00290010, "LO", "YBYX TEST")
+    ds.save_as(dst, enforce_file_format=True)
+    return dst
+
+
+def test_header_probe_equals_plain_read(samples: Path, tmp_path: Path) -> None:
+    ct = ct_series(tmp_path / "ct", slices=2)  # 526 KB: larger than the probe, header inside it
+    mr = sorted((samples / "02_MR_brain").iterdir())[0]  # smaller than the probe
+    cases = [*ct, mr, _big_header(ct[0], tmp_path / "big.dcm")]
+    cases += [p for p in PYDICOM_FILES if p.stat().st_size > 4096][:40]
+    compared = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for path in cases:
+            try:
+                expected = _plain_header(path)
+            except Exception:  # pydicom cannot read it: nothing to compare
+                continue
+            with path.open("rb") as fh:
+                got = _read_header(fh)
+            assert got[1] == expected[1], path.name
+            assert got[0] == expected[0], path.name
+            compared += 1
+    assert compared > 20
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_ingest_overlap_stores_the_right_bytes(tmp_path: Path) -> None:
+    catalog = Catalog.open(f"sqlite:///{tmp_path / 'catalog.db'}")
+    store = FolderBlobStore(tmp_path / "blobs")
+    ingest = Ingest(catalog, store, quarantine=tmp_path / "quarantine")
+    series = ct_series(tmp_path / "ct", slices=6)
+    spool = tmp_path / "blobs" / ".spool"
+    spool.mkdir()
+    try:
+        ingest_once = spool / "warm.dcm"
+        shutil.copyfile(series[0], ingest_once)
+        assert isinstance(ingest.accept_file(ingest_once, source="T"), Accepted)  # pool started
+        before = _fds()
+        for i, src in enumerate(series):
+            path = spool / f"{i}.dcm"
+            shutil.copyfile(src, path)
+            result = ingest.accept_file(path, source="T")
+            assert isinstance(result, Accepted), result
+            assert result.sha256 == hashlib.sha256(src.read_bytes()).hexdigest()
+            path.unlink()
+        truncated = spool / "cut.dcm"
+        truncated.write_bytes(series[1].read_bytes()[:-1000])
+        refused = ingest.accept_file(truncated, source="T")
+        assert isinstance(refused, Refused) and refused.kind == "malformed"
+        assert _fds() == before, "ingest left file descriptors open"
+        for src in series:
+            [inst] = catalog.locate(
+                {"SOPInstanceUID": str(dcmread(src, stop_before_pixels=True).SOPInstanceUID)}
+            )
+            assert hashlib.sha256(b"".join(store.get(inst.blob_key))).hexdigest() == inst.sha256
+    finally:
+        catalog.close()
