@@ -11,7 +11,7 @@
 
 With one association and dcmtk ``storescu`` (one request in flight) these waits add ~1.5–2 ms to
 every instance, about a fifth of the whole per-instance time measured before this module existed
-(``bench/ingest.py``; numbers in ``docs``/the issue-2 closing note). Setting the supported-looking
+(``bench/ingest.py``). Setting the supported-looking
 knob ``dul._run_loop_delay = 0`` (a private attribute too) only turns the DUL sleep into a busy
 loop that burns a core and fights for the GIL; it cannot reach the association reactor's sleep.
 
@@ -88,10 +88,14 @@ class _EventDUL(DULServiceProvider):
 
     _wake_r: socket.socket | None
     _wake_w: socket.socket | None
+    _wake_lock: threading.Lock
     _bell: threading.Event
 
     def _fast_init(self, bell: threading.Event) -> None:
         self._bell = bell
+        # Guards the wake-up sockets against being written while the reactor closes them (a
+        # closed descriptor number can be reused by another thread's file at once).
+        self._wake_lock = threading.Lock()
         try:
             self._wake_r, self._wake_w = socket.socketpair()
             self._wake_r.setblocking(False)
@@ -104,10 +108,11 @@ class _EventDUL(DULServiceProvider):
     # ---- waking ------------------------------------------------------------------------------
 
     def _wake(self) -> None:
-        w = self._wake_w
-        if w is not None:
-            with contextlib.suppress(OSError):  # full (rung already) or closed (reactor gone)
-                w.send(b"\0")
+        with self._wake_lock:
+            w = self._wake_w
+            if w is not None:
+                with contextlib.suppress(OSError):  # full: rung already
+                    w.send(b"\0")
 
     def send_pdu(self, primitive: Any) -> None:
         super().send_pdu(primitive)
@@ -134,7 +139,8 @@ class _EventDUL(DULServiceProvider):
             return  # work queued already / TLS has buffered bytes select() cannot see
         try:
             ready, _, _ = select.select([sock, r], [], [], IDLE_WAIT)
-        except (OSError, ValueError):  # socket closed under us: let the loop find out
+        except (OSError, ValueError):  # socket closed under us: the loop finds out; pace it as 3.0.4
+            time.sleep(self._run_loop_delay)
             return
         if r in ready:
             try:
@@ -155,9 +161,11 @@ class _EventDUL(DULServiceProvider):
             self._run_event_reactor()
         finally:
             self._bell.set()  # the association thread checks dul.is_alive()
-            for s in (self._wake_r, self._wake_w):
-                if s is not None:
-                    s.close()
+            with self._wake_lock:
+                for sock in (self._wake_r, self._wake_w):
+                    if sock is not None:
+                        sock.close()
+                self._wake_r = self._wake_w = None
 
     def _run_event_reactor(self) -> None:
         self._idle_timer.start()

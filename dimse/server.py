@@ -9,6 +9,7 @@ handed to :class:`gateway.ingest.Ingest` as a file: nothing is decoded in the ha
 from __future__ import annotations
 
 import logging
+import socket
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -55,6 +56,38 @@ _spool_lock = threading.Lock()
 
 
 class _NoDelayServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with TCP_NODELAY on every accepted socket.
+
+    With ``listen_socket`` it serves from a socket bound and listening elsewhere — e.g. one a
+    parent process opened and several SCP processes inherited, to share one DICOM port across
+    CPUs (each association is served by the process whose ``accept`` won). That socket is
+    non-blocking (a lost race must not stall the loop: socketserver ignores the OSError), and
+    closing the server closes this process's descriptor only, never ``shutdown()`` for all.
+    """
+
+    def __init__(self, *args: Any, listen_socket: socket.socket | None = None, **kwargs: Any) -> None:
+        self._adopted = listen_socket
+        super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        if self._adopted is None:
+            super().server_bind()
+            return
+        if self.socket is not None:
+            self.socket.close()  # the one socketserver made: the adopted socket is bound already
+        self.socket = self._adopted
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        if self._adopted is None:
+            super().server_activate()
+
+    def server_close(self) -> None:
+        if self._adopted is None:
+            super().server_close()
+        elif self.socket is not None:
+            self.socket.close()
+
     def get_request(self) -> Any:
         sock, addr = super().get_request()
         no_delay(sock)
@@ -122,8 +155,15 @@ class DicomServer:
             ae.add_supported_context(sop)
         return ae
 
-    def start(self) -> int:
-        """Start listening in the background; returns the bound port."""
+    def start(self, listen_socket: socket.socket | None = None) -> int:
+        """Start listening in the background; returns the bound port.
+
+        ``listen_socket``: serve from this socket, already bound and listening, instead of binding
+        ``cfg.host``/``cfg.port`` — for several front-end processes sharing one DICOM port (the
+        socket is made non-blocking: processes race to accept each association).
+        """
+        if listen_socket is not None:
+            listen_socket.setblocking(False)
         _config.STORE_RECV_CHUNKED_DATASET = True
         _config.UNRESTRICTED_STORAGE_SERVICE = self.cfg.accept_any_sop_class
         self.spool.mkdir(parents=True, exist_ok=True)
@@ -150,6 +190,7 @@ class DicomServer:
                 server_class=_NoDelayServer,
                 # event-driven association reactors instead of 1 ms polling (dimse/fastpath.py)
                 request_handler=fastpath.request_handler(),
+                listen_socket=listen_socket,
             ),
         )
         ae._servers.append(server)  # as start_server does, so server.shutdown() can deregister it

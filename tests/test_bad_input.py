@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -104,7 +105,11 @@ def test_unknown_calling_ae_is_rejected(
     )
     assert echo.returncode != 0
     assert "Calling AE Title Not Recognized" in echo.stderr
-    assert any("INTRUDER" in r.getMessage() and "rejected" in r.getMessage() for r in caplog.records)
+    # the SCP logs the rejection on its association thread, which may finish after echoscu exits
+    deadline = time.monotonic() + 5
+    while not any("INTRUDER" in r.getMessage() and "rejected" in r.getMessage() for r in caplog.records):
+        assert time.monotonic() < deadline, "rejection not logged"
+        time.sleep(0.05)
     ok = subprocess.run(
         [dcmtk("echoscu"), "-aet", "CT1", "-aec", "YBYX", "127.0.0.1", str(fe.dicom_port)],
         capture_output=True,

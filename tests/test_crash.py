@@ -98,7 +98,7 @@ def test_kill_9_mid_transfer_loses_no_acknowledged_instance(ct200: list[Path], t
     proc.wait(10)
     log, _ = sender.communicate(timeout=60)
     acked = acknowledged(log)
-    assert 40 <= len(acked) < len(ct200), f"{len(acked)} acknowledged: the kill did not land mid-transfer"
+    assert 30 <= len(acked) < len(ct200), f"{len(acked)} acknowledged: the kill did not land mid-transfer"
 
     # restart: the catalog opens cleanly and holds every acknowledged instance, intact
     proc = start(config)
