@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from api.center import routes as center_api
-from gateway.archive import Archive, ArchiveUnavailable
-from gateway.audit import AuditLog, start_audit, stop_audit
+from gateway.archive import Archive
+from gateway.audit import AuditLog
 from gateway.config import CenterConfig
 from gateway.exams import ExamBook
 from gateway.ingest import Ingest
+from gateway.node import NodeCore
 from gateway.security.node import NodeSecurity, default_node_id
 from gateway.web import HttpServer, build_app
 
@@ -17,54 +18,44 @@ from gateway.web import HttpServer, build_app
 @dataclass
 class Center:
     cfg: CenterConfig
-    archive: Archive
-    ingest: Ingest
+    core: NodeCore
     http: HttpServer
-    security: NodeSecurity
     http_port: int = 0
-    audit: AuditLog | None = None
 
     @classmethod
     def start(cls, cfg: CenterConfig) -> Center:
-        archive = Archive.open(cfg.storage, cfg.database)
-        try:
-            security = NodeSecurity.open(
-                cfg.security,
-                role="center",
-                node_id=cfg.security.issuer or default_node_id("center", cfg.province),
-                catalog=archive.catalog,
-            )
-        except ArchiveUnavailable:
-            archive.close()
-            raise
-        try:
-            audit = start_audit(cfg, archive.catalog)  # R-SE-4
-        except ArchiveUnavailable:
-            archive.close()
-            raise
-        ingest = Ingest(
-            archive.catalog,
-            archive.store,
-            quarantine=cfg.ingest.quarantine,
-            policy=cfg.ingest.on_conflict,
-            audit=audit,
+        core = NodeCore.open(
+            cfg, role="center", node_id=cfg.security.issuer or default_node_id("center", cfg.province)
         )
-        # beside the blobs by default, so stored parts are linked into place, not copied
-        spool = cfg.ingest.spool or cfg.storage.path / ".spool"
         app = build_app(
             "center",
-            archive,
-            ingest,
+            core.archive,
+            core.ingest,
             max_request_bytes=cfg.dicomweb.max_request_mb << 20,
-            spool=str(spool),
+            spool=str(core.spool),
             api_routes=list(center_api),
-            security=security,
-            state={"exams": ExamBook(archive.catalog), "audit": audit},
+            security=core.security,
+            state={"exams": ExamBook(core.archive.catalog), "audit": core.audit},
         )
-        center = cls(cfg, archive, ingest, HttpServer(app, cfg.http.host, cfg.http.port), security)
-        center.audit = audit
+        center = cls(cfg, core, HttpServer(app, cfg.http.host, cfg.http.port))
         center.http_port = center.http.start()
         return center
+
+    @property
+    def archive(self) -> Archive:
+        return self.core.archive
+
+    @property
+    def ingest(self) -> Ingest:
+        return self.core.ingest
+
+    @property
+    def security(self) -> NodeSecurity:
+        return self.core.security
+
+    @property
+    def audit(self) -> AuditLog:
+        return self.core.audit
 
     @property
     def url(self) -> str:
@@ -73,5 +64,4 @@ class Center:
 
     def stop(self) -> None:
         self.http.stop()
-        stop_audit(self.audit)
-        self.archive.close()
+        self.core.close()

@@ -13,12 +13,13 @@ from api.frontend import routes as frontend_api
 from dicomweb.client import DicomWebClient
 from dimse.server import DicomServer
 from gateway.archive import Archive, ArchiveUnavailable
-from gateway.audit import AuditLog, start_audit, stop_audit
+from gateway.audit import AuditLog
 from gateway.config import ForwardSection, FrontendConfig
 from gateway.exams import ExamBook
 from gateway.forwarder import Forwarder, ForwardPolicy
 from gateway.identity import load_key
 from gateway.ingest import Ingest
+from gateway.node import NodeCore
 from gateway.security.credentials import ClientCredentials, read_secret
 from gateway.security.node import NodeSecurity, default_node_id
 from gateway.web import HttpServer, build_app
@@ -61,15 +62,28 @@ class Frontend:
     """A running front-end: its archive, DICOM SCP, HTTP service and (if configured) forwarder."""
 
     cfg: FrontendConfig
-    archive: Archive
-    ingest: Ingest
+    core: NodeCore
     dicom: DicomServer
     http: HttpServer
-    security: NodeSecurity
     forwarder: Forwarder | None = None
     dicom_port: int = 0
     http_port: int = 0
-    audit: AuditLog | None = None
+
+    @property
+    def archive(self) -> Archive:
+        return self.core.archive
+
+    @property
+    def ingest(self) -> Ingest:
+        return self.core.ingest
+
+    @property
+    def security(self) -> NodeSecurity:
+        return self.core.security
+
+    @property
+    def audit(self) -> AuditLog:
+        return self.core.audit
 
     @classmethod
     def start(cls, cfg: FrontendConfig) -> Frontend:
@@ -79,31 +93,18 @@ class Frontend:
                 key = load_key(cfg.identity.key_file)
             except (OSError, ValueError) as exc:
                 raise ArchiveUnavailable("identity.key_file", str(exc)) from exc
-        forwarding = cfg.forward.center_url is not None
-        archive = Archive.open(cfg.storage, cfg.database, outbox=forwarding)
+        core = NodeCore.open(
+            cfg,
+            role="frontend",
+            node_id=cfg.security.issuer or default_node_id("frontend", cfg.institution),
+            outbox=cfg.forward.center_url is not None,
+        )
         try:
-            security = NodeSecurity.open(
-                cfg.security,
-                role="frontend",
-                node_id=cfg.security.issuer or default_node_id("frontend", cfg.institution),
-                catalog=archive.catalog,
-            )
             center_auth = _center_credentials(cfg.forward)
         except ArchiveUnavailable:
-            archive.close()
+            core.close()
             raise
-        try:
-            audit = start_audit(cfg, archive.catalog)  # R-SE-4
-        except ArchiveUnavailable:
-            archive.close()
-            raise
-        ingest = Ingest(
-            archive.catalog,
-            archive.store,
-            quarantine=cfg.ingest.quarantine,
-            policy=cfg.ingest.on_conflict,
-            audit=audit,
-        )
+        archive, audit, ingest, spool = core.archive, core.audit, core.ingest, core.spool
         exams = ExamBook(archive.catalog)
         forwarder = None
         if cfg.forward.center_url is not None:
@@ -123,8 +124,6 @@ class Frontend:
                 exams=exams,
                 audit=audit,
             )
-        # By default on the same file system as the blobs: stored files are linked, not copied.
-        spool = cfg.ingest.spool or cfg.storage.path / ".spool"
         server = DicomServer(cfg.dicom, ingest, archive.catalog, archive.store, spool, audit=audit)
         app = build_app(
             "frontend",
@@ -133,13 +132,12 @@ class Frontend:
             max_request_bytes=cfg.dicomweb.max_request_mb << 20,
             spool=str(spool),
             api_routes=list(frontend_api),
-            security=security,
+            security=core.security,
             extra_routes=[Route("/metrics", metrics)],
             state={"forwarder": forwarder, "exams": exams, "pseudonym_key": key, "audit": audit},
         )
         http = HttpServer(app, cfg.http.host, cfg.http.port)
-        fe = cls(cfg, archive, ingest, server, http, security, forwarder)
-        fe.audit = audit
+        fe = cls(cfg, core, server, http, forwarder)
         fe.dicom_port = server.start()
         fe.http_port = fe.http.start()
         if forwarder is not None:
@@ -151,5 +149,4 @@ class Frontend:
         if self.forwarder is not None:
             self.forwarder.stop()
         self.http.stop()
-        stop_audit(self.audit)
-        self.archive.close()
+        self.core.close()

@@ -1,0 +1,52 @@
+"""What every server role opens first, in one place: archive, node security, audit, ingest.
+
+The front-end and the center differ in what they add on top (DIMSE, forwarding, APIs); the order
+and the clean-up on failure (a half-opened node closes what it opened) are the same and live here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.archive import Archive, ArchiveUnavailable
+from gateway.audit import AuditLog, start_audit, stop_audit
+from gateway.config import CenterConfig, FrontendConfig
+from gateway.ingest import Ingest
+from gateway.security.node import NodeSecurity
+
+
+@dataclass
+class NodeCore:
+    archive: Archive
+    security: NodeSecurity
+    audit: AuditLog
+    ingest: Ingest
+    spool: Path
+
+    @classmethod
+    def open(
+        cls, cfg: FrontendConfig | CenterConfig, *, role: str, node_id: str, outbox: bool = False
+    ) -> NodeCore:
+        """Open in order; on any failure, close what was opened and re-raise."""
+        archive = Archive.open(cfg.storage, cfg.database, outbox=outbox)
+        try:
+            security = NodeSecurity.open(cfg.security, role=role, node_id=node_id, catalog=archive.catalog)
+            audit = start_audit(cfg, archive.catalog)  # R-SE-4
+        except ArchiveUnavailable:
+            archive.close()
+            raise
+        ingest = Ingest(
+            archive.catalog,
+            archive.store,
+            quarantine=cfg.ingest.quarantine,
+            policy=cfg.ingest.on_conflict,
+            audit=audit,
+        )
+        # beside the blobs by default: received files are linked into place, not copied
+        spool = cfg.ingest.spool or cfg.storage.path / ".spool"
+        return cls(archive, security, audit, ingest, spool)
+
+    def close(self) -> None:
+        stop_audit(self.audit)
+        self.archive.close()
