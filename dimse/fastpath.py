@@ -25,9 +25,22 @@ loop that burns a core and fights for the GIL; it cannot reach the association r
   primitive) it sets the association's doorbell.
 * :class:`_EventAssociation` — ``_run_reactor`` is 3.0.4's loop, except that the 1 ms sleep is a
   wait on that doorbell (an :class:`threading.Event`, with timeout :data:`IDLE_WAIT` for the
-  network-idle timer). The reactor counts as *paused* while it waits there: it touches no queue
-  until it has passed ``_reactor_checkpoint``, so threads that pause it to send on the association
-  (``release()``, ``abort()``, N-EVENT-REPORT for storage commitment) do not wait for a timeout.
+  network-idle timer). A thread that pauses the reactor to send on the association (``release()``,
+  ``abort()``, N-EVENT-REPORT for storage commitment) clears ``_reactor_checkpoint``, which here
+  also rings the doorbell (:class:`_Checkpoint`): the reactor reaches its pause point at once, and
+  is paused *only* there, as in 3.0.4. (Counting the idle wait as paused looked equivalent but was
+  not: a commitment report could then take the association before the reactor had seen the
+  modality's A-RELEASE-RQ that had just arrived, and the release response then crossed the abort
+  that followed the report's timeout — an InvalidEventError in the DUL thread, 3 runs in 6 of
+  ``test_commitment``'s hang-up test.)
+
+One deliberate difference: in Sta13 (the association is over, awaiting the transport close) a local
+A-RELEASE response or A-ABORT request (Evt14, Evt15) is dropped with a log line instead of raising
+``InvalidEventError`` and ending the DUL thread with a traceback. It happens when a thread that
+paused the reactor to send on the association (storage commitment's N-EVENT-REPORT) times out
+while the peer was releasing: the reactor answers the release and the timed-out sender aborts, both
+for an association already closing. Faster responses made that race visible in ``test_commitment``
+(modality hangs up right after its N-ACTION); 3.0.4's thread would die the same way on that timing.
 
 Nothing else changes: PDU decoding, the state machine, the chunked write of data sets, events and
 statuses are pynetdicom's own. Only associations accepted by :class:`dimse.server.DicomServer` get
@@ -62,6 +75,7 @@ import pynetdicom
 from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.fsm import InvalidEventError
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket, RequestHandler
 from pynetdicom.utils import make_target
@@ -81,6 +95,11 @@ def _supported(version: str) -> bool:
 
 
 ENABLED = _supported(pynetdicom.__version__) and os.environ.get("YBYX_DIMSE_FASTPATH", "1") != "0"
+
+
+def _moot(event: str, state: str) -> bool:
+    """A local release response / abort request for an association already awaiting close."""
+    return state == "Sta13" and event in ("Evt14", "Evt15")
 
 
 class _EventDUL(DULServiceProvider):
@@ -210,7 +229,12 @@ class _EventDUL(DULServiceProvider):
                 sleep = True
                 continue
 
-            self.state_machine.do_action(event)
+            try:
+                self.state_machine.do_action(event)
+            except InvalidEventError:
+                if not _moot(event, self.state_machine.current_state):
+                    raise
+                _pnd_log.info("%s after the association ended (Sta13): nothing left to do", event)
             self._ring_assoc()
             sleep = False
 
@@ -239,6 +263,19 @@ class _BulkSocket(AssociationSocket):
         return buf
 
 
+class _Checkpoint(threading.Event):
+    """``Association._reactor_checkpoint`` that wakes the reactor when a thread asks it to pause."""
+
+    def __init__(self, bell: threading.Event) -> None:
+        super().__init__()
+        self._bell = bell
+        self.set()
+
+    def clear(self) -> None:
+        super().clear()
+        self._bell.set()
+
+
 class _EventAssociation(Association):
     """An acceptor whose reactor waits on a doorbell the DUL rings instead of polling every 1 ms."""
 
@@ -255,11 +292,12 @@ class _EventAssociation(Association):
         served = False
         self._is_paused = False
         while not self._kill:
-            # Idle wait: counts as paused (no queue is touched before the checkpoint below).
-            self._is_paused = True
             if not served:
-                bell.wait(IDLE_WAIT)
+                bell.wait(IDLE_WAIT)  # was: time.sleep(0.001)
             bell.clear()
+
+            # 3.0.4: a thread that wants to use the association pauses the reactor here
+            self._is_paused = True
             self._reactor_checkpoint.wait()
             self._is_paused = False
 
@@ -314,6 +352,7 @@ def upgrade(assoc: Association) -> Association:
     bell = threading.Event()
     assoc.__class__ = _EventAssociation
     assoc._bell = bell  # type: ignore[attr-defined]
+    assoc._reactor_checkpoint = _Checkpoint(bell)
     dul = assoc.dul
     dul.__class__ = _EventDUL
     if type(dul.socket) is AssociationSocket:

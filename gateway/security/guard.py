@@ -206,6 +206,8 @@ class Guard:
                 await self._deny(send, 401, "invalid_token", str(exc), scope)
                 return
             principal = Principal.of(claims)
+        # known from here on, so a 403 is audited with who asked, not as anonymous
+        scope.setdefault("state", {})["principal"] = principal
         needed = required_scope(method, path, self.rules)
         if needed is None:
             await self._deny(send, 403, "insufficient_scope", "no access rule covers this request", scope)
@@ -214,7 +216,6 @@ class Guard:
             why = f"this request needs scope {needed}"
             await self._deny(send, 403, "insufficient_scope", why, scope, needed)
             return
-        scope.setdefault("state", {})["principal"] = principal
         await self.app(scope, receive, send)
 
     @staticmethod
