@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.routing import Mount, Route
 
@@ -68,10 +67,3 @@ def routes() -> list[Route | Mount]:
         Route(f"{i}/thumbnail", wado.thumbnail, methods=["GET"]),
         Route(f"{i}/frames/{{frames}}/thumbnail", wado.thumbnail, methods=["GET"]),
     ]
-
-
-def create_app(ctx: DicomWebContext, *, root: str = "/dicom-web") -> Starlette:
-    """A Starlette app serving DICOMweb for one archive at ``root``."""
-    app = Starlette(routes=[Mount(root, routes=routes())])
-    app.state.dicomweb = ctx
-    return app

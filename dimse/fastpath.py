@@ -77,6 +77,7 @@ from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.fsm import InvalidEventError
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT, A_RELEASE
 from pynetdicom.transport import AssociationSocket, RequestHandler
 from pynetdicom.utils import make_target
 
@@ -168,6 +169,18 @@ class _EventDUL(DULServiceProvider):
             except OSError:
                 pass
 
+    def _drop_moot(self, event: str) -> None:
+        """Discard the queued primitive behind a moot Evt14/Evt15 (its FSM action would have)."""
+        kinds: tuple[type, ...] = (A_RELEASE,) if event == "Evt14" else (A_ABORT, A_P_ABORT)
+        try:
+            head = self.to_provider_queue.queue[0]
+        except IndexError:
+            return
+        if isinstance(head, kinds):
+            with contextlib.suppress(queue.Empty):
+                self.to_provider_queue.get(block=False)
+        _pnd_log.info("%s after the association ended (Sta13): nothing left to do", event)
+
     def _ring_assoc(self) -> None:
         assoc = self.assoc
         if assoc.dimse.msg_queue.queue or self.to_user_queue.queue or assoc._kill:
@@ -234,7 +247,7 @@ class _EventDUL(DULServiceProvider):
             except InvalidEventError:
                 if not _moot(event, self.state_machine.current_state):
                     raise
-                _pnd_log.info("%s after the association ended (Sta13): nothing left to do", event)
+                self._drop_moot(event)
             self._ring_assoc()
             sleep = False
 

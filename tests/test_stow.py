@@ -196,12 +196,21 @@ def test_content_digest_is_verified_before_anything_is_stored(
 
 
 def test_a_body_over_the_limit_is_refused_with_413_and_nothing_stored(
-    frontend: Frontend, ct_files: list[Path]
+    frontend: Frontend, ct_files: list[Path], headers: dict[str, str]
 ) -> None:
-    from dicomweb.app import DicomWebContext, create_app
+    from gateway.web import build_app
     from tests.peers.http import serve
 
-    app = create_app(DicomWebContext(frontend.archive, frontend.ingest, max_request_bytes=1000))
+    # the front-end's own app (guard included), with a tiny body limit
+    app = build_app(
+        "frontend",
+        frontend.archive,
+        frontend.ingest,
+        max_request_bytes=1000,
+        spool=str(frontend.cfg.storage.path / ".spool"),
+        api_routes=[],
+        security=frontend.security,
+    )
     writer = MultipartWriter()
     body = b"".join(writer.iter([dicom_part(ct_files[0].read_bytes())]))
 
@@ -211,10 +220,10 @@ def test_a_body_over_the_limit_is_refused_with_413_and_nothing_stored(
 
     with serve(app) as base:
         url = f"{base}/dicom-web/studies"
-        headers = {"Content-Type": writer.content_type}
-        declared = httpx.post(url, content=body, headers=headers, timeout=30)
-        streamed = httpx.post(url, content=chunked(), headers=headers, timeout=30)
-        small = httpx.post(url, content=body[:900], headers=headers, timeout=30)
+        sent = {**headers, "Content-Type": writer.content_type}
+        declared = httpx.post(url, content=body, headers=sent, timeout=30)
+        streamed = httpx.post(url, content=chunked(), headers=sent, timeout=30)
+        small = httpx.post(url, content=body[:900], headers=sent, timeout=30)
 
     assert declared.status_code == 413, declared.text
     assert "Content-Length" in declared.text and "1000 bytes" in declared.text
