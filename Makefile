@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 # Debian packages the tests talk to (real DICOM peers).
-APT_PKGS := dcmtk orthanc orthanc-dicomweb
+APT_PKGS := dcmtk orthanc orthanc-dicomweb chromium
 
 .PHONY: setup apt run test lint typecheck pytest bench clean
 

@@ -155,6 +155,28 @@ def test_server_stops_with_an_association_open(start_frontend: Any) -> None:
     assert assoc.is_released
 
 
+def test_moot_release_or_abort_after_the_end_is_dropped_once() -> None:
+    """Sta13 + a local A-RELEASE response / A-ABORT (a paused sender timed out while the peer
+    released): the primitive is discarded (else the reactor would see it again forever)."""
+    import queue as queue_module
+
+    from pynetdicom.pdu_primitives import A_ABORT, A_RELEASE
+
+    assert fastpath._moot("Evt15", "Sta13") and fastpath._moot("Evt14", "Sta13")
+    assert not fastpath._moot("Evt15", "Sta6") and not fastpath._moot("Evt9", "Sta13")
+    provider: queue_module.Queue[Any] = queue_module.Queue()
+    fake = SimpleNamespace(to_provider_queue=provider)
+    provider.put(A_ABORT())
+    fastpath._EventDUL._drop_moot(fake, "Evt15")  # type: ignore[arg-type]
+    assert provider.empty()
+    release = A_RELEASE()
+    provider.put(release)
+    fastpath._EventDUL._drop_moot(fake, "Evt15")  # type: ignore[arg-type]  # not its primitive
+    assert provider.queue[0] is release
+    fastpath._EventDUL._drop_moot(fake, "Evt14")  # type: ignore[arg-type]
+    assert provider.empty()
+
+
 def test_bulk_socket_reads_everything_or_what_came_before_eof() -> None:
     a, b = socket.socketpair()
     payload = os.urandom(300_000)

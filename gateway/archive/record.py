@@ -52,7 +52,7 @@ _MEMO_VRS = frozenset(
     | {"SV", "TM", "UC", "UI", "UL", "UR", "US", "UT", "UV"}
 )
 _MEMO_MAX_VALUE = 512  # bytes; longer values are converted every time
-_MEMO_MAX_ENTRIES = 16384
+_MEMO_MAX_ENTRIES = 4096  # ~2 MiB at most; per-instance values (UIDs, positions) churn through it
 _memo: dict[tuple[Any, ...], Any] = {}
 _MISSING = object()
 
