@@ -5,9 +5,9 @@ BIN := $(VENV)/bin
 # Debian packages the tests talk to (real DICOM peers).
 APT_PKGS := dcmtk orthanc orthanc-dicomweb chromium
 
-.PHONY: setup apt run test lint typecheck pytest bench clean
+.PHONY: setup apt viewer run test lint typecheck pytest bench clean
 
-setup: $(VENV)/.installed apt
+setup: $(VENV)/.installed apt viewer
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,6 +24,21 @@ apt:
 	  $$SUDO apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
+
+# The web viewer (issue 7): npm ci when the lock file changed, vite build when a source did;
+# nothing when both stamps are newer (fast and idempotent). dist/ and node_modules/ are not in git.
+VIEWER := viewer_assets
+VIEWER_SRC := $(VIEWER)/package.json $(VIEWER)/vite.config.js $(VIEWER)/index.html $(wildcard $(VIEWER)/src/*)
+
+viewer: $(VIEWER)/dist/.built
+
+$(VIEWER)/node_modules/.installed: $(VIEWER)/package-lock.json
+	cd $(VIEWER) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+$(VIEWER)/dist/.built: $(VIEWER)/node_modules/.installed $(VIEWER_SRC)
+	cd $(VIEWER) && npm run build --silent -- --logLevel error
+	touch $@
 
 run: setup
 	$(BIN)/ybyx demo -c config/demo.toml

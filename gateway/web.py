@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Mount, Route
 
+from api.viewer import routes as viewer_routes
 from dicomweb.app import DicomWebContext
 from dicomweb.app import routes as dicomweb_routes
 from dicomweb.audit_hook import AuditHook
@@ -54,6 +55,7 @@ def build_app(
             Mount("/api/v1", routes=api_routes),
             Route("/healthz", _health),
             *security.routes(),
+            *viewer_routes(),  # static, public: the viewer (issue 7); its data comes via /dicom-web
             *(extra_routes or []),
         ],
         middleware=[Middleware(Guard, security=security)],

@@ -70,6 +70,15 @@ ROOT = Path(__file__).resolve().parents[1]
 Node = Frontend | Center
 DUMMY = {"study": "1.2.840.99.1", "series": "1.2.840.99.1.2", "sop": "1.2.840.99.1.2.3"}
 PARAM = re.compile(r"\{(\w+)(?::\w+)?\}")
+# The viewer's static files (api/viewer.py, issue 7), public as the guard's PUBLIC_STATIC_PREFIX
+# says: the program, no patient data (tests/test_viewer_serving.py checks what they hold).
+VIEWER_STATIC = {
+    ("GET", "/viewer"),
+    ("GET", "/viewer/"),
+    ("GET", "/viewer/config.json"),
+    ("GET", "/viewer/1.2.840.99.9"),
+}
+OPEN = PUBLIC | VIEWER_STATIC
 
 
 # ---- walking the routes --------------------------------------------------------------------------
@@ -128,7 +137,7 @@ def test_every_route_needs_a_token_except_the_public_ones(nodes: list[Node]) -> 
         public_seen = set()
         for method, path in routes_of(node):
             r = call(node, method, path)
-            if (method, path) in PUBLIC:
+            if (method, path) in OPEN:
                 public_seen.add((method, path))
                 assert r.status_code != 401, (method, path)
                 continue
@@ -137,7 +146,7 @@ def test_every_route_needs_a_token_except_the_public_ones(nodes: list[Node]) -> 
             # HEAD of a GET route is guarded alike
             if method == "GET":
                 assert call(node, "HEAD", path).status_code == 401, path
-        assert public_seen == PUBLIC, node.security.role
+        assert public_seen == OPEN, node.security.role
         # a path no route has: still 401 without a token (nothing learned about what exists)
         assert call(node, "GET", "/no/such/route").status_code == 401
         assert call(node, "DELETE", "/dicom-web/studies").status_code == 401
@@ -147,7 +156,7 @@ def test_every_route_is_covered_by_the_one_table(nodes: list[Node]) -> None:
     for node in nodes:
         needed = set()
         for method, path in routes_of(node):
-            if (method, path) in PUBLIC:
+            if (method, path) in OPEN:
                 continue
             scope = required_scope(method, path)
             assert scope is not None, f"{method} {path}: no rule in guard.RULES (it would be denied)"
@@ -181,7 +190,7 @@ def test_a_token_without_the_routes_scope_gets_403_and_with_it_gets_through(node
     for node in nodes:
         everything = set(node.security.scopes)
         for method, path in routes_of(node):
-            if (method, path) in PUBLIC:
+            if (method, path) in OPEN:
                 continue
             needed = required_scope(method, path)
             assert needed is not None
@@ -246,7 +255,7 @@ def test_bad_tokens_get_401_on_every_route(nodes: list[Node]) -> None:
     for node, other in ((fe, center), (center, fe)):
         tokens = bad_tokens(node, other)
         for method, path in routes_of(node):
-            if (method, path) in PUBLIC:
+            if (method, path) in OPEN:
                 continue
             for name, bad in tokens.items():
                 r = call(node, method, path, {"Authorization": f"Bearer {bad}"})

@@ -112,6 +112,12 @@ PUBLIC: frozenset[tuple[str, str]] = frozenset(
     {("GET", "/healthz"), ("POST", "/oauth/token"), ("GET", "/.well-known/jwks.json")}
 )
 
+# The web viewer's static files (api/viewer.py, issue 7): GET only, ``/viewer`` and everything
+# below ``/viewer/``. Public because they are the viewer *program* and display settings and carry
+# no patient data; every image and header the viewer shows comes through the DICOMweb routes
+# above, with the user's bearer token, checked here like any other request.
+PUBLIC_STATIC_PREFIX = "/viewer"
+
 # The scopes each role's routes use (what `ybyx clients add` may grant there).
 ROLE_SCOPES: dict[str, frozenset[str]] = {
     "frontend": frozenset({STOW, QIDO, WADO, "api:forwarding", "api:exams", "api:monitoring", "metrics"}),
@@ -124,7 +130,10 @@ def _method(method: str) -> str:
 
 
 def is_public(method: str, path: str) -> bool:
-    return (_method(method), path) in PUBLIC
+    method = _method(method)
+    if method == "GET" and (path == PUBLIC_STATIC_PREFIX or path.startswith(PUBLIC_STATIC_PREFIX + "/")):
+        return True
+    return (method, path) in PUBLIC
 
 
 def required_scope(method: str, path: str, rules: Iterable[Rule] = RULES) -> str | None:

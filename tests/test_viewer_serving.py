@@ -1,0 +1,98 @@
+"""The viewer's static route (issue 7 §1, R-FE-1): public program files, data only via DICOMweb.
+
+No browser here (tests/test_viewer.py drives Chromium): what the node serves at ``/viewer/`` on
+both roles, how it is cached and compressed, that nothing outside the built bundle is reachable
+through it, that the guard's public prefix covers exactly GET under ``/viewer``, and that
+``config/viewer.toml`` is validated with the key named.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from api.viewer import DIST, SETTINGS, ViewerSettingsError, load_settings
+from gateway.center import Center
+from gateway.frontend import Frontend
+from gateway.security.guard import is_public
+from tests.conftest import auth, node_url
+
+
+def test_the_public_prefix_is_exactly_get_under_viewer() -> None:
+    for path in ("/viewer", "/viewer/", "/viewer/assets/index-abc.js", "/viewer/config.json"):
+        assert is_public("GET", path) and is_public("HEAD", path), path
+    for method, path in (
+        ("POST", "/viewer/"),
+        ("PUT", "/viewer/config.json"),
+        ("GET", "/viewerx"),
+        ("GET", "/viewer-admin/x"),
+        ("GET", "/dicom-web/studies"),
+        ("GET", "/api/v1/viewer/"),
+    ):
+        assert not is_public(method, path), (method, path)
+
+
+def test_both_roles_serve_the_viewer_and_keep_data_behind_the_guard(
+    start_frontend: Callable[..., Frontend], start_center: Callable[..., Center]
+) -> None:
+    assert (DIST / "index.html").is_file(), "viewer not built: make setup"
+    for node in (start_frontend(), start_center()):
+        base = node_url(node)
+        with httpx.Client(timeout=30) as http:
+            page = http.get(f"{base}/viewer/?study=1.2.3")
+            assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+            assert page.headers["cache-control"] == "no-cache"
+            assert page.headers["referrer-policy"] == "no-referrer"
+            scripts = re.findall(r'src="(/viewer/assets/[^"]+\.js)"', page.text)
+            assert scripts, page.text
+            js = http.get(f"{base}{scripts[0]}", headers={"Accept-Encoding": "gzip"})
+            assert js.status_code == 200 and js.headers["content-encoding"] == "gzip"
+            assert js.headers["cache-control"] == "public, max-age=31536000, immutable"
+            assert js.headers["content-type"].startswith("text/javascript")
+            plain = http.get(f"{base}{scripts[0]}", headers={"Accept-Encoding": "identity"})
+            assert "content-encoding" not in plain.headers and plain.content == js.content
+            wasm = [p for p in (DIST / "assets").iterdir() if p.suffix == ".wasm"]
+            assert wasm, "codecs missing from the bundle"
+            r = http.get(f"{base}/viewer/assets/{wasm[0].name}")
+            assert r.status_code == 200 and r.headers["content-type"] == "application/wasm"
+            # the site settings, as JSON
+            cfg = http.get(f"{base}/viewer/config.json")
+            assert cfg.status_code == 200 and cfg.json() == load_settings(SETTINGS)
+            assert cfg.json()["presets"]["CT"]["lung"] == {"window": 1500, "level": -600, "key": "1"}
+            # /viewer → /viewer/ with the query kept
+            r = http.get(f"{base}/viewer?study=1.2.3")
+            assert r.status_code == 308 and r.headers["location"] == "/viewer/?study=1.2.3"
+            # nothing outside the bundle, nothing unknown inside it
+            for path in (
+                "/viewer/../pyproject.toml",
+                "/viewer/%2e%2e/pyproject.toml",
+                "/viewer/assets/nope.js",
+            ):
+                r = http.get(f"{base}{path}")  # (the client folds a literal '..' itself: 401)
+                assert r.status_code in (401, 404) and "[project]" not in r.text, path
+            assert http.get(f"{base}/viewer/%2e%2e/pyproject.toml").status_code == 404  # reached us
+            # data still needs a token; with one it is there
+            assert http.get(f"{base}/dicom-web/studies").status_code == 401
+            assert http.get(f"{base}/dicom-web/studies", headers=auth(node, "qido")).status_code in (200, 204)
+            # only GET: other methods on viewer paths meet the guard
+            assert http.post(f"{base}/viewer/").status_code == 401
+
+
+def test_viewer_settings_errors_name_the_key(tmp_path: Path) -> None:
+    bad = {
+        'toolbar = { position = "left" }': "toolbar.position",
+        "[presets.CT]\nlung = { window = 0, level = -600 }": "presets.CT.lung.window",
+        '[presets.CT]\nlung = { window = "wide", level = 1 }': "presets.CT.lung",
+        'embed = { origins = "https://his" }': "embed.origins",
+        "toolbar = [": "viewer.toml",
+    }
+    for text, key in bad.items():
+        path = tmp_path / "viewer.toml"
+        path.write_text(text)
+        with pytest.raises(ViewerSettingsError, match=re.escape(key)):
+            load_settings(path)
+    assert load_settings(tmp_path / "absent.toml") == {}

@@ -1,0 +1,42 @@
+// The node's own DICOMweb routes (same origin), always with the session's credentials.
+import { authHeaders } from './session.js';
+
+export const ROOT = `${window.location.origin}/dicom-web`;
+
+async function get(path, accept = 'application/dicom+json') {
+  const r = await fetch(`${ROOT}${path}`, { headers: { Accept: accept, ...authHeaders() } });
+  if (!r.ok) {
+    const text = await r.text().catch(() => '');
+    throw new Error(`${r.status} ${r.statusText} for ${path}${text ? `: ${text.slice(0, 200)}` : ''}`);
+  }
+  return r;
+}
+
+export async function json(path) {
+  const r = await get(path);
+  if (r.status === 204) return [];
+  return r.json();
+}
+
+export const searchSeries = (study) => json(`/studies/${study}/series`);
+export const seriesMetadata = (study, series) => json(`/studies/${study}/series/${series}/metadata`);
+export const studyInfo = async (study) => (await json(`/studies?StudyInstanceUID=${study}&includefield=all`))[0];
+
+/** A thumbnail as an object URL (an <img src> cannot carry the Authorization header). */
+export async function thumbnailUrl(study, series) {
+  const r = await get(`/studies/${study}/series/${series}/thumbnail?viewport=128,128`, 'image/jpeg, image/png');
+  return URL.createObjectURL(await r.blob());
+}
+
+/** The first value of a DICOM JSON attribute (tag as 8 hex digits), or undefined. */
+export function value(ds, tag) {
+  const v = ds?.[tag]?.Value;
+  if (!v || !v.length) return undefined;
+  const first = v[0];
+  if (first && typeof first === 'object' && 'Alphabetic' in first) return first.Alphabetic;
+  return first;
+}
+
+export function values(ds, tag) {
+  return ds?.[tag]?.Value ?? [];
+}

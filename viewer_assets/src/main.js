@@ -1,0 +1,238 @@
+// ybyx viewer entry (issue 7; R-RT-5, R-CE-8, R-PF-1, R-FE-1). Only what the first image needs is
+// loaded here — Cornerstone core, the DICOM image loader (its codecs load in the decode worker on
+// demand) and the overlay; tools, MPR/MIP/3D and the rest are imported after the first image is
+// painted (R-PF-1: first image fast).
+import { init as coreInit, RenderingEngine, Enums, eventTarget, imageLoader, cache } from '@cornerstonejs/core';
+import { init as loaderInit } from '@cornerstonejs/dicom-image-loader';
+import { startSession, tokenReady, authHeaders, notifyParent } from './session.js';
+import { loadSettings } from './settings.js';
+import { loadSeriesList, imageIdsOf } from './study.js';
+import { thumbnailUrl, studyInfo, value } from './dicomweb.js';
+import { updateOverlay } from './overlay.js';
+
+const t0 = performance.now();
+const $ = (s) => document.querySelector(s);
+
+export const state = {
+  engine: null,
+  study: null,
+  compare: [],
+  series: [], // of the main study
+  compareSeries: [],
+  cells: [], // {el, viewportId, series, index}
+  selected: 0,
+  layout: [1, 1],
+  tools: null, // the lazily loaded tools module
+};
+window.__ybyx = { state, timings: {} };
+
+export function status(text, isError = false) {
+  $('#status').innerHTML = '';
+  const span = document.createElement('span');
+  span.textContent = text;
+  if (isError) span.className = 'error';
+  $('#status').appendChild(span);
+}
+
+function mark(name) {
+  const ms = Math.round(performance.now() - t0);
+  window.__ybyx.timings[name] = ms;
+  document.body.dataset[name] = String(ms);
+  return ms;
+}
+
+export function selectedCell() {
+  return state.cells[state.selected];
+}
+
+export function viewportOf(cell) {
+  return cell ? state.engine.getViewport(cell.viewportId) : null;
+}
+
+export function buildGrid(rows, cols) {
+  state.layout = [rows, cols];
+  const grid = $('#grid');
+  const old = state.cells;
+  for (const c of old) {
+    try { state.engine.disableElement(c.viewportId); } catch { /* already gone */ }
+  }
+  grid.innerHTML = '';
+  grid.style.gridTemplateRows = `repeat(${rows}, 1fr)`;
+  grid.style.gridTemplateColumns = `repeat(${cols}, 1fr)`;
+  state.cells = [];
+  const inputs = [];
+  for (let i = 0; i < rows * cols; i++) {
+    const cell = document.createElement('div');
+    cell.className = 'cell';
+    cell.dataset.index = String(i);
+    const vp = document.createElement('div');
+    vp.className = 'vp';
+    vp.oncontextmenu = (e) => e.preventDefault();
+    cell.appendChild(vp);
+    grid.appendChild(cell);
+    const viewportId = `vp${i}-${Date.now()}`;
+    state.cells.push({ el: cell, vpEl: vp, viewportId, series: null });
+    inputs.push({ viewportId, type: Enums.ViewportType.STACK, element: vp, defaultOptions: { background: [0, 0, 0] } });
+    cell.addEventListener('mousedown', () => selectCell(i), true);
+  }
+  state.engine.setViewports(inputs);
+  for (const cell of state.cells) {
+    cell.vpEl.addEventListener(Enums.Events.IMAGE_RENDERED, () => updateOverlay(cell.el, viewportOf(cell)));
+  }
+  state.selected = 0;
+  selectCell(0);
+  state.tools?.attachViewports();
+}
+
+export function selectCell(i) {
+  state.selected = i;
+  state.cells.forEach((c, j) => c.el.classList.toggle('selected', j === i));
+  state.tools?.onSelect?.();
+}
+
+/** Show `series` in `cell` (at image `index`), resolves when its first image is painted. */
+export async function showSeries(cell, series, index = 0) {
+  const viewport = viewportOf(cell);
+  const ids = await imageIdsOf(series);
+  if (!ids.length) throw new Error(`series ${series.number} has no images`);
+  cell.series = series;
+  await viewport.setStack(ids, Math.min(index, ids.length - 1));
+  viewport.render();
+  updateOverlay(cell.el, viewport);
+  document.querySelectorAll('.series-item').forEach((el) => el.classList.toggle('active', el.dataset.uid === series.uid));
+  return ids;
+}
+
+function seriesNav(list, label) {
+  const nav = $('#series');
+  if (label) {
+    const h = document.createElement('div');
+    h.className = 'desc';
+    h.textContent = label;
+    nav.appendChild(h);
+  }
+  for (const s of list) {
+    const item = document.createElement('div');
+    item.className = 'series-item';
+    item.dataset.uid = s.uid;
+    item.title = `${s.modality} series ${s.number}`;
+    const img = document.createElement('img');
+    img.alt = `series ${s.number}`;
+    const desc = document.createElement('div');
+    desc.className = 'desc';
+    desc.textContent = `${s.modality} #${s.number} ${s.description}\n${s.count} images`;
+    desc.style.whiteSpace = 'pre-line';
+    item.append(img, desc);
+    item.addEventListener('click', () => showSeries(selectedCell(), s).then(() => state.tools?.afterShow?.()));
+    nav.appendChild(item);
+    s.thumbEl = img;
+  }
+}
+
+async function loadThumbnails(list) {
+  for (const s of list) {
+    try {
+      s.thumbEl.src = await thumbnailUrl(s.study, s.uid);
+    } catch (e) {
+      s.thumbEl.alt = `no thumbnail: ${e.message}`;
+    }
+  }
+}
+
+/** Fetch every image of the stack into the cache; records the load rate (R-PF-1). */
+async function prefetch(ids) {
+  const start = performance.now();
+  let done = 0;
+  const total = ids.length;
+  const promises = ids.map((id) =>
+    imageLoader
+      .loadAndCacheImage(id, { priority: 5, requestType: Enums.RequestType.Prefetch })
+      .then(() => {
+        done += 1;
+        if (done % 10 === 0 || done === total) status(`loaded ${done}/${total}`);
+      })
+      .catch((e) => console.warn('prefetch', id, e)),
+  );
+  await Promise.all(promises);
+  const seconds = (performance.now() - start) / 1000;
+  const rate = total / Math.max(seconds, 0.001);
+  window.__ybyx.timings.stackRate = rate;
+  document.body.dataset.stackRate = rate.toFixed(1);
+  mark('stackLoaded');
+  status(`loaded ${total} images in ${seconds.toFixed(2)} s (${rate.toFixed(1)} images/s)`);
+}
+
+async function open({ study, compare }) {
+  state.study = study;
+  state.compare = compare;
+  $('#series').innerHTML = '';
+  status(`opening study ${study}`);
+  const [list] = await Promise.all([loadSeriesList(study), coreReady]);
+  state.series = list;
+  if (!list.length) throw new Error(`study ${study} has no series here`);
+  seriesNav(list);
+  const first = list.find((s) => s.count > 0) ?? list[0];
+  const ids = await showSeries(state.cells[0], first);
+  mark('firstImage');
+  notifyParent({ type: 'ybyx.opened', study });
+  // after the first image: thumbnails, the rest of the stack, the tools
+  loadThumbnails(list);
+  const tools = import('./tools.js').then(async (m) => {
+    state.tools = m;
+    await m.setupTools(state);
+    mark('toolsReady');
+  });
+  await prefetch(ids);
+  await tools;
+  for (const uid of compare) {
+    const other = await loadSeriesList(uid);
+    other.forEach((s) => (s.compare = true));
+    state.compareSeries.push(...other);
+    const info = await studyInfo(uid).catch(() => null);
+    seriesNav(other, `对比 compare: ${value(info, '00080020') ?? uid} ${value(info, '00080080') ?? ''}`);
+    loadThumbnails(other);
+  }
+  if (compare.length) await state.tools.openComparison();
+  document.body.dataset.ready = '1';
+}
+
+let coreReady;
+
+async function boot() {
+  const settings = await loadSettings();
+  if (settings.toolbar?.position === 'bottom') $('#app').className = 'toolbar-bottom';
+  coreReady = (async () => {
+    await coreInit();
+    loaderInit({
+      maxWebWorkers: Math.max(1, Math.min(4, navigator.hardwareConcurrency || 2)),
+      beforeSend: () => authHeaders(),
+    });
+    cache.setMaxCacheSize(1024 * 1024 * 1024);
+    state.engine = new RenderingEngine('ybyx');
+    buildGrid(1, 1);
+  })();
+  const params = new URLSearchParams(window.location.search);
+  const run = (req) =>
+    open(req).catch((e) => {
+      console.error(e);
+      status(`error: ${e.message}`, true);
+      document.body.dataset.error = e.message;
+      notifyParent({ type: 'ybyx.error', message: e.message });
+    });
+  startSession((req) => tokenReady().then(() => run(req)));
+  const study = params.get('study');
+  if (study) {
+    status('waiting for credentials');
+    await tokenReady();
+    const compare = (params.get('compare') ?? '').split(',').filter(Boolean);
+    await run({ study, compare });
+  } else {
+    status('no study: open /viewer/?study=UID#token=… or send a ybyx.open message');
+  }
+}
+
+eventTarget.addEventListener(Enums.Events.IMAGE_LOAD_ERROR, (e) => {
+  status(`image load error: ${e.detail?.error?.message ?? e.detail?.error ?? ''}`, true);
+});
+
+boot();

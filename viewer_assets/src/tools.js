@@ -1,0 +1,3 @@
+export async function setupTools() {}
+export function attachViewports() {}
+export async function openComparison() {}
