@@ -163,6 +163,13 @@ def cmd_send(args: argparse.Namespace) -> int:
 def cmd_keys_generate(args: argparse.Namespace) -> int:
     from gateway.identity import write_new_key
 
+    if args.config:  # the node's KEK file (issue 6 §5, gateway/keys_cli.py)
+        from gateway.keys_cli import generate_kek
+
+        return generate_kek(args)
+    if not args.out:
+        console.print("give --out FILE (a pseudonym key) or -c CONFIG (the node's encryption KEK)")
+        return 2
     path = Path(args.out)
     if path.exists():
         console.print(
@@ -308,12 +315,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("keys", help="key management")
     ksub = p.add_subparsers(dest="keys_command", required=True)
-    k = ksub.add_parser("generate", help="write a new random key file (mode 600)")
-    k.add_argument("--out", required=True)
+    k = ksub.add_parser("generate", help="a new pseudonym key file (--out) or a node's first KEK (-c)")
+    k.add_argument("--out", help="write a new random pseudonym key file (mode 600)")
+    k.add_argument("-c", "--config", help="make the key file of this node's [encryption] KMS")
+    k.add_argument("--role", choices=["frontend", "center"], help="which node of a demo config")
     k.set_defaults(func=cmd_keys_generate)
     k = ksub.add_parser("generate-signing", help="write a new Ed25519 token-signing key (PEM, mode 600)")
     k.add_argument("--out", required=True)
     k.set_defaults(func=cmd_keys_generate_signing)
+    from gateway.keys_cli import add_parsers as add_key_parsers  # issue 6 §5: KEK lifecycle
+
+    add_key_parsers(ksub)
 
     p = sub.add_parser("clients", help="OAuth clients that may obtain tokens from a node")
     clsub = p.add_subparsers(dest="clients_command", required=True)

@@ -255,6 +255,23 @@ class AuditSection(Strict):
     )
 
 
+class EncryptionSection(Strict):
+    """Encryption at rest (issue 6 §5, R-SE-10, R-SE-14; ``gateway/archive/encrypted.py``): every
+    stored object sealed with AES-256-GCM under its own data key, wrapped by a KEK of the KMS."""
+
+    enabled: bool = Field(default=False, description="seal stored objects (on in production configs)")
+    kms: Literal["local"] = Field(
+        default="local", description="key provider: a local key file (an HSM/KMS implements security.kms.Kms)"
+    )
+    key_file: Path = Field(
+        default=Path("data/keys/kek.json"),
+        description="local KMS key file, mode 600; made on first start when no object is sealed yet",
+    )
+    cache_seconds: float = Field(
+        default=60, ge=0, le=3600, description="how long an unwrapped data key stays in memory"
+    )
+
+
 class DicomWebSection(Strict):
     max_request_mb: int = Field(default=2048, ge=1, description="STOW-RS body limit (413 above it)")
 
@@ -280,6 +297,7 @@ class FrontendConfig(Strict):
     identity: IdentitySection = IdentitySection()
     audit: AuditSection = AuditSection()
     security: SecuritySection = SecuritySection()
+    encryption: EncryptionSection = EncryptionSection()
 
     @model_validator(mode="after")
     def _forward_needs_credentials(self) -> FrontendConfig:
@@ -303,6 +321,7 @@ class CenterConfig(Strict):
     ingest: IngestSection = IngestSection()
     dicomweb: DicomWebSection = DicomWebSection()
     security: SecuritySection = SecuritySection()
+    encryption: EncryptionSection = EncryptionSection()
 
 
 class IndexConfig(Strict):
@@ -392,6 +411,9 @@ def _below(
                 "verify_keys": [_join(base, p) for p in audit.verify_keys],
             }
         )
+    encryption = getattr(model, "encryption", None)
+    if isinstance(encryption, EncryptionSection):
+        updates["encryption"] = encryption.model_copy(update={"key_file": _join(base, encryption.key_file)})
     db = model.database
     if db.url.startswith("sqlite:///") and not db.url.startswith("sqlite:////"):
         updates["database"] = DatabaseSection(

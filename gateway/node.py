@@ -10,10 +10,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.archive import Archive, ArchiveUnavailable
-from gateway.audit import AuditLog, start_audit, stop_audit
+from gateway.audit import AuditLog, EventType, Result, start_audit, stop_audit
 from gateway.config import CenterConfig, FrontendConfig
 from gateway.ingest import Ingest
 from gateway.security.node import NodeSecurity
+
+
+def _audit_new_kek(archive: Archive, audit: AuditLog) -> None:
+    """A KEK made on first start is a key operation like any other (R-SE-14, R-SE-4)."""
+    from gateway.archive.encrypted import EncryptedBlobStore
+
+    store = archive.store
+    if not isinstance(store, EncryptedBlobStore):
+        return
+    created = getattr(store.keys.kms, "created", None)
+    if created is not None:
+        audit.record_as(
+            audit.system,
+            EventType.KEY_OPERATION,
+            resource=f"kek:{created.key_id}",
+            result=Result.SUCCESS,
+            detail={"operation": "generate", "key_id": created.key_id, "reason": "first start"},
+        )
 
 
 @dataclass
@@ -29,13 +47,14 @@ class NodeCore:
         cls, cfg: FrontendConfig | CenterConfig, *, role: str, node_id: str, outbox: bool = False
     ) -> NodeCore:
         """Open in order; on any failure, close what was opened and re-raise."""
-        archive = Archive.open(cfg.storage, cfg.database, outbox=outbox)
+        archive = Archive.open(cfg.storage, cfg.database, outbox=outbox, encryption=cfg.encryption)
         try:
             security = NodeSecurity.open(cfg.security, role=role, node_id=node_id, catalog=archive.catalog)
             audit = start_audit(cfg, archive.catalog)  # R-SE-4
         except ArchiveUnavailable:
             archive.close()
             raise
+        _audit_new_kek(archive, audit)
         ingest = Ingest(
             archive.catalog,
             archive.store,

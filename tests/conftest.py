@@ -90,6 +90,7 @@ def frontend_config(
     forward: dict[str, Any] | None = None,
     identity: dict[str, Any] | None = None,
     security: dict[str, Any] | None = None,
+    encryption: dict[str, Any] | None = None,
     **dicom: Any,
 ) -> FrontendConfig:
     """A front-end config living in ``root`` on free ports; ``dicom`` overrides [dicom] keys.
@@ -111,6 +112,7 @@ def frontend_config(
         "ingest": {"quarantine": "quarantine"},
         **({"forward": forward} if forward else {}),
         **({"identity": identity} if identity else {}),
+        **({"encryption": encryption} if encryption else {}),
         "security": {**TEST_SECURITY, **(security or {})},
     }
     if s3 is not None:
@@ -144,6 +146,7 @@ def start_frontend(tmp_path: Path) -> Iterator[Callable[..., Frontend]]:
         forward: dict[str, Any] | None = None,
         identity: dict[str, Any] | None = None,
         security: dict[str, Any] | None = None,
+        encryption: dict[str, Any] | None = None,
         **dicom: Any,
     ) -> Frontend:
         cfg = frontend_config(
@@ -153,6 +156,7 @@ def start_frontend(tmp_path: Path) -> Iterator[Callable[..., Frontend]]:
             forward=forward,
             identity=identity,
             security=security,
+            encryption=encryption,
             **dicom,
         )
         fe = Frontend.start(cfg)

@@ -20,15 +20,23 @@ from gateway.archive.query import Level
 from gateway.frontend import Frontend
 from tests.conftest import dcmtk
 
-COMBOS = [("sqlite", "folder"), ("sqlite", "s3"), ("postgresql", "folder"), ("postgresql", "s3")]
+COMBOS = [
+    ("sqlite", "folder"),
+    ("sqlite", "s3"),
+    ("postgresql", "folder"),
+    ("postgresql", "s3"),
+    ("sqlite", "folder-sealed"),  # encryption at rest (issue 6 §5, R-SE-10)
+    ("postgresql", "s3-sealed"),
+]
 
 
 @pytest.fixture(params=COMBOS, ids=["-".join(c) for c in COMBOS])
 def archive_frontend(request: pytest.FixtureRequest, start_frontend: Callable[..., Frontend]) -> Frontend:
     db, blobs = request.param
     db_url = request.getfixturevalue("fresh_pg_url") if db == "postgresql" else None
-    s3 = request.getfixturevalue("seaweedfs") if blobs == "s3" else None
-    return start_frontend(db_url=db_url, s3=s3)
+    s3 = request.getfixturevalue("seaweedfs") if blobs.startswith("s3") else None
+    encryption = {"enabled": True} if blobs.endswith("-sealed") else None
+    return start_frontend(db_url=db_url, s3=s3, encryption=encryption)
 
 
 def test_store_query_retrieve_on_every_backend(

@@ -19,7 +19,10 @@ import pytest
 from minio import Minio
 
 from gateway.archive.blobstore import CHUNK, BlobNotFound, BlobStore, FolderBlobStore
+from gateway.archive.catalog import Catalog
+from gateway.archive.encrypted import DataKeys, EncryptedBlobStore
 from gateway.archive.s3 import PART_SIZE, S3BlobStore
+from gateway.security.kms import LocalKms
 from tests.peers.ports import free_port
 from tests.peers.seaweedfs import (
     S3Endpoint,
@@ -78,6 +81,8 @@ def s3_client(ep: S3Endpoint) -> Minio:
 
 def leftovers(store: BlobStore) -> list[str]:
     """Everything the backend holds: files (incl. temp files) or objects and pending uploads."""
+    if isinstance(store, EncryptedBlobStore):
+        store = store.inner
     if isinstance(store, FolderBlobStore):
         return sorted(str(p.relative_to(store.root)) for p in store.root.rglob("*") if p.is_file())
     assert isinstance(store, S3BlobStore)
@@ -102,13 +107,21 @@ def fresh_s3_store(ep: S3Endpoint, **options: Any) -> Iterator[S3BlobStore]:
         client.remove_bucket(bucket)  # a bucket is a SeaweedFS collection: frees its volumes
 
 
-@pytest.fixture(params=["folder", "s3"])
+def sealed(inner: BlobStore, folder: Path) -> EncryptedBlobStore:
+    """``inner`` behind envelope encryption (issue 6 §5), keys in a catalog and a local KMS."""
+    catalog = Catalog.open(f"sqlite:///{folder / 'keys.db'}")
+    return EncryptedBlobStore(inner, DataKeys(catalog, LocalKms(folder / "kek.json", create=True)))
+
+
+@pytest.fixture(params=["folder", "s3", "folder-sealed", "s3-sealed"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BlobStore]:
-    if request.param == "folder":
-        yield FolderBlobStore(tmp_path / "blobs")
+    backend, _, seal = str(request.param).partition("-")
+    if backend == "folder":
+        inner: BlobStore = FolderBlobStore(tmp_path / "blobs")
+        yield sealed(inner, tmp_path) if seal else inner
     else:
         with fresh_s3_store(request.getfixturevalue("seaweedfs")) as s3:
-            yield s3
+            yield sealed(s3, tmp_path) if seal else s3
 
 
 @pytest.fixture

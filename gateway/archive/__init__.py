@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from gateway.archive.blobstore import BlobStore, FolderBlobStore
 from gateway.archive.catalog import Catalog
-from gateway.config import DatabaseSection, StorageSection
+from gateway.config import DatabaseSection, EncryptionSection, StorageSection
+
+if TYPE_CHECKING:
+    from gateway.archive.encrypted import EncryptedBlobStore
+    from gateway.security.kms import Kms
 
 
 def open_store(cfg: StorageSection) -> BlobStore:
@@ -32,6 +37,34 @@ def open_store(cfg: StorageSection) -> BlobStore:
     return store
 
 
+def open_kms(cfg: EncryptionSection, catalog: Catalog | None = None) -> Kms:
+    """The configured KMS. The local key file is made on first use only while no object is sealed
+    (a missing key file with sealed data is a mistake to report, not to paper over)."""
+    from sqlalchemy import func, select
+
+    from gateway.archive.schema import data_keys
+    from gateway.security.kms import KmsError, LocalKms
+
+    create = False
+    if not cfg.key_file.exists() and catalog is not None:
+        with catalog.engine.connect() as conn:
+            sealed = conn.execute(select(func.count()).select_from(data_keys)).scalar_one()
+        if sealed:
+            raise KmsError(f"{cfg.key_file}: missing, but {sealed} stored objects are sealed under its keys")
+        create = True
+    return LocalKms(cfg.key_file, create=create)
+
+
+def sealed_store(store: BlobStore, catalog: Catalog, cfg: EncryptionSection) -> EncryptedBlobStore:
+    """``store`` behind envelope encryption with keys from the configured KMS (R-SE-10, R-SE-14)."""
+    from gateway.archive.encrypted import DataKeys, EncryptedBlobStore
+
+    keys = DataKeys(catalog, open_kms(cfg, catalog))
+    sealed = EncryptedBlobStore(store, keys, cache_seconds=cfg.cache_seconds)
+    sealed.check()
+    return sealed
+
+
 class ArchiveUnavailable(Exception):
     """The configured catalog or blob store cannot be used; ``key`` is the config key to fix."""
 
@@ -47,8 +80,17 @@ class Archive:
     store: BlobStore
 
     @classmethod
-    def open(cls, storage: StorageSection, database: DatabaseSection, *, outbox: bool = False) -> Archive:
-        """Open both, or raise :class:`ArchiveUnavailable` naming the config key and the reason."""
+    def open(
+        cls,
+        storage: StorageSection,
+        database: DatabaseSection,
+        *,
+        outbox: bool = False,
+        encryption: EncryptionSection | None = None,
+    ) -> Archive:
+        """Open both, or raise :class:`ArchiveUnavailable` naming the config key and the reason.
+
+        With ``encryption.enabled`` the store seals every object (R-SE-10, issue 6 §5)."""
         from sqlalchemy.exc import SQLAlchemyError
 
         try:
@@ -60,6 +102,12 @@ class Archive:
         except (SQLAlchemyError, OSError) as exc:
             reason = " ".join(str(exc.__cause__ or exc).split())
             raise ArchiveUnavailable("database.url", f"cannot open the catalog: {reason}") from exc
+        if encryption is not None and encryption.enabled:
+            try:
+                store = sealed_store(store, catalog, encryption)
+            except OSError as exc:
+                catalog.close()
+                raise ArchiveUnavailable("encryption.key_file", str(exc)) from exc
         return cls(catalog, store)
 
     def close(self) -> None:

@@ -294,3 +294,21 @@ audit_checkpoints = Table(
     Column("key_id", String(16), nullable=False),
     Column("signature", String(128), nullable=False),
 )
+
+# ---- encryption at rest, issue 6 §5, R-SE-10/R-SE-14 (gateway/archive/encrypted.py) -------------
+
+# One row per sealed object version: its data key, wrapped by a KEK of the KMS. A rotation re-wraps
+# these rows under the new KEK; the objects themselves (S3 cannot rewrite part of one) stay as are.
+data_keys = Table(
+    "data_keys",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("dek_id", String(32), nullable=False, unique=True),  # hex, also in the object's header
+    Column("blob_key", String(512), nullable=False),
+    Column("kek_id", String(64), nullable=False),
+    Column("wrapped", String(128), nullable=False),  # base64 of the KMS's wrapped form
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("rewrapped_at", DateTime(timezone=True)),
+)
+Index("ix_data_keys_blob_key", data_keys.c.blob_key)
+Index("ix_data_keys_kek_id", data_keys.c.kek_id)
