@@ -37,6 +37,13 @@ def _inventory(archive: Archive, study: str, verify: bool) -> dict[str, dict[str
     return out
 
 
+async def _study_ready(request: Request, study_uid: str) -> None:
+    """Issue 5: exam record + complete images → registered at the national index (if configured)."""
+    registrar = getattr(request.app.state, "registrar", None)
+    if registrar is not None:
+        await run_in_threadpool(registrar.study_ready, study_uid)
+
+
 async def inventory(request: Request) -> JSONResponse:
     """``GET /api/v1/studies/{study}/inventory[?verify=true]``: SOP Instance UID → SHA-256, size."""
     archive: Archive = request.app.state.archive
@@ -58,6 +65,7 @@ async def manifest(request: Request) -> JSONResponse:
     record = await run_in_threadpool(
         check_manifest, archive.catalog, request.path_params["study"], body.instances
     )
+    await _study_ready(request, request.path_params["study"])
     return JSONResponse(record)
 
 
@@ -78,6 +86,7 @@ async def post_exam(request: Request) -> JSONResponse:
     except BadRequest as bad:
         return bad.response
     row = await run_in_threadpool(book.record, exam)
+    await _study_ready(request, row["study_uid"])
     await record_request(  # R-SE-4
         request,
         EventType.UPLOAD,

@@ -169,6 +169,27 @@ class DicomWebClient:
         """``POST /api/v1/exams`` at the center: an exam record with the pseudonym (R-UP-5)."""
         self._api("POST", "/api/v1/exams", record)
 
+    def call_json(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, str] | None = None,
+        body: Any = None,
+    ) -> tuple[int, Any]:
+        """A JSON API call at the peer's ``path`` (the national index, another center's
+        ``/api/v1``, issue 5): (status, decoded body or None). Raises :class:`CenterUnavailable`
+        only when the peer cannot be reached; the caller decides what a status means."""
+        try:
+            response = self.http.request(method, f"{self.base_url}{path}", params=params, json=body)
+        except httpx.HTTPError as exc:
+            raise CenterUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        try:
+            decoded = response.json() if response.content else None
+        except ValueError:
+            decoded = None
+        return response.status_code, decoded
+
     def _api(self, method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
         try:
             response = self.http.request(method, f"{self.base_url}{path}", json=body)

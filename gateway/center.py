@@ -2,17 +2,39 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
 
 from api.center import routes as center_api
-from gateway.archive import Archive
+from api.federation import center_routes as federation_api
+from dicomweb.client import DicomWebClient
+from gateway.archive import Archive, ArchiveUnavailable
 from gateway.audit import AuditLog
 from gateway.config import CenterConfig
 from gateway.exams import ExamBook
 from gateway.ingest import Ingest
 from gateway.node import NodeCore
+from gateway.registration import IndexRegistrar, RegistrationPolicy
+from gateway.retrievals import RetrievalLog, RetrievalSender
+from gateway.security.credentials import ClientCredentials, read_secret
 from gateway.security.node import NodeSecurity, default_node_id
 from gateway.web import HttpServer, build_app
+
+
+def peer_client(
+    url: str, client_id: str, secret_file: Path, *, key: str, timeout: float = 30
+) -> DicomWebClient:
+    """A client of another node (the index, another center) with this node's credentials there;
+    :class:`ArchiveUnavailable` names the config ``key`` of a secret that cannot be read."""
+    try:
+        secret = read_secret(secret_file)
+    except FileNotFoundError:
+        raise ArchiveUnavailable(key, f"{secret_file}: no such file") from None
+    except (OSError, ValueError) as exc:
+        raise ArchiveUnavailable(key, str(exc)) from exc
+    auth = ClientCredentials(f"{url.rstrip('/')}/oauth/token", client_id, secret, timeout=timeout)
+    return DicomWebClient(url, timeout=timeout, auth=auth)
 
 
 @dataclass
@@ -21,24 +43,62 @@ class Center:
     core: NodeCore
     http: HttpServer
     http_port: int = 0
+    registrar: IndexRegistrar | None = None
+    sender: RetrievalSender | None = None
+    clients: list[DicomWebClient] = field(default_factory=list)
 
     @classmethod
     def start(cls, cfg: CenterConfig) -> Center:
         core = NodeCore.open(
             cfg, role="center", node_id=cfg.security.issuer or default_node_id("center", cfg.province)
         )
+        node_id = cfg.security.issuer or default_node_id("center", cfg.province)
+        retrievals = RetrievalLog(core.archive.catalog)
+        index_client = registrar = sender = None
+        if cfg.index is not None:  # issue 5: register studies, forward lookups and retrieval records
+            try:
+                index_client = peer_client(
+                    cfg.index.url,
+                    cfg.index.client_id,
+                    cfg.index.client_secret_file,
+                    key="index.client_secret_file",
+                    timeout=cfg.index.timeout_seconds,
+                )
+            except ArchiveUnavailable:
+                core.close()
+                raise
+            policy = RegistrationPolicy(
+                timedelta(seconds=cfg.index.retry_initial_seconds),
+                timedelta(seconds=cfg.index.retry_max_seconds),
+            )
+            registrar = IndexRegistrar(
+                core.archive.catalog, index_client, province=cfg.province, center=node_id, policy=policy
+            )
+            sender = RetrievalSender(retrievals, index_client)
+        federation_state = {
+            "retrievals": retrievals,
+            "index": index_client,
+            "registrar": registrar,
+            "kick_retrievals": sender.kick if sender else None,
+        }
         app = build_app(
             "center",
             core.archive,
             core.ingest,
             max_request_bytes=cfg.dicomweb.max_request_mb << 20,
             spool=str(core.spool),
-            api_routes=list(center_api),
+            api_routes=[*center_api, *federation_api],
             security=core.security,
-            state={"exams": ExamBook(core.archive.catalog), "audit": core.audit},
+            state={"exams": ExamBook(core.archive.catalog), "audit": core.audit, **federation_state},
         )
-        center = cls(cfg, core, HttpServer(app, cfg.http.host, cfg.http.port))
+        center = cls(
+            cfg, core, HttpServer(app, cfg.http.host, cfg.http.port), registrar=registrar, sender=sender
+        )
+        center.clients = [c for c in (index_client,) if c is not None]
         center.http_port = center.http.start()
+        for worker in (registrar, sender):
+            if worker is not None:
+                worker.start()
         return center
 
     @property
@@ -64,4 +124,9 @@ class Center:
 
     def stop(self) -> None:
         self.http.stop()
+        for worker in (self.registrar, self.sender):
+            if worker is not None:
+                worker.stop()
+        for client in self.clients:
+            client.close()
         self.core.close()

@@ -15,7 +15,7 @@ from typing import TypeVar
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from gateway.config import CenterConfig, ConfigError, DemoConfig, FrontendConfig, load_config
+from gateway.config import CenterConfig, ConfigError, DemoConfig, FrontendConfig, IndexConfig, load_config
 
 _C = TypeVar("_C")
 _R = TypeVar("_R")
@@ -123,6 +123,22 @@ def cmd_center(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_index(args: argparse.Namespace) -> int:
+    """``ybyx index -c FILE``: the national index (issue 5 §2)."""
+    from index.service import NationalIndex
+
+    cfg = load_config(args.config)
+    if not isinstance(cfg, IndexConfig):
+        raise ConfigError([f'{args.config}: role: this command needs role = "index" (got {cfg.role!r})'])
+    index = _start(NationalIndex.start, cfg, args.config)
+    console.print(f"national index serving {index.url}/api/v1 ({len(cfg.provinces)} provinces)")
+    try:
+        _wait_for_signal()
+    finally:
+        index.stop()
+    return 0
+
+
 def cmd_send(args: argparse.Namespace) -> int:
     from dimse.scu import dicom_files, send
 
@@ -204,8 +220,10 @@ def _node_catalog(args: argparse.Namespace) -> tuple[str, str]:
         if args.role is None:
             raise ConfigError([f"{args.config}: role: a demo config holds two nodes: give --role"])
         cfg = cfg.frontend if args.role == "frontend" else cfg.center
-    if not isinstance(cfg, FrontendConfig | CenterConfig):
-        raise ConfigError([f"{args.config}: role: clients live on a front-end or center, not {cfg.role!r}"])
+    if not isinstance(cfg, FrontendConfig | CenterConfig | IndexConfig):
+        raise ConfigError(
+            [f"{args.config}: role: clients live on a front-end, center or index, not {cfg.role!r}"]
+        )
     return cfg.role, cfg.database.url
 
 
@@ -298,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("center", help="run a province's sharing center (DICOMweb archive)")
     p.add_argument("-c", "--config", required=True, help="center TOML file")
     p.set_defaults(func=cmd_center)
+
+    p = sub.add_parser("index", help="run the national index (索引共享模块)")
+    p.add_argument("-c", "--config", required=True, help="index TOML file")
+    p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("config", help="configuration tools")
     csub = p.add_subparsers(dest="config_command", required=True)

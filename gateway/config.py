@@ -282,6 +282,78 @@ class HttpSection(Strict):
     workers: int = Field(default=1, ge=1, le=64)
 
 
+# ---- the federation: national index, cross-province retrieval, caching, doctors (issue 5) ---------
+
+_URL = r"^https?://[^\s/]+(/[^\s]*)?$"
+
+
+class ProvinceEntry(Strict):
+    """A province in the national index's directory: where its sharing center answers (R-CE-7).
+    Who may call whom is the client registries' business (each center registers the others)."""
+
+    code: str = Field(pattern=r"^\d{2}$", description="province code, e.g. '50'")
+    name: str = ""
+    center_url: str = Field(pattern=_URL, description="the center's base URL (DICOMweb at <url>/dicom-web)")
+
+
+class IndexLinkSection(Strict):
+    """``[index]`` on a center: the national index and this center's client there."""
+
+    url: str = Field(pattern=_URL, description="the index's base URL")
+    client_id: str = Field(min_length=1, description="this center's client id at the index")
+    client_secret_file: Path = Field(description="its client secret, mode 600")
+    timeout_seconds: float = Field(default=30, gt=0)
+    retry_initial_seconds: float = Field(default=10, gt=0, description="registration retry backoff start")
+    retry_max_seconds: float = Field(default=3600, gt=0)
+
+
+class PeerCenter(Strict):
+    """``[[center_peers]]`` on a center: its client credentials at another province's center."""
+
+    province: str = Field(pattern=r"^\d{2}$")
+    client_id: str = Field(min_length=1)
+    client_secret_file: Path
+
+
+class CacheSection(Strict):
+    """History caching and cache retention (R-CE-6, R-CA-3, R-CE-9, R-CE-11, R-CA-4)."""
+
+    run_at: str = Field(
+        default="01:00",
+        pattern=r"^([01]\d|2[0-3]):[0-5]\d$",
+        description="China time of the daily job (the center runs a request on the next day)",
+    )
+    retries: int = Field(default=3, ge=3, le=20, description="fetch retries before failed + alert (≥ 3)")
+    backoff_initial_seconds: float = Field(default=60, gt=0)
+    backoff_max_seconds: float = Field(default=3600, gt=0)
+    extend_days: int = Field(
+        default=0, ge=0, description="keep cache copies this much longer than the minimum"
+    )
+
+
+class DoctorSection(Strict):
+    """``[doctor]`` on a front-end: the workstation API (R-RT-1, R-RT-2, R-CE-4)."""
+
+    history_years: int = Field(default=3, ge=3, le=30, description="history window before the visit")
+    same_exam_days: int = Field(default=30, ge=1, le=366, description="same-exam reminder period")
+    reject_grades: list[str] = Field(
+        default_factory=lambda: ["丙", "reject"], description="QC grades never reminded"
+    )
+    codes_dir: Path = Field(
+        default=Path("codes"), description="folder of code maps (*.toml): hospital → insurance item code"
+    )
+
+
+class GrantsSection(Strict):
+    """``[grants]`` on a front-end: how patient authorizations are verified (R-RT-4, R-CQ-5)."""
+
+    insurance_qr_public_keys: list[Path] = Field(
+        default_factory=list,
+        description="Ed25519 public keys (PEM) of the insurance platform signing QR payloads",
+    )
+    max_lifetime_hours: float = Field(default=24, gt=0, le=24 * 366)
+
+
 class FrontendConfig(Strict):
     """前置机: the hospital front-end (ARCHITECTURE "One product, three roles")."""
 
@@ -298,6 +370,9 @@ class FrontendConfig(Strict):
     audit: AuditSection = AuditSection()
     security: SecuritySection = SecuritySection()
     encryption: EncryptionSection = EncryptionSection()
+    doctor: DoctorSection = DoctorSection()
+    grants: GrantsSection = GrantsSection()
+    cache: CacheSection = CacheSection()
 
     @model_validator(mode="after")
     def _forward_needs_credentials(self) -> FrontendConfig:
@@ -322,14 +397,28 @@ class CenterConfig(Strict):
     dicomweb: DicomWebSection = DicomWebSection()
     security: SecuritySection = SecuritySection()
     encryption: EncryptionSection = EncryptionSection()
+    index: IndexLinkSection | None = None
+    center_peers: list[PeerCenter] = Field(default_factory=list)
+    cache: CacheSection = CacheSection()
 
 
 class IndexConfig(Strict):
-    """索引共享模块: the national index."""
+    """索引共享模块: the national index (``index/``, issue 5 §2)."""
 
     role: Literal["index"]
     http: HttpSection = HttpSection(port=8082)
     database: DatabaseSection = DatabaseSection()
+    audit: AuditSection = AuditSection()
+    security: SecuritySection = SecuritySection()
+    provinces: list[ProvinceEntry] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_provinces(self) -> IndexConfig:
+        codes = [p.code for p in self.provinces]
+        dupes = sorted({c for c in codes if codes.count(c) > 1})
+        if dupes:
+            raise ValueError(f"provinces: province listed twice: {', '.join(dupes)}")
+        return self
 
 
 @dataclass(frozen=True)
@@ -414,12 +503,34 @@ def _below(
     encryption = getattr(model, "encryption", None)
     if isinstance(encryption, EncryptionSection):
         updates["encryption"] = encryption.model_copy(update={"key_file": _join(base, encryption.key_file)})
+    updates |= _federation_paths(model, base)
     db = model.database
     if db.url.startswith("sqlite:///") and not db.url.startswith("sqlite:////"):
         updates["database"] = DatabaseSection(
             url=f"sqlite:///{_join(base, Path(db.url.removeprefix('sqlite:///')))}"
         )
     return model.model_copy(update=updates) if updates else model
+
+
+def _federation_paths(model: Any, base: Path) -> dict[str, Any]:
+    """Relative paths of the issue-5 sections, from the config file's folder."""
+    out: dict[str, Any] = {}
+    link = getattr(model, "index", None)
+    if isinstance(link, IndexLinkSection):
+        out["index"] = link.model_copy(update={"client_secret_file": _join(base, link.client_secret_file)})
+    peers = getattr(model, "center_peers", None)
+    if peers:
+        out["center_peers"] = [
+            p.model_copy(update={"client_secret_file": _join(base, p.client_secret_file)}) for p in peers
+        ]
+    doctor = getattr(model, "doctor", None)
+    if isinstance(doctor, DoctorSection):
+        out["doctor"] = doctor.model_copy(update={"codes_dir": _join(base, doctor.codes_dir)})
+    grants = getattr(model, "grants", None)
+    if isinstance(grants, GrantsSection) and grants.insurance_qr_public_keys:
+        keys = [_join(base, k) for k in grants.insurance_qr_public_keys]
+        out["grants"] = grants.model_copy(update={"insurance_qr_public_keys": keys})
+    return out
 
 
 def parse_config(data: dict[str, Any], source: str = "<config>", base: Path | None = None) -> RoleConfig:

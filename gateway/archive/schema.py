@@ -312,3 +312,158 @@ data_keys = Table(
 )
 Index("ix_data_keys_blob_key", data_keys.c.blob_key)
 Index("ix_data_keys_kek_id", data_keys.c.kek_id)
+
+# ---- the federation: national index, retrievals, grants, caching, issue 5 ------------------------------
+
+# The national index (index/): one row per study a center registered, keyed by its Study Instance
+# UID (registration is idempotent). The person is named by the pseudonym (person_key) and, when the
+# center knows it, the person management code of the national record key; never the ID number
+# (R-SE-8). exam_date is the China-time date of the exam (YYYYMMDD): the 3-year window is a range
+# on it (R-SC-4), served by the (person_key, exam_date) index.
+index_records = Table(
+    "index_records",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("study_uid", UID, nullable=False, unique=True),
+    Column("person_key", String(64), nullable=False),
+    Column("person_code", String(26)),
+    Column("record_key", String(96), unique=True),
+    Column("id_type", String(32), nullable=False),
+    Column("exam_time", DateTime(timezone=True), nullable=False),
+    Column("exam_date", String(8), nullable=False),
+    Column("modality", String(16), nullable=False),
+    Column("body_part", String(64), nullable=False),
+    Column("exam_item_code", String(64), nullable=False),
+    Column("exam_item_name", String(200), nullable=False),
+    Column("insurance_item_code", String(64)),
+    Column("device", String(64), nullable=False),
+    Column("hospital_code", String(64), nullable=False),
+    Column("hospital_level", String(16), nullable=False),
+    Column("storing_unit", String(18)),
+    Column("description", Text, nullable=False),
+    Column("diagnosis", Text, nullable=False),
+    Column("settlement_id", String(64)),
+    Column("qc_grade", String(16)),
+    Column("province", String(8), nullable=False),
+    Column("center", String(256), nullable=False),
+    Column("registered_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+Index("ix_index_records_person_date", index_records.c.person_key, index_records.c.exam_date)
+Index("ix_index_records_code_date", index_records.c.person_code, index_records.c.exam_date)
+
+# The center's outbox of studies to register at the index (once exam record + images are complete,
+# again after QC): a row per study, retried until the index took it.
+index_registrations = Table(
+    "index_registrations",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("study_uid", UID, nullable=False, unique=True),
+    Column("state", String(16), nullable=False),  # pending | registered
+    Column("attempts", Integer, nullable=False),
+    Column("last_error", Text, nullable=False),
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False),
+    Column("registered_at", DateTime(timezone=True)),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+# Every retrieval, allowed or denied (R-RT-4): recorded where it happened, sent up (front-end →
+# center → index; sent_at) and kept at the index. record_id makes sending idempotent.
+retrieval_records = Table(
+    "retrieval_records",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("record_id", String(36), nullable=False, unique=True),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("person_key", String(64), nullable=False),
+    Column("study_uid", UID),
+    Column("institution", String(64), nullable=False),
+    Column("doctor", String(64), nullable=False),
+    Column("action", String(32), nullable=False),  # history | same-exams | retrieve | cache
+    Column("result", String(16), nullable=False),  # allowed | denied
+    Column("reason", Text, nullable=False),
+    Column("grant_id", String(36)),
+    Column("node", String(256), nullable=False),
+    Column("sent_at", DateTime(timezone=True)),
+)
+Index("ix_retrieval_records_person", retrieval_records.c.person_key, retrieval_records.c.at)
+
+# Patient authorizations (R-RT-4, R-CQ-5): who may see whose studies, verified by a method's
+# verifier (gateway/grants.py). studies: JSON list of Study Instance UIDs, or NULL = the window.
+retrieval_grants = Table(
+    "retrieval_grants",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("grant_id", String(36), nullable=False, unique=True),
+    Column("person_key", String(64), nullable=False),
+    Column("institution", String(64), nullable=False),
+    Column("doctor", String(64)),
+    Column("window_from", String(8)),
+    Column("window_to", String(8)),
+    Column("studies", Text),
+    Column("issued_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("method", String(32), nullable=False),
+    Column("evidence", String(256), nullable=False),
+    Column("recorded_at", DateTime(timezone=True), nullable=False),
+)
+Index("ix_retrieval_grants_person", retrieval_grants.c.person_key, retrieval_grants.c.institution)
+
+# One-click citations of a report's findings/impression (R-VW-3): a unique id per copy, for tracing.
+citations = Table(
+    "citations",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("citation_id", String(36), nullable=False, unique=True),
+    Column("person_key", String(64), nullable=False),
+    Column("study_uid", UID, nullable=False),
+    Column("section", String(16), nullable=False),  # findings | impression
+    Column("text_sha256", String(64), nullable=False),
+    Column("institution", String(64), nullable=False),
+    Column("doctor", String(64), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+# Cache requests (R-SC-3, R-CA-1..3, R-CE-6): at the front-end from the HIS (sent_at: pushed to the
+# center), at the center as its business record and job state (pending → running → completed /
+# failed, retried with backoff, R-CE-9).
+cache_requests = Table(
+    "cache_requests",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("request_id", String(36), nullable=False, unique=True),
+    Column("institution", String(64), nullable=False),
+    Column("person_key", String(64), nullable=False),
+    Column("id_type", String(32), nullable=False),
+    Column("id_masked", String(32), nullable=False),
+    Column("name_masked", String(64), nullable=False),
+    Column("department", String(64), nullable=False),
+    Column("visit_time", DateTime(timezone=True), nullable=False),
+    Column("visit_date", String(8), nullable=False),
+    Column("consent_at", DateTime(timezone=True), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_at", DateTime(timezone=True)),
+    Column("last_error", Text, nullable=False),
+    Column("studies_total", Integer, nullable=False),
+    Column("studies_done", Integer, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("completed_at", DateTime(timezone=True)),
+    Column("sent_at", DateTime(timezone=True)),
+)
+Index("ix_cache_requests_state", cache_requests.c.state, cache_requests.c.next_attempt_at)
+
+# Studies held as cache copies (never archive originals): where from, kept until when (R-CE-11,
+# R-CA-4); the cleanup job deletes a copy after keep_until.
+cached_studies = Table(
+    "cached_studies",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("study_uid", UID, nullable=False, unique=True),
+    Column("person_key", String(64), nullable=False),
+    Column("source", String(256), nullable=False),
+    Column("cached_at", DateTime(timezone=True), nullable=False),
+    Column("keep_until", DateTime(timezone=True), nullable=False),
+)
+Index("ix_cached_studies_keep", cached_studies.c.keep_until)

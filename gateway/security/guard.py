@@ -105,6 +105,15 @@ RULES: tuple[Rule, ...] = (
     Rule("GET", "/api/v1/studies/*/inventory", "api:inventory"),
     Rule("PUT", "/api/v1/studies/*/manifest", "api:manifest"),
     Rule("GET", "/api/v1/upload-monitoring/*", "api:monitoring"),
+    # The federation (issue 5). The national index (index/app.py); a center answers the same
+    # lookup path for its front-ends (forwarded to the index) and takes their retrieval records:
+    Rule("POST", "/api/v1/index-records", "index:register"),
+    Rule("GET", "/api/v1/index-records", "index:lookup"),
+    Rule("GET", "/api/v1/index-records/*", "index:lookup"),
+    Rule("GET", "/api/v1/provinces", "index:lookup"),
+    Rule("POST", "/api/v1/retrievals", "index:retrievals"),
+    Rule("GET", "/api/v1/retrievals", "index:retrievals"),
+
 )
 
 # Reachable without a token, and nothing else: health, and how to get and check a token.
@@ -121,7 +130,9 @@ PUBLIC_STATIC_PREFIX = "/viewer"
 # The scopes each role's routes use (what `ybyx clients add` may grant there).
 ROLE_SCOPES: dict[str, frozenset[str]] = {
     "frontend": frozenset({STOW, QIDO, WADO, "api:forwarding", "api:exams", "api:monitoring", "metrics"}),
-    "center": frozenset({STOW, QIDO, WADO, "api:inventory", "api:manifest", "api:exams", "api:monitoring"}),
+    "center": frozenset({STOW, QIDO, WADO, "api:inventory", "api:manifest", "api:exams", "api:monitoring"})
+    | {"index:lookup", "index:retrievals"},
+    "index": frozenset({"index:register", "index:lookup", "index:retrievals"}),
 }
 
 
