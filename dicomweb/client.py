@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import ssl
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,7 @@ class DicomWebClient:
         headers: dict[str, str] | None = None,
         transport: httpx.BaseTransport | None = None,
         auth: httpx.Auth | None = None,
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
         """``auth``: how to prove who we are (the front-end's ``ClientCredentials`` at its center,
         issue 6 §1); it may send a request twice, so bodies here are replayable."""
@@ -86,7 +88,10 @@ class DicomWebClient:
         self.dicomweb = f"{self.base_url}/dicom-web"
         self.max_batch_instances = max_batch_instances
         self.max_batch_bytes = max_batch_bytes
-        self.http = httpx.Client(timeout=timeout, headers=headers, transport=transport, auth=auth)
+        # verify: the peer's certificate checked against the configured CA (issue 6 §6, R-SE-5)
+        self.http = httpx.Client(
+            timeout=timeout, headers=headers, transport=transport, auth=auth, verify=verify
+        )
 
     def close(self) -> None:
         self.http.close()

@@ -7,6 +7,7 @@ syntax. A journal of what the peer acknowledged makes a rerun skip it (``--journ
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,8 +52,12 @@ def send(
     calling_ae: str = "YBYX_SCU",
     journal: Path | None = None,
     progress: Callable[[Path, bool], None] | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> SendReport:
-    """C-STORE every file; a status other than success (or warning) counts as failed."""
+    """C-STORE every file; a status other than success (or warning) counts as failed.
+
+    ``tls``: DICOM TLS (issue 6 §6, R-SE-5) with this client context; the peer's certificate must
+    name ``host``."""
     report = SendReport()
     done: set[str] = set()
     if journal is not None and journal.exists():
@@ -79,7 +84,7 @@ def send(
     _config.STORE_SEND_CHUNKED_DATASET = True
     ae = AE(ae_title=calling_ae)
     ae.requested_contexts = contexts_for((c, t) for _, c, t in headers)
-    assoc = ae.associate(host, port, ae_title=called_ae)
+    assoc = ae.associate(host, port, ae_title=called_ae, tls_args=(tls, host) if tls is not None else None)
     if not assoc.is_established:
         for path, _, _ in headers:
             report.failed[path] = f"association with {called_ae}@{host}:{port} refused or failed"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import tempfile
 import threading
 import time
@@ -46,6 +47,7 @@ from gateway.archive.query import Level, QueryError
 from gateway.audit import AuditLog
 from gateway.config import DicomSection
 from gateway.ingest import Accepted, Ingest
+from gateway.security.tls import client_context, server_context
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +210,7 @@ class DicomServer:
                 # event-driven association reactors instead of 1 ms polling (dimse/fastpath.py)
                 request_handler=fastpath.request_handler(),
                 listen_socket=listen_socket,
+                ssl_context=self._tls_server(),  # DICOM TLS, issue 6 §6 (R-SE-5)
             ),
         )
         ae._servers.append(server)  # as start_server does, so server.shutdown() can deregister it
@@ -217,6 +220,21 @@ class DicomServer:
         port = int(server.server_address[1])
         log.info("DICOM SCP %s listening on %s:%d", self.cfg.ae_title, self.cfg.host, port)
         return port
+
+    def _tls_server(self) -> ssl.SSLContext | None:
+        tls = self.cfg.tls
+        if tls is None:
+            return None
+        return server_context(
+            tls.cert_file, tls.key_file, ca_file=tls.ca_file, require_client_cert=tls.require_client_cert
+        )
+
+    def _tls_client(self, host: str) -> tuple[ssl.SSLContext, str]:
+        """Our SCU side of DICOM TLS (C-MOVE sub-operations): the destination must chain to
+        ``[dicom.tls] ca_file`` and name ``host``; we present our own certificate."""
+        tls = self.cfg.tls
+        assert tls is not None  # the config requires [dicom.tls] for a tls destination
+        return client_context(tls.ca_file, cert_file=tls.cert_file, key_file=tls.key_file), host
 
     def stop(self) -> None:
         if self._server is not None:
@@ -346,6 +364,8 @@ class DicomServer:
         options: dict[str, Any] = {"evt_handlers": [(evt.EVT_ESTABLISHED, self._on_established)]}
         if contexts:
             options["contexts"] = contexts
+        if dest.tls:
+            options["tls_args"] = self._tls_client(dest.host)
         audit_events.retrieve(self.audit, self.cfg, event, "C-MOVE", matched, destination=dest_title)
         yield dest.host, dest.port, options
         yield len(matched)

@@ -92,7 +92,11 @@ class Center:
             state={"exams": ExamBook(core.archive.catalog), "audit": core.audit, **federation_state},
         )
         center = cls(
-            cfg, core, HttpServer(app, cfg.http.host, cfg.http.port), registrar=registrar, sender=sender
+            cfg,
+            core,
+            HttpServer(app, cfg.http.host, cfg.http.port, tls=cfg.http.tls),
+            registrar=registrar,
+            sender=sender,
         )
         center.clients = [c for c in (index_client,) if c is not None]
         center.http_port = center.http.start()
@@ -120,7 +124,7 @@ class Center:
     @property
     def url(self) -> str:
         host = "127.0.0.1" if self.cfg.http.host in ("0.0.0.0", "::") else self.cfg.http.host
-        return f"http://{host}:{self.http_port}"
+        return f"{self.http.scheme}://{host}:{self.http_port}"
 
     def stop(self) -> None:
         self.http.stop()

@@ -6,6 +6,7 @@ import argparse
 import logging
 import re
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Callable
@@ -167,6 +168,7 @@ def cmd_send(args: argparse.Namespace) -> int:
             calling_ae=args.calling_ae,
             journal=Path(args.journal) if args.journal else None,
             progress=lambda _p, _ok: bar.advance(task),
+            tls=_send_tls(args),
         )
     for path, reason in report.failed.items():
         console.print(f"[red]failed[/red] {path}: {reason}")
@@ -174,6 +176,35 @@ def cmd_send(args: argparse.Namespace) -> int:
         f"sent {len(report.sent)}, skipped {len(report.skipped)} (journal), failed {len(report.failed)}"
     )
     return 0 if report.ok else 1
+
+
+def _send_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """DICOM TLS for ``ybyx send`` (issue 6 §6): the peer checked against ``--tls-ca``."""
+    if not (args.tls or args.tls_ca or args.tls_cert):
+        return None
+    from gateway.security.tls import client_context
+
+    cert = Path(args.tls_cert) if args.tls_cert else None
+    key = Path(args.tls_key) if args.tls_key else None
+    return client_context(Path(args.tls_ca) if args.tls_ca else None, cert_file=cert, key_file=key)
+
+
+def cmd_certs_dev(args: argparse.Namespace) -> int:
+    """``ybyx certs dev --out DIR``: a development CA, server and client certificate (issue 6 §6)."""
+    from gateway.security.tls import write_dev_certs
+
+    try:
+        made = write_dev_certs(Path(args.out), hosts=args.host or None, days=args.days)
+    except FileExistsError as exc:
+        console.print(str(exc))
+        return 2
+    for path in vars(made).values():
+        print(path)
+    console.print(
+        f"development certificates in {args.out} (keys mode 600) — for tests and the demo only; "
+        "production certificates come from the province's PKI"
+    )
+    return 0
 
 
 def cmd_keys_generate(args: argparse.Namespace) -> int:
@@ -333,7 +364,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calling-ae", default="YBYX_SCU")
     p.add_argument("--journal", help="file recording what was acknowledged; a rerun skips it")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--tls", action="store_true", help="DICOM TLS, peer checked against the system CAs")
+    p.add_argument("--tls-ca", help="DICOM TLS: CA file the peer's certificate must chain to")
+    p.add_argument("--tls-cert", help="DICOM TLS: our certificate (mutual TLS)")
+    p.add_argument("--tls-key", help="its private key")
     p.set_defaults(func=cmd_send)
+
+    p = sub.add_parser("certs", help="TLS certificates")
+    tsub = p.add_subparsers(dest="certs_command", required=True)
+    t = tsub.add_parser("dev", help="a development CA with a server and a client certificate (PEM)")
+    t.add_argument("--out", required=True, help="folder for ca.pem, server.pem, client.pem and keys")
+    t.add_argument("--host", action="append", help="server name or address (repeat; default localhost)")
+    t.add_argument("--days", type=int, default=365)
+    t.set_defaults(func=cmd_certs_dev)
 
     p = sub.add_parser("keys", help="key management")
     ksub = p.add_subparsers(dest="keys_command", required=True)

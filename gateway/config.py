@@ -50,12 +50,31 @@ class Peer(Strict):
     port: Port | None = None
 
 
+class TlsSection(Strict):
+    """TLS for a listener (issue 6 §6, R-SE-5; ``gateway/security/tls.py``): its certificate and key
+    (PEM), and for mutual TLS the CA client certificates must chain to."""
+
+    cert_file: Path = Field(description="certificate chain (PEM); `ybyx certs dev --out DIR` for tests")
+    key_file: Path = Field(description="its private key (PEM, unencrypted, mode 600)")
+    ca_file: Path | None = Field(
+        default=None, description="CA(s) that client certificates and peers we call must chain to"
+    )
+    require_client_cert: bool = Field(default=False, description="mutual TLS: refuse clients without one")
+
+    @model_validator(mode="after")
+    def _mutual_needs_ca(self) -> TlsSection:
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("require_client_cert needs ca_file (the CA client certificates chain to)")
+        return self
+
+
 class MoveDestination(Strict):
     """A C-MOVE destination: the AE title a peer names in the request, and where it listens."""
 
     ae_title: AETitle
     host: str
     port: Port
+    tls: bool = Field(default=False, description="DICOM TLS to it ([dicom.tls] certificate and ca_file)")
 
 
 class DicomSection(Strict):
@@ -75,6 +94,13 @@ class DicomSection(Strict):
     )
     peers: list[Peer] = Field(default_factory=list)
     move_destinations: list[MoveDestination] = Field(default_factory=list)
+    tls: TlsSection | None = Field(default=None, description="DICOM TLS on the SCP (PS3.15 Annex B)")
+
+    @model_validator(mode="after")
+    def _tls_destinations(self) -> DicomSection:
+        if self.tls is None and any(d.tls for d in self.move_destinations):
+            raise ValueError("move_destinations with tls = true need a [dicom.tls] section")
+        return self
 
     @model_validator(mode="after")
     def _someone_may_call(self) -> DicomSection:
@@ -170,6 +196,10 @@ class ForwardSection(Strict):
     scope: str | None = Field(
         default=None, description="scopes to ask for (space-separated); unset = all the center granted"
     )
+    # TLS to the center (issue 6 §6, R-SE-5): an https center_url is verified against ca_file
+    ca_file: Path | None = Field(default=None, description="CA the center's certificate chains to")
+    client_cert_file: Path | None = Field(default=None, description="our certificate, for mutual TLS")
+    client_key_file: Path | None = Field(default=None, description="its private key (mode 600)")
 
     @model_validator(mode="after")
     def _credentials_in_pairs(self) -> ForwardSection:
@@ -280,6 +310,7 @@ class HttpSection(Strict):
     host: str = "127.0.0.1"
     port: Port = 8080
     workers: int = Field(default=1, ge=1, le=64)
+    tls: TlsSection | None = Field(default=None, description="HTTPS (issue 6 §6, R-SE-5)")
 
 
 # ---- the federation: national index, cross-province retrieval, caching, doctors (issue 5) ---------
@@ -452,6 +483,29 @@ def _join(base: Path, path: Path) -> Path:
     return Path(os.path.normpath(base / path))
 
 
+def _tls_paths(tls: TlsSection | None, base: Path) -> TlsSection | None:
+    if tls is None:
+        return None
+    ca = _join(base, tls.ca_file) if tls.ca_file is not None else None
+    return tls.model_copy(
+        update={"cert_file": _join(base, tls.cert_file), "key_file": _join(base, tls.key_file), "ca_file": ca}
+    )
+
+
+def _tls_below(model: Any, base: Path, updates: dict[str, Any]) -> None:
+    """TLS file names (issue 6 §6) taken from the config file's folder, like every other path."""
+    for name in ("http", "dicom"):
+        section = updates.get(name, getattr(model, name, None))
+        if section is not None and getattr(section, "tls", None) is not None:
+            updates[name] = section.model_copy(update={"tls": _tls_paths(section.tls, base)})
+    forward = updates.get("forward", getattr(model, "forward", None))
+    if isinstance(forward, ForwardSection):
+        keys = ("ca_file", "client_cert_file", "client_key_file")
+        fix = {k: _join(base, getattr(forward, k)) for k in keys if getattr(forward, k) is not None}
+        if fix:
+            updates["forward"] = forward.model_copy(update=fix)
+
+
 def _below(
     model: FrontendConfig | CenterConfig | IndexConfig, base: Path
 ) -> FrontendConfig | CenterConfig | IndexConfig:
@@ -500,6 +554,7 @@ def _below(
                 "verify_keys": [_join(base, p) for p in audit.verify_keys],
             }
         )
+    _tls_below(model, base, updates)
     encryption = getattr(model, "encryption", None)
     if isinstance(encryption, EncryptionSection):
         updates["encryption"] = encryption.model_copy(update={"key_file": _join(base, encryption.key_file)})

@@ -146,6 +146,10 @@ class Forwarder:
         self._wake.set()
         for t in self._threads:
             t.join(30)
+        # close the kept-alive connections: an HTTPS center otherwise waits on their TLS shutdown
+        close = getattr(self.center, "close", None)
+        if callable(close):
+            close()
 
     def _loop(self) -> None:
         last_reconcile = datetime.min.replace(tzinfo=UTC)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -22,6 +23,7 @@ from gateway.ingest import Ingest
 from gateway.node import NodeCore
 from gateway.security.credentials import ClientCredentials, read_secret
 from gateway.security.node import NodeSecurity, default_node_id
+from gateway.security.tls import client_context
 from gateway.web import HttpServer, build_app
 
 log = logging.getLogger(__name__)
@@ -54,7 +56,19 @@ def _center_credentials(cfg: ForwardSection) -> ClientCredentials | None:
         secret,
         scope=cfg.scope,
         timeout=cfg.timeout_seconds,
+        verify=center_tls(cfg),
     )
+
+
+def center_tls(cfg: ForwardSection) -> ssl.SSLContext | bool:
+    """How the center's certificate is checked (issue 6 §6, R-SE-5): against ``ca_file`` (else the
+    system's trust store), presenting our certificate for mutual TLS when one is configured."""
+    if cfg.ca_file is None and cfg.client_cert_file is None:
+        return True
+    try:
+        return client_context(cfg.ca_file, cert_file=cfg.client_cert_file, key_file=cfg.client_key_file)
+    except (OSError, ValueError) as exc:
+        raise ArchiveUnavailable("forward.ca_file", f"cannot load the TLS files: {exc}") from exc
 
 
 @dataclass
@@ -114,6 +128,7 @@ class Frontend:
                 max_batch_instances=cfg.forward.batch_max_instances,
                 max_batch_bytes=cfg.forward.batch_max_mb << 20,
                 auth=center_auth,
+                verify=center_tls(cfg.forward),
             )
             forwarder = Forwarder(
                 archive.catalog,
@@ -136,7 +151,7 @@ class Frontend:
             extra_routes=[Route("/metrics", metrics)],
             state={"forwarder": forwarder, "exams": exams, "pseudonym_key": key, "audit": audit},
         )
-        http = HttpServer(app, cfg.http.host, cfg.http.port)
+        http = HttpServer(app, cfg.http.host, cfg.http.port, tls=cfg.http.tls)
         fe = cls(cfg, core, server, http, forwarder)
         fe.dicom_port = server.start()
         fe.http_port = fe.http.start()

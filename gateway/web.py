@@ -10,6 +10,7 @@ health and token routes.
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 from typing import Any
@@ -26,6 +27,7 @@ from dicomweb.app import DicomWebContext
 from dicomweb.app import routes as dicomweb_routes
 from dicomweb.audit_hook import AuditHook
 from gateway.archive import Archive
+from gateway.config import TlsSection
 from gateway.ingest import Ingest
 from gateway.security.guard import Guard
 from gateway.security.node import NodeSecurity
@@ -74,9 +76,19 @@ def build_app(
 class HttpServer:
     """uvicorn in a background thread (one worker; scale out with more processes behind a balancer)."""
 
-    def __init__(self, app: Starlette, host: str, port: int) -> None:
+    def __init__(self, app: Starlette, host: str, port: int, *, tls: TlsSection | None = None) -> None:
+        """``tls``: serve HTTPS (issue 6 §6, R-SE-5), asking for a client certificate for mutual TLS."""
+        options: dict[str, Any] = {}
+        if tls is not None:
+            options = {"ssl_certfile": str(tls.cert_file), "ssl_keyfile": str(tls.key_file)}
+            if tls.ca_file is not None:
+                options["ssl_ca_certs"] = str(tls.ca_file)
+                options["ssl_cert_reqs"] = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
+        self.scheme = "https" if tls is not None else "http"
         self.server = uvicorn.Server(
-            uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off", access_log=False)
+            uvicorn.Config(
+                app, host=host, port=port, log_level="warning", lifespan="off", access_log=False, **options
+            )
         )
         self._thread = threading.Thread(target=self.server.run, name="http", daemon=True)
 

@@ -14,7 +14,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from gateway.center import Center
-from gateway.config import CenterConfig, IndexConfig, parse_config
+from gateway.config import CenterConfig, FrontendConfig, IndexConfig, parse_config
+from gateway.frontend import Frontend
 from gateway.security.credentials import write_secret
 from index.service import NationalIndex
 from tests.conftest import TEST_SECURITY
@@ -177,3 +178,54 @@ def exam_body(
         "person_key": person_key,
         "id_masked": "1101**********002X",
     }
+
+
+# What a front-end needs at its center: forwarding plus the federation routes.
+FRONTEND_AT_CENTER = "stow api:inventory api:manifest api:exams index:lookup index:retrievals wado qido"
+
+
+def federated_frontend_config(
+    root: Path, *, institution: str, center: Center | None = None, **sections: Any
+) -> FrontendConfig:
+    """A front-end of ``institution`` on free ports, a client of ``center`` (if given)."""
+    root.mkdir(parents=True, exist_ok=True)
+    data: dict[str, Any] = {
+        "role": "frontend",
+        "institution": institution,
+        "dicom": {"ae_title": "YBYX", "host": "127.0.0.1", "port": free_port(), "allow_any_calling_ae": True},
+        "http": {"host": "127.0.0.1", "port": free_port()},
+        "storage": {"backend": "folder", "path": "blobs"},
+        "database": {"url": "sqlite:///catalog.db"},
+        "ingest": {"quarantine": "quarantine"},
+        "security": dict(TEST_SECURITY),
+        **sections,
+    }
+    if center is not None:
+        cid, secret = client_at(center, f"frontend-{institution}", FRONTEND_AT_CENTER, root)
+        data["forward"] = {
+            "center_url": center.url,
+            "client_id": cid,
+            "client_secret_file": str(secret),
+            "settle_seconds": 0.2,
+        }
+    cfg = parse_config(data, "frontend.toml", root)
+    assert isinstance(cfg, FrontendConfig)
+    return cfg
+
+
+def frontend_starter(tmp_path: Path) -> Iterator[Callable[..., Frontend]]:
+    """For a ``start_fed_frontend`` fixture: ``start(institution, center=…, **sections)``."""
+    started: list[Frontend] = []
+
+    def start(institution: str, **kw: Any) -> Frontend:
+        fe = Frontend.start(
+            federated_frontend_config(
+                tmp_path / f"fe-{institution}-{len(started)}", institution=institution, **kw
+            )
+        )
+        started.append(fe)
+        return fe
+
+    yield start
+    for fe in started:
+        fe.stop()

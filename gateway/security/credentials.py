@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Generator
@@ -58,8 +59,11 @@ class ClientCredentials(httpx.Auth):
         timeout: float = 30,
         transport: httpx.BaseTransport | None = None,
         clock: Callable[[], float] = time.monotonic,
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
+        """``verify``: how the token endpoint's certificate is checked (issue 6 §6: the center's CA)."""
         self.token_url = token_url
+        self._verify = verify
         self.client_id = client_id
         self.scope = scope
         self._secret = client_secret
@@ -90,7 +94,7 @@ class ClientCredentials(httpx.Auth):
 
     def _fetch(self) -> tuple[str, float]:
         data = {"grant_type": "client_credentials", **({"scope": self.scope} if self.scope else {})}
-        with httpx.Client(timeout=self._timeout, transport=self._transport) as http:
+        with httpx.Client(timeout=self._timeout, transport=self._transport, verify=self._verify) as http:
             response = http.post(
                 self.token_url, data=data, auth=httpx.BasicAuth(self.client_id, self._secret)
             )

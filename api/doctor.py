@@ -1,0 +1,189 @@
+"""The front-end's doctor workstation routes (issue 5 §6–8), each behind the guard and, for the
+patient's data, the patient's authorization (``gateway.grants.check_grant``, R-RT-4):
+
+* ``POST /api/v1/grants`` (``api:grants``): evidence of a patient authorization (method + token,
+  e.g. the insurance QR payload) → the verified grant.
+* ``GET /api/v1/patients/{person}/history?visit=DATE[&doctor=]`` (``api:doctor``): R-RT-1, R-RT-3.
+* ``GET /api/v1/patients/{person}/same-exams?order=ITEM&date=DATE[&doctor=]`` (``api:doctor``): R-RT-2.
+* ``POST /api/v1/citations`` (``api:doctor``): R-VW-3.
+* ``GET /api/v1/code-maps`` (``api:codes``): the maps and the unmapped codes met (R-CE-4).
+
+A denial is 403 ``{"error": "forbidden", "reason": …}``, audited with the reason and recorded as
+a denied retrieval that goes to the national index.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from api.errors import BadRequest, parse
+from api.federation import unprocessable
+from dicomweb.audit_hook import record_request
+from gateway.audit import EventType, Result
+from gateway.federation import PeerError
+from gateway.grants import GrantDenied, GrantRejected, RetrievalGrant
+from gateway.identity import PERSON_KEY
+from gateway.workstation import Workstation
+
+
+class GrantIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    method: str = Field(min_length=1, max_length=32, description="e.g. insurance-qr")
+    evidence: str = Field(min_length=1, max_length=8192, description="the signed payload / reference")
+
+
+class CitationIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    person_key: str = Field(pattern=r"^[0-9a-f]{64}$")
+    study_uid: str = Field(max_length=64, pattern=r"^[0-9]+(\.[0-9]+)*$")
+    section: Literal["findings", "impression"]
+    text: str = Field(min_length=1, max_length=20000)
+    doctor: str = Field(min_length=1, max_length=64)
+
+
+def _ws(request: Request) -> Workstation | None:
+    return getattr(request.app.state, "workstation", None)
+
+
+def _not_configured() -> JSONResponse:
+    return JSONResponse({"error": "the doctor workstation API is not configured"}, status_code=503)
+
+
+def _person(request: Request) -> str:
+    person = request.path_params["person"]
+    if not PERSON_KEY.match(person):
+        raise ValueError("person: the patient's pseudonym (64 lower-case hex characters)")
+    return str(person)
+
+
+def _day(value: str | None, name: str) -> date:
+    if not value:
+        raise ValueError(f"{name}: required, a date YYYY-MM-DD")
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"{name}: a date YYYY-MM-DD, got {value!r}") from None
+
+
+async def _authorize(
+    request: Request, ws: Workstation, person: str, action: str
+) -> RetrievalGrant | Response:
+    doctor = request.query_params.get("doctor", "")
+    try:
+        return await run_in_threadpool(lambda: ws.authorize(person, doctor=doctor, action=action))
+    except GrantDenied as denied:
+        await record_request(  # R-SE-4: who was refused what, and why
+            request,
+            EventType.RETRIEVAL,
+            resource=f"patient:{person[:12]}/{action}",
+            result=Result.FAILURE,
+            detail={"reason": denied.reason, "doctor": doctor},
+        )
+        return JSONResponse({"error": "forbidden", "reason": denied.reason}, status_code=403)
+
+
+async def post_grant(request: Request) -> Response:
+    ws = _ws(request)
+    if ws is None:
+        return _not_configured()
+    try:
+        body = await parse(request, GrantIn)
+    except BadRequest as bad:
+        return bad.response
+    try:
+        grant = await run_in_threadpool(ws.accept_grant, body.method, body.evidence)
+    except GrantRejected as exc:
+        return unprocessable(f"evidence: {exc}" if not str(exc).startswith("method:") else str(exc))
+    await record_request(
+        request, EventType.SHARE, resource=f"grant:{grant.grant_id}", detail={"method": grant.method.value}
+    )
+    return JSONResponse(grant.as_json(), status_code=201)
+
+
+async def history(request: Request) -> Response:
+    ws = _ws(request)
+    if ws is None:
+        return _not_configured()
+    try:
+        person = _person(request)
+        visit = _day(request.query_params.get("visit"), "visit")
+    except ValueError as exc:
+        return unprocessable(str(exc))
+    grant = await _authorize(request, ws, person, "history")
+    if isinstance(grant, Response):
+        return grant
+    try:
+        result = await run_in_threadpool(ws.history, person, visit, grant)
+    except PeerError as exc:
+        return JSONResponse({"error": f"history unavailable: {exc}"}, status_code=502)
+    await record_request(request, EventType.RETRIEVAL, resource=f"patient:{person[:12]}/history")
+    return JSONResponse(result)
+
+
+async def same_exams(request: Request) -> Response:
+    ws = _ws(request)
+    if ws is None:
+        return _not_configured()
+    q = request.query_params
+    try:
+        person = _person(request)
+        order_date = _day(q.get("date"), "date")
+        order = q.get("order", "").strip()
+        if not order:
+            raise ValueError("order: the hospital exam-item code being ordered is required")
+    except ValueError as exc:
+        return unprocessable(str(exc))
+    target = ws.insurance_code(order)
+    if target is None:
+        return unprocessable(f"order: {order} has no insurance exam-item code in the code map (R-CE-4)")
+    grant = await _authorize(request, ws, person, "same-exams")
+    if isinstance(grant, Response):
+        return grant
+    try:
+        result = await run_in_threadpool(ws.same_exams, person, target, order_date, grant)
+    except PeerError as exc:
+        return JSONResponse({"error": f"same-exam check unavailable: {exc}"}, status_code=502)
+    return JSONResponse({"order": order, **result})
+
+
+async def post_citation(request: Request) -> Response:
+    ws = _ws(request)
+    if ws is None:
+        return _not_configured()
+    try:
+        body = await parse(request, CitationIn)
+    except BadRequest as bad:
+        return bad.response
+    out = await run_in_threadpool(
+        ws.cite, body.person_key, body.study_uid, body.section, body.text, body.doctor
+    )
+    await record_request(
+        request,
+        EventType.RETRIEVAL,
+        resource=f"citation:{out['citation_id']}",
+        detail={"study_instance_uid": body.study_uid, "section": body.section},
+    )
+    return JSONResponse(out, status_code=201)
+
+
+async def code_maps(request: Request) -> Response:
+    ws = _ws(request)
+    if ws is None:
+        return _not_configured()
+    return JSONResponse({"maps": ws.codes.maps, "unmapped": ws.codes.unmapped()})
+
+
+routes = [
+    Route("/grants", post_grant, methods=["POST"]),
+    Route("/patients/{person}/history", history, methods=["GET"]),
+    Route("/patients/{person}/same-exams", same_exams, methods=["GET"]),
+    Route("/citations", post_citation, methods=["POST"]),
+    Route("/code-maps", code_maps, methods=["GET"]),
+]
