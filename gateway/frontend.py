@@ -9,6 +9,7 @@ from datetime import timedelta
 
 from starlette.routing import Route
 
+from api.doctor import routes as doctor_api
 from api.frontend import metrics
 from api.frontend import routes as frontend_api
 from dicomweb.client import DicomWebClient
@@ -25,6 +26,7 @@ from gateway.security.credentials import ClientCredentials, read_secret
 from gateway.security.node import NodeSecurity, default_node_id
 from gateway.security.tls import client_context
 from gateway.web import HttpServer, build_app
+from gateway.workstation import Workstation, open_workstation
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,7 @@ class Frontend:
     forwarder: Forwarder | None = None
     dicom_port: int = 0
     http_port: int = 0
+    workstation: Workstation | None = None  # the doctor API (issue 5)
 
     @property
     def archive(self) -> Archive:
@@ -139,6 +142,13 @@ class Frontend:
                 exams=exams,
                 audit=audit,
             )
+        node_id = cfg.security.issuer or default_node_id("frontend", cfg.institution)
+        try:
+            center_peer = client if cfg.forward.center_url is not None else None  # the one HTTP client
+            workstation = open_workstation(cfg, archive.catalog, center_peer, node_id)
+        except ArchiveUnavailable:
+            core.close()
+            raise
         server = DicomServer(cfg.dicom, ingest, archive.catalog, archive.store, spool, audit=audit)
         app = build_app(
             "frontend",
@@ -146,10 +156,16 @@ class Frontend:
             ingest,
             max_request_bytes=cfg.dicomweb.max_request_mb << 20,
             spool=str(spool),
-            api_routes=list(frontend_api),
+            api_routes=[*frontend_api, *doctor_api],
             security=core.security,
             extra_routes=[Route("/metrics", metrics)],
-            state={"forwarder": forwarder, "exams": exams, "pseudonym_key": key, "audit": audit},
+            state={
+                "forwarder": forwarder,
+                "exams": exams,
+                "pseudonym_key": key,
+                "audit": audit,
+                "workstation": workstation,
+            },
         )
         http = HttpServer(app, cfg.http.host, cfg.http.port, tls=cfg.http.tls)
         fe = cls(cfg, core, server, http, forwarder)
@@ -157,11 +173,15 @@ class Frontend:
         fe.http_port = fe.http.start()
         if forwarder is not None:
             forwarder.start()
+        fe.workstation = workstation
+        workstation.start()
         return fe
 
     def stop(self) -> None:
         self.dicom.stop()
         if self.forwarder is not None:
             self.forwarder.stop()
+        if self.workstation is not None:
+            self.workstation.stop()
         self.http.stop()
         self.core.close()
