@@ -13,6 +13,7 @@ from starlette.routing import Route
 from api.errors import BadRequest, parse
 from dicomweb.audit_hook import record_request
 from gateway.audit import EventType
+from gateway.codec.stage import CompressionStage
 from gateway.exams import ExamBook, ExamIn, SettlementIn
 from gateway.forwarder import Forwarder
 
@@ -70,6 +71,26 @@ async def metrics(request: Request) -> Response:
             "# HELP ybyx_forward_oldest_pending_seconds Age of the oldest queued or sending study.",
             "# TYPE ybyx_forward_oldest_pending_seconds gauge",
             f"ybyx_forward_oldest_pending_seconds {m['oldest_pending_seconds']:.3f}",
+        ]
+    compression: CompressionStage | None = getattr(request.app.state, "compression", None)
+    if compression is not None:  # R-UP-1: lossless compression after ingest
+        c = await run_in_threadpool(compression.metrics)
+        lines += [
+            "# HELP ybyx_codec_backlog Instances waiting for lossless compression.",
+            "# TYPE ybyx_codec_backlog gauge",
+            f"ybyx_codec_backlog {c['backlog']:g}",
+            "# HELP ybyx_codec_instances_total Instances through the compression stage by outcome.",
+            "# TYPE ybyx_codec_instances_total counter",
+        ]
+        lines += [
+            f'ybyx_codec_instances_total{{outcome="{o}"}} {c.get(o, 0):g}'
+            for o in ("compressed", "kept", "mismatch", "failed", "gave-up")
+        ]
+        lines += [
+            "# HELP ybyx_codec_bytes_total Bytes of compressed instances before and after.",
+            "# TYPE ybyx_codec_bytes_total counter",
+            f'ybyx_codec_bytes_total{{when="before"}} {c.get("bytes_before", 0):g}',
+            f'ybyx_codec_bytes_total{{when="after"}} {c.get("bytes_after", 0):g}',
         ]
     return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 

@@ -15,7 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
 
@@ -302,6 +310,29 @@ class EncryptionSection(Strict):
     )
 
 
+class CompressionSection(Strict):
+    """Lossless compression after ingest, before upload (issue 4 §1, R-UP-1; ``gateway/codec``)."""
+
+    transfer_syntax: str = Field(
+        default="jpeg-ls",
+        description='codec to store and forward in: "jpeg-ls", "jpeg2000", "rle", or "none" (off)',
+    )
+    transcode_lossless: bool = Field(
+        default=False, description="also re-encode data that arrived compressed losslessly in another syntax"
+    )
+    workers: int = Field(default=1, ge=1, le=16, description="compression processes (each uses one core)")
+
+    @field_validator("transfer_syntax")
+    @classmethod
+    def _known_codec(cls, value: str) -> str:
+        from gateway.codec.table import CODECS  # the codec table is the one list of names
+
+        if value != "none" and value not in CODECS:
+            known = ", ".join(f'"{name}"' for name in [*CODECS, "none"])
+            raise ValueError(f"unknown codec {value!r} (one of {known})")
+        return value
+
+
 class DicomWebSection(Strict):
     max_request_mb: int = Field(default=2048, ge=1, description="STOW-RS body limit (413 above it)")
 
@@ -396,6 +427,7 @@ class FrontendConfig(Strict):
     database: DatabaseSection = DatabaseSection()
     ingest: IngestSection = IngestSection()
     forward: ForwardSection = ForwardSection()
+    compression: CompressionSection = CompressionSection()
     dicomweb: DicomWebSection = DicomWebSection()
     identity: IdentitySection = IdentitySection()
     audit: AuditSection = AuditSection()

@@ -119,6 +119,9 @@ class Forwarder:
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
         self._rnd = random.Random()
+        # How many of a study's instances are not in their final bytes yet (lossless compression
+        # pending, gateway/codec, R-UP-1); set by the front-end. Such a study waits.
+        self.not_final: Callable[[str], int] | None = None
 
     # ---- running ---------------------------------------------------------------------------------
 
@@ -236,6 +239,8 @@ class Forwarder:
         return [i for i in held if (i.sop_uid, i.sha256) not in sent]
 
     def process(self, study_uid: str) -> None:
+        if self._held_for_compression(study_uid):
+            return
         todo = self.pending(study_uid)
         refused: dict[str, str] = {}
         if todo:
@@ -253,6 +258,19 @@ class Forwarder:
             return
         self._set(study_uid, state="sent", sent_at=self.clock())
         self.reconcile(study_uid)
+
+    def _held_for_compression(self, study_uid: str) -> bool:
+        """Put the study back for a second while instances are being compressed (R-UP-1): sent
+        now, the center would get two different byte streams for one SOP Instance UID."""
+        waiting = self.not_final(study_uid) if self.not_final is not None else 0
+        if waiting:
+            self._set(
+                study_uid,
+                state="queued",
+                next_attempt_at=self.clock() + timedelta(seconds=1),
+                last_error=f"waiting for lossless compression of {waiting} instances",
+            )
+        return waiting > 0
 
     def reconcile(self, study_uid: str) -> list[str]:
         """Compare with the center's inventory; re-queue what is missing or differs (R-UP-4).

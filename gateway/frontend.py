@@ -16,6 +16,8 @@ from dicomweb.client import DicomWebClient
 from dimse.server import DicomServer
 from gateway.archive import Archive, ArchiveUnavailable
 from gateway.audit import AuditLog
+from gateway.codec.stage import CompressionStage
+from gateway.codec.table import codec_for
 from gateway.config import ForwardSection, FrontendConfig
 from gateway.exams import ExamBook
 from gateway.forwarder import Forwarder, ForwardPolicy
@@ -73,6 +75,28 @@ def center_tls(cfg: ForwardSection) -> ssl.SSLContext | bool:
         raise ArchiveUnavailable("forward.ca_file", f"cannot load the TLS files: {exc}") from exc
 
 
+def _compression_stage(cfg: FrontendConfig, archive: Archive) -> CompressionStage | None:
+    """The lossless compression stage (R-UP-1), queueing every instance stored from now on; None
+    when ``[compression] transfer_syntax = "none"`` (instances left queued by an earlier run with
+    it on are then forwarded as received)."""
+    section = cfg.compression
+    if section.transfer_syntax == "none":
+        dropped = CompressionStage(archive.catalog, archive.store, codec_for("jpeg-ls")).discard_queue()
+        if dropped:
+            log.info("compression is off: %d queued instances stay as received", dropped)
+        return None
+    stage = CompressionStage(
+        archive.catalog,
+        archive.store,
+        codec_for(section.transfer_syntax),
+        transcode_lossless=section.transcode_lossless,
+        workers=section.workers,
+        processes=True,
+    )
+    stage.install()
+    return stage
+
+
 @dataclass
 class Frontend:
     """A running front-end: its archive, DICOM SCP, HTTP service and (if configured) forwarder."""
@@ -82,6 +106,7 @@ class Frontend:
     dicom: DicomServer
     http: HttpServer
     forwarder: Forwarder | None = None
+    compression: CompressionStage | None = None
     dicom_port: int = 0
     http_port: int = 0
     workstation: Workstation | None = None  # the doctor API (issue 5)
@@ -123,6 +148,7 @@ class Frontend:
             raise
         archive, audit, ingest, spool = core.archive, core.audit, core.ingest, core.spool
         exams = ExamBook(archive.catalog)
+        compression = _compression_stage(cfg, archive)
         forwarder = None
         if cfg.forward.center_url is not None:
             client = DicomWebClient(
@@ -142,6 +168,8 @@ class Frontend:
                 exams=exams,
                 audit=audit,
             )
+            if compression is not None:
+                forwarder.not_final = compression.waiting
         node_id = cfg.security.issuer or default_node_id("frontend", cfg.institution)
         try:
             center_peer = client if cfg.forward.center_url is not None else None  # the one HTTP client
@@ -163,12 +191,15 @@ class Frontend:
                 "forwarder": forwarder,
                 "exams": exams,
                 "pseudonym_key": key,
+                "compression": compression,
                 "audit": audit,
                 "workstation": workstation,
             },
         )
         http = HttpServer(app, cfg.http.host, cfg.http.port, tls=cfg.http.tls)
-        fe = cls(cfg, core, server, http, forwarder)
+        fe = cls(cfg, core, server, http, forwarder, compression)
+        if compression is not None:
+            compression.start()
         fe.dicom_port = server.start()
         fe.http_port = fe.http.start()
         if forwarder is not None:
@@ -179,6 +210,8 @@ class Frontend:
 
     def stop(self) -> None:
         self.dicom.stop()
+        if self.compression is not None:
+            self.compression.stop()
         if self.forwarder is not None:
             self.forwarder.stop()
         if self.workstation is not None:

@@ -91,11 +91,14 @@ def frontend_config(
     identity: dict[str, Any] | None = None,
     security: dict[str, Any] | None = None,
     encryption: dict[str, Any] | None = None,
+    compression: dict[str, Any] | None = None,
     **dicom: Any,
 ) -> FrontendConfig:
     """A front-end config living in ``root`` on free ports; ``dicom`` overrides [dicom] keys.
 
-    ``forward``: e.g. :func:`forward_to` (center URL and this front-end's credentials there)."""
+    ``forward``: e.g. :func:`forward_to` (center URL and this front-end's credentials there).
+    ``compression``: the [compression] section; off unless given (the product default is JPEG-LS,
+    but most tests compare stored bytes with those sent; tests/test_codec.py turns it on)."""
     data: dict[str, Any] = {
         "role": "frontend",
         "institution": "TEST_HOSPITAL",
@@ -114,6 +117,7 @@ def frontend_config(
         **({"identity": identity} if identity else {}),
         **({"encryption": encryption} if encryption else {}),
         "security": {**TEST_SECURITY, **(security or {})},
+        "compression": compression or {"transfer_syntax": "none"},
     }
     if s3 is not None:
         bucket = f"t-{uuid.uuid4().hex[:12]}"
@@ -147,6 +151,7 @@ def start_frontend(tmp_path: Path) -> Iterator[Callable[..., Frontend]]:
         identity: dict[str, Any] | None = None,
         security: dict[str, Any] | None = None,
         encryption: dict[str, Any] | None = None,
+        compression: dict[str, Any] | None = None,
         **dicom: Any,
     ) -> Frontend:
         cfg = frontend_config(
@@ -157,6 +162,7 @@ def start_frontend(tmp_path: Path) -> Iterator[Callable[..., Frontend]]:
             identity=identity,
             security=security,
             encryption=encryption,
+            compression=compression,
             **dicom,
         )
         fe = Frontend.start(cfg)

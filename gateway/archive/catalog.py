@@ -194,6 +194,9 @@ class Catalog:
         self._known_series = _SeriesCache()
         self.outbox = outbox
         self._pixel_sql: tuple[str, list[str] | None] | None = None  # see pixel_row
+        # Run in the transaction of every instance stored with new bytes (e.g. the codec queue,
+        # gateway/codec/stage.py): what must happen to a stored instance is recorded with it.
+        self.write_hooks: list[Callable[[Connection, InstanceRecord, AddOutcome], None]] = []
 
     @classmethod
     def open(cls, url: str, *, migrate_schema: bool = True, outbox: bool = False) -> Catalog:
@@ -284,9 +287,11 @@ class Catalog:
                 instances.c.blob_key,
                 instances.c.received_at,
                 instances.c.source_ae,
+                instances.c.source_sha256,
             ).where(instances.c.sop_uid == rec.sop_uid)
         ).first()
-        if existing is not None and existing.sha256 == rec.sha256:
+        # the received bytes of an instance stored compressed (gateway/codec) are a duplicate too
+        if existing is not None and rec.sha256 in (existing.sha256, existing.source_sha256):
             return AddOutcome.DUPLICATE, None
         if existing is not None and policy == "keep-first":
             n = conn.execute(
@@ -398,10 +403,13 @@ class Catalog:
             "pixel_offset": rec.pixel_offset,
             "pixel_length": rec.pixel_length,
             "samples_per_pixel": rec.samples_per_pixel,
+            "source_sha256": None,
         }
         if existing is None:
             conn.execute(instances.insert().values(sop_uid=rec.sop_uid, version=1, **inst_vals))
             self._queue_forward(conn, rec.study_uid, now)
+            for hook in self.write_hooks:
+                hook(conn, rec, AddOutcome.STORED)
             return AddOutcome.STORED
         conn.execute(
             instance_versions.insert().values(
@@ -421,7 +429,13 @@ class Catalog:
             .values(version=existing.version + 1, **inst_vals)
         )
         self._queue_forward(conn, rec.study_uid, now)
+        for hook in self.write_hooks:
+            hook(conn, rec, AddOutcome.REPLACED)
         return AddOutcome.REPLACED
+
+    def queue_forward(self, conn: Connection, study_uid: str, now: datetime) -> None:
+        """Queue ``study_uid`` for forwarding in ``conn``'s transaction (its stored bytes changed)."""
+        self._queue_forward(conn, study_uid, now)
 
     def _queue_forward(self, conn: Connection, study_uid: str, now: datetime) -> None:
         """Queue the study for forwarding in the instance's own transaction (nothing slips through).

@@ -116,6 +116,9 @@ instances = Table(
     Column("pixel_offset", BigInteger),
     Column("pixel_length", BigInteger),
     Column("samples_per_pixel", Integer),
+    # SHA-256 of the bytes as received, when the stored bytes are a losslessly compressed copy
+    # (gateway/codec, R-UP-1): the same bytes received again are a duplicate, not a new version.
+    Column("source_sha256", String(64)),
 )
 Index("ix_instances_series", instances.c.series_pk)
 
@@ -134,6 +137,24 @@ instance_versions = Table(
     Column("superseded_at", DateTime(timezone=True), nullable=False),
 )
 Index("ix_instance_versions_sop", instance_versions.c.sop_uid)
+
+# ---- lossless compression (gateway/codec), issue 4 §1, R-UP-1 -------------------------------------
+
+# Instances waiting for the front-end's compression worker, queued in the instance's own catalog
+# transaction (a crash resumes from here). The forwarder does not send a study while it has rows
+# here, so the center never gets two byte streams for one SOP Instance UID.
+codec_queue = Table(
+    "codec_queue",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("sop_uid", UID, nullable=False, unique=True),
+    Column("study_uid", UID, nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False),
+    Column("last_error", Text, nullable=False),
+    Column("enqueued_at", DateTime(timezone=True), nullable=False),
+)
+Index("ix_codec_queue_study", codec_queue.c.study_uid)
 
 # ---- forwarding (front-end → center), issue 3 §6 -------------------------------------------------
 

@@ -1,0 +1,319 @@
+"""The front-end's compression stage: a durable queue and worker threads (R-UP-1, issue 4 §1).
+
+Ingest never waits for compression: the C-STORE (or STOW-RS) answer goes out once the received
+bytes are durable and catalogued, and the catalog queues the instance here in that same
+transaction (:meth:`CompressionStage.enqueue`, a catalog write hook). Worker threads then take
+queued instances one by one:
+
+1. read the stored bytes and check them against the catalogued SHA-256;
+2. compress (``transcode.compress``: decoded again and compared bit for bit before use);
+3. write the new file to the blob store under its own content-addressed key (``ingest.blob_key``);
+4. in one catalog transaction, only if the instance still has the bytes we read: point the row at
+   the new blob (transfer syntax, size, SHA-256, pixel data location, header JSON), keep the
+   received bytes' hash in ``source_sha256``, drop the queue row, and re-queue the study for
+   forwarding;
+5. only after that commit, delete the old blob.
+
+A crash before 4 leaves the queue row (the work is redone; an orphaned new blob at worst); after
+4, the old blob at worst. Failures back off and are retried; after ``MAX_ATTEMPTS`` the original is
+kept for good. The forwarder asks :meth:`waiting` and holds a study back while any of its instances
+are queued here, so the center never gets two different byte streams for one SOP Instance UID.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import multiprocessing
+import threading
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import Connection, delete, func, select, update
+
+from gateway.archive.blobstore import BlobStore
+from gateway.archive.catalog import AddOutcome, Catalog
+from gateway.archive.record import InstanceRecord, metadata_json
+from gateway.archive.schema import codec_queue, instances
+from gateway.codec.table import Codec
+from gateway.codec.transcode import Outcome, Status, compress
+from gateway.ingest import _check_pixel_element, _frame_location, _read_header, blob_key
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 5
+BACKOFF = timedelta(seconds=5)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class CompressionStage:
+    """Compresses stored instances after ingest, one queue row at a time."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        store: BlobStore,
+        codec: Codec,
+        *,
+        transcode_lossless: bool = False,
+        workers: int = 1,
+        processes: bool = False,
+    ) -> None:
+        """``processes``: encode in ``workers`` child processes (the front-end: its ingest keeps the
+        interpreter lock to itself); otherwise in the calling thread (tests, benchmarks)."""
+        self.processes = processes
+        self._pool: ProcessPoolExecutor | None = None
+        self.catalog = catalog
+        self.store = store
+        self.codec = codec
+        self.transcode_lossless = transcode_lossless
+        self.workers = workers
+        # counts by outcome (compressed, kept, mismatch, failed, gave-up) and bytes, for /metrics
+        self.counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # ---- the queue ---------------------------------------------------------------------------
+
+    def install(self) -> None:
+        """Queue every instance stored from now on (call before ingest starts)."""
+        self.catalog.write_hooks.append(self.enqueue)
+
+    def enqueue(self, conn: Connection, rec: InstanceRecord, outcome: AddOutcome) -> None:
+        """Catalog write hook: queue a newly stored instance in its own transaction."""
+        now = utcnow()
+        conn.execute(delete(codec_queue).where(codec_queue.c.sop_uid == rec.sop_uid))
+        conn.execute(
+            codec_queue.insert().values(
+                sop_uid=rec.sop_uid,
+                study_uid=rec.study_uid,
+                attempts=0,
+                next_attempt_at=now,
+                last_error="",
+                enqueued_at=now,
+            )
+        )
+        self._wake.set()
+
+    def waiting(self, study_uid: str) -> int:
+        """How many of the study's instances are still to be compressed (the forwarder waits)."""
+        with self.catalog.engine.connect() as conn:
+            return int(
+                conn.execute(
+                    select(func.count()).select_from(codec_queue).where(codec_queue.c.study_uid == study_uid)
+                ).scalar_one()
+            )
+
+    def backlog(self) -> int:
+        with self.catalog.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(codec_queue)).scalar_one())
+
+    def discard_queue(self) -> int:
+        """Compression is off: forget queued instances (they stay as received); how many."""
+        with self.catalog.write() as conn:
+            return int(conn.execute(delete(codec_queue)).rowcount)
+
+    # ---- running -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.processes and self._pool is None:
+            self._pool = _new_pool(self.workers)
+        self._stop.clear()
+        self._threads = [t for t in self._threads if t.is_alive()]
+        for n in range(self.workers):
+            t = threading.Thread(target=self._loop, args=(n,), name=f"codec-{n}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        for t in self._threads:
+            t.join(60)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def _loop(self, worker: int) -> None:
+        while not self._stop.is_set():
+            try:
+                worked = self.run_once(worker=worker, of=self.workers)
+            except Exception:  # a bug or a database hiccup must not kill the worker
+                log.exception("compression pass failed")
+                worked = False
+            if not worked:
+                self._wake.wait(0.5)
+                self._wake.clear()
+
+    def run_once(self, *, worker: int = 0, of: int = 1) -> bool:
+        """Compress one due queued instance (rows are split between workers by id); True if any."""
+        with self.catalog.engine.connect() as conn:
+            stmt = (
+                select(codec_queue.c.id, codec_queue.c.sop_uid, codec_queue.c.attempts)
+                .where(codec_queue.c.next_attempt_at <= utcnow())
+                .order_by(codec_queue.c.id)
+                .limit(1)
+            )
+            if of > 1:
+                stmt = stmt.where(codec_queue.c.id % of == worker)
+            row = conn.execute(stmt).first()
+        if row is None:
+            return False
+        try:
+            self.process(int(row.id), str(row.sop_uid))
+        except Exception as exc:
+            self._failed(int(row.id), str(row.sop_uid), int(row.attempts) + 1, str(exc))
+        return True
+
+    def drain(self) -> int:
+        """Process every due row in this thread (tests, benchmarks); how many were processed."""
+        n = 0
+        while self.run_once():
+            n += 1
+        return n
+
+    # ---- one instance ------------------------------------------------------------------------
+
+    def process(self, queue_id: int, sop_uid: str) -> Outcome | None:
+        with self.catalog.engine.connect() as conn:
+            cur = conn.execute(
+                select(instances.c.sha256, instances.c.blob_key, instances.c.source_sha256).where(
+                    instances.c.sop_uid == sop_uid
+                )
+            ).first()
+        if cur is None:  # gone (deleted): nothing to do
+            self._finish(queue_id)
+            return None
+        data = b"".join(self.store.get(cur.blob_key))
+        if hashlib.sha256(data).hexdigest() != cur.sha256:
+            raise OSError(f"stored bytes of {sop_uid} do not match the catalogued SHA-256")
+        outcome = self._compress(data)
+        self._count(outcome)
+        if outcome.status is Status.MISMATCH:
+            log.error("compression of %s kept the original: %s", sop_uid, outcome.reason)
+        elif outcome.status is Status.FAILED:
+            log.warning("compression of %s failed, original kept: %s", sop_uid, outcome.reason)
+        if outcome.status is not Status.COMPRESSED or outcome.data is None:
+            self._finish(queue_id)
+            return outcome
+        self._replace(queue_id, sop_uid, cur.sha256, cur.blob_key, cur.source_sha256, outcome.data)
+        return outcome
+
+    def _compress(self, data: bytes) -> Outcome:
+        pool = self._pool
+        if pool is None:
+            return compress(data, self.codec, transcode_lossless=self.transcode_lossless)
+        try:
+            return pool.submit(
+                compress, data, self.codec, transcode_lossless=self.transcode_lossless
+            ).result()
+        except BrokenProcessPool:
+            # a child died (out of memory?): a new pool for the next attempt; this one is retried
+            self._pool = _new_pool(self.workers)
+            pool.shutdown(wait=False)
+            raise
+
+    def _replace(
+        self, queue_id: int, sop_uid: str, old_sha: str, old_key: str, source_sha: str | None, data: bytes
+    ) -> None:
+        with io.BytesIO(data) as fh:
+            ds, pixel_at = _read_header(fh)
+            ts = str(ds.file_meta.TransferSyntaxUID)
+            located = None
+            if pixel_at is not None:
+                complete, located = _check_pixel_element(fh, pixel_at, len(data), ts)
+                if not complete:
+                    raise ValueError("the compressed file's pixel data element is incomplete")
+                located = _frame_location(ds, ts, located)
+        study, series_uid, sop, _ = InstanceRecord.identify(ds)
+        if sop != sop_uid:
+            raise ValueError(f"the compressed file names SOP Instance UID {sop}, not {sop_uid}")
+        sha = hashlib.sha256(data).hexdigest()
+        key = blob_key(study, series_uid, sop, sha)
+        size, stored_sha = self.store.put(key, io.BytesIO(data))
+        if stored_sha != sha:
+            raise OSError(f"blob store wrote {stored_sha}, expected {sha}")
+        now = utcnow()
+        with self.catalog.write() as conn:
+            changed = conn.execute(
+                update(instances)
+                .where(instances.c.sop_uid == sop_uid, instances.c.sha256 == old_sha)
+                .values(
+                    transfer_syntax=ts,
+                    size=size,
+                    sha256=sha,
+                    blob_key=key,
+                    pixel_offset=located.offset if located is not None else None,
+                    pixel_length=located.length if located is not None else None,
+                    metadata_json=metadata_json(
+                        ds, study=study, series=series_uid, sop=sop, has_pixels=pixel_at is not None
+                    ),
+                    source_sha256=source_sha or old_sha,
+                )
+            ).rowcount
+            conn.execute(delete(codec_queue).where(codec_queue.c.id == queue_id))
+            if changed:
+                self.catalog.queue_forward(conn, study, now)
+        if not changed:
+            # new bytes arrived meanwhile (and were queued again): ours are not wanted
+            log.info("instance %s changed while being compressed; result dropped", sop_uid)
+            if key != old_key:
+                self.store.delete(key)
+            return
+        if key != old_key:
+            self.store.delete(old_key)  # only now: the catalog no longer points at it
+
+    def _finish(self, queue_id: int) -> None:
+        with self.catalog.write() as conn:
+            conn.execute(delete(codec_queue).where(codec_queue.c.id == queue_id))
+
+    def _failed(self, queue_id: int, sop_uid: str, attempts: int, error: str) -> None:
+        if attempts >= MAX_ATTEMPTS:
+            log.error(
+                "compression of %s given up after %d attempts, original kept: %s", sop_uid, attempts, error
+            )
+            self._bump("gave-up")
+            self._finish(queue_id)
+            return
+        delay = BACKOFF * 2 ** (attempts - 1)
+        log.warning("compression of %s failed (attempt %d, next in %s): %s", sop_uid, attempts, delay, error)
+        with self.catalog.write() as conn:
+            conn.execute(
+                update(codec_queue)
+                .where(codec_queue.c.id == queue_id)
+                .values(attempts=attempts, next_attempt_at=utcnow() + delay, last_error=error[:2000])
+            )
+
+    # ---- counting ----------------------------------------------------------------------------
+
+    def _bump(self, name: str, by: int = 1) -> None:
+        with self._lock:
+            self.counts[name] += by
+
+    def _count(self, outcome: Outcome) -> None:
+        with self._lock:
+            self.counts[outcome.status.value] += 1
+            if outcome.status is Status.COMPRESSED:
+                self.counts["bytes_before"] += outcome.size_before
+                self.counts["bytes_after"] += outcome.size_after
+
+    def metrics(self) -> dict[str, float]:
+        """Counters since start plus the queue's depth — for Prometheus."""
+        with self._lock:
+            out = {k: float(v) for k, v in self.counts.items()}
+        out["backlog"] = float(self.backlog())
+        return out
+
+
+def _new_pool(workers: int) -> ProcessPoolExecutor:
+    # spawn: children never inherit the parent's threads, sockets or database connections (and,
+    # unlike forkserver, need no socket in the temp folder, which the DICOM server moves to its spool)
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
