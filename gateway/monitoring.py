@@ -5,6 +5,10 @@ compares it with what it holds, keeps one record per study — ``complete`` or `
 ``late`` when the study became complete after its images deadline (report time + 48 h, R-UP-3,
 known from the exam record) — and answers with the record, so the front-end can re-send
 (R-UP-4). The same record is readable later (``GET /api/v1/upload-monitoring/{study}``).
+
+The record also lists the study's derived series (3D post-processing: MPR, VR, …; R-UP-2,
+``gateway/derived.py``) and flags, in ``derived_without_source``, those whose source series is not
+held: a reconstruction uploaded without the scan it was made from.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from sqlalchemy import func, select
 
 from gateway.archive.catalog import Catalog
 from gateway.archive.schema import exams, upload_monitoring
+from gateway.derived import derived_series
 from gateway.exams import IMAGES_WITHIN
 
 
@@ -81,6 +86,7 @@ def monitoring_record(catalog: Catalog, study_uid: str) -> dict[str, Any] | None
     if row is None:
         return None
     r = dict(row._mapping)
+    derived = derived_series(catalog, study_uid)  # R-UP-2
     return {
         "study_uid": r["study_uid"],
         "state": r["state"],
@@ -90,4 +96,6 @@ def monitoring_record(catalog: Catalog, study_uid: str) -> dict[str, Any] | None
         "missing": json.loads(r["missing"]),
         "checked_at": _iso(r["checked_at"]),
         "completed_at": _iso(r["completed_at"]),
+        "derived_series": [d.as_json() for d in derived],
+        "derived_without_source": [d.series_uid for d in derived if not d.source_held],
     }
