@@ -39,7 +39,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
-from dicomweb import json_model
+from dicomweb import access, json_model
 from dicomweb.app import context
 from gateway.archive.query import ATTRIBUTES, COMPUTED, Level, QueryError, fuzzy_applies, supported
 
@@ -386,6 +386,7 @@ async def _search(request: Request, level: Level, scope: str) -> Response:
             fuzzy=search.fuzzy,
             metadata=metadata,
             parent_counts=_parent_counts(search, scope),
+            restrict=access.study_filter(request),  # who may see which studies (issue 6 §3)
         )
     except QueryError as exc:
         return PlainTextResponse(f"Bad Request: {exc}", status_code=400)
@@ -394,7 +395,7 @@ async def _search(request: Request, level: Level, scope: str) -> Response:
     more = len(rows) > cap
     rows = rows[:cap]
     keys = _keys(search, scope, rows[0].keys() if rows else ())
-    body = [_result(search, keys, row, base) for row in rows]
+    body = access.redacted(request, [_result(search, keys, row, base) for row in rows])  # R-SE-3
     response = Response(
         json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
         status_code=200,

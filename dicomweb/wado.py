@@ -46,6 +46,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from dicomweb import access
 from dicomweb.app import context
 from dicomweb.frames import (
     PIXEL_TAGS,
@@ -309,6 +310,7 @@ def metadata(request: Request) -> Response:
     docs = context(request).archive.catalog.metadata(target.criteria)
     if not docs:
         raise target.not_found()
+    docs = access.redacted_json(request, docs)  # masked by sensitivity labels for users (R-SE-3)
     root = json.dumps(dicomweb_root(request), ensure_ascii=False)[1:-1]
     body = "[" + ",".join(docs) + "]"
     body = body.replace('"BulkDataURI":"studies/', f'"BulkDataURI":"{root}studies/')

@@ -238,6 +238,68 @@ class TrustedIssuer(Strict):
         return self
 
 
+_PRIVATE_NETWORKS = ["127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"]
+
+
+class UsersSection(Strict):
+    """User logins and sessions (issue 6 §2, R-SE-1; ``gateway/security/login.py``)."""
+
+    session_hours: float = Field(default=8, gt=0, le=24, description="a session ends this long after login")
+    idle_minutes: float = Field(
+        default=30, gt=0, le=1440, description="… or after this long without a request"
+    )
+    token_lifetime_seconds: int = Field(
+        default=300, ge=30, le=3600, description="a user's bearer JWT (POST /auth/login, /auth/token)"
+    )
+    mfa_doctors: Literal["always", "public", "never"] = Field(
+        default="public",
+        description="TOTP for doctors: always, only from outside internal_networks, or never "
+        "(admins: always, not configurable)",
+    )
+    mfa_patients: Literal["always", "public", "never"] = Field(
+        default="public", description="TOTP for patients (the personal end), as mfa_doctors"
+    )
+    internal_networks: list[str] = Field(
+        default_factory=lambda: list(_PRIVATE_NETWORKS),
+        description="addresses (CIDR) that are not public-internet access",
+    )
+    lockout_threshold: int = Field(default=5, ge=1, le=100, description="failed logins in a row → locked")
+    lockout_base_seconds: float = Field(default=60, gt=0, description="first lock; doubles per failure")
+    lockout_max_seconds: float = Field(default=3600, gt=0)
+    address_lockout_threshold: int = Field(
+        default=20, ge=1, le=10000, description="failed logins from one address → that address locked"
+    )
+
+    @model_validator(mode="after")
+    def _networks(self) -> UsersSection:
+        import ipaddress
+
+        for n, net in enumerate(self.internal_networks):
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"internal_networks.{n}: {net!r} is not a network (CIDR)") from None
+        return self
+
+
+class LimitsSection(Strict):
+    """Abuse control (issue 6 §7, R-SE-16; ``gateway/security/ratelimit.py``): 429 + Retry-After."""
+
+    enabled: bool = True
+    per_address_rate: float = Field(default=500, gt=0, description="requests per second per address")
+    per_address_burst: int = Field(default=5000, ge=1)
+    per_client_rate: float = Field(default=500, gt=0, description="requests per second per client or user")
+    per_client_burst: int = Field(default=5000, ge=1)
+    login_per_minute: float = Field(default=10, gt=0, description="POST /auth/login per address")
+    login_burst: int = Field(default=10, ge=1)
+    token_per_minute: float = Field(default=60, gt=0, description="POST /oauth/token per address")
+    token_burst: int = Field(default=60, ge=1)
+    max_concurrent: dict[str, int] = Field(
+        default_factory=lambda: {"stow": 32, "qido": 64, "wado": 128, "login": 8, "token": 16, "default": 64},
+        description="requests of one action running at once (action = the guard's rule name; 0 = no cap)",
+    )
+
+
 class SecuritySection(Strict):
     """Node identity and the route guard (issue 6 §1, §3, R-SE-16): every HTTP route but health and
     the token endpoints needs a bearer token this node issued (or a trusted issuer did)."""
@@ -263,6 +325,8 @@ class SecuritySection(Strict):
     )
     token_lifetime_seconds: int = Field(default=300, ge=30, le=3600)
     trusted_issuers: list[TrustedIssuer] = Field(default_factory=list)
+    users: UsersSection = UsersSection()
+    limits: LimitsSection = LimitsSection()
 
     @model_validator(mode="after")
     def _off_only_on_purpose(self) -> SecuritySection:

@@ -14,6 +14,7 @@ from gateway.audit import AuditLog, EventType, Result, start_audit, stop_audit
 from gateway.config import CenterConfig, FrontendConfig
 from gateway.ingest import Ingest
 from gateway.security.node import NodeSecurity
+from gateway.security.resources import StudyOwnership
 
 
 def _audit_new_kek(archive: Archive, audit: AuditLog) -> None:
@@ -34,6 +35,14 @@ def _audit_new_kek(archive: Archive, audit: AuditLog) -> None:
         )
 
 
+def ownership(cfg: FrontendConfig | CenterConfig) -> StudyOwnership:
+    """How studies map to institutions on this node (issue 6 §3): a front-end's own hospital and
+    its peers' institutions by AE title; a center knows them from exam records only."""
+    if isinstance(cfg, FrontendConfig):
+        return StudyOwnership(cfg.institution, {p.ae_title: p.institution for p in cfg.dicom.peers})
+    return StudyOwnership()
+
+
 @dataclass
 class NodeCore:
     archive: Archive
@@ -49,7 +58,9 @@ class NodeCore:
         """Open in order; on any failure, close what was opened and re-raise."""
         archive = Archive.open(cfg.storage, cfg.database, outbox=outbox, encryption=cfg.encryption)
         try:
-            security = NodeSecurity.open(cfg.security, role=role, node_id=node_id, catalog=archive.catalog)
+            security = NodeSecurity.open(
+                cfg.security, role=role, node_id=node_id, catalog=archive.catalog, ownership=ownership(cfg)
+            )
             audit = start_audit(cfg, archive.catalog)  # R-SE-4
         except ArchiveUnavailable:
             archive.close()

@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Mount, Route
 
+from api.auth import routes as auth_routes
 from api.viewer import routes as viewer_routes
 from dicomweb.app import DicomWebContext
 from dicomweb.app import routes as dicomweb_routes
@@ -31,6 +32,7 @@ from gateway.config import TlsSection
 from gateway.ingest import Ingest
 from gateway.security.guard import Guard
 from gateway.security.node import NodeSecurity
+from gateway.security.ratelimit import RateLimit
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +59,15 @@ def build_app(
             Mount("/api/v1", routes=api_routes),
             Route("/healthz", _health),
             *security.routes(),
+            Mount("/auth", routes=auth_routes),  # users' login, logout, whoami, token (issue 6 §2)
             *viewer_routes(),  # static, public: the viewer (issue 7); its data comes via /dicom-web
             *(extra_routes or []),
         ],
-        middleware=[Middleware(Guard, security=security)],
+        middleware=[
+            # per-address and credential buckets, concurrency caps before the guard (issue 6 §7)
+            *([Middleware(RateLimit, limiter=security.limiter)] if security.limiter is not None else []),
+            Middleware(Guard, security=security),
+        ],
     )
     app.state.role = role
     app.state.security = security

@@ -17,7 +17,18 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
-from sqlalchemy import Connection, Engine, bindparam, case, create_engine, event, func, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    bindparam,
+    case,
+    create_engine,
+    event,
+    func,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
@@ -479,12 +490,14 @@ class Catalog:
         fuzzy: bool = False,
         metadata: bool = False,
         parent_counts: bool = False,
+        restrict: ColumnElement[bool] | None = None,
     ) -> list[dict[str, Any]]:
         """Rows matching ``criteria`` at ``level``, keyed by DICOM keyword (one SQL statement).
 
         ``fuzzy``: fuzzy person-name matching; ``metadata``: add ``_metadata_json`` (the DICOM JSON
         header of the instance, or of the first instance of the study or series);
-        ``parent_counts``: add the enclosing levels' computed attributes; see :func:`query.build`.
+        ``parent_counts``: add the enclosing levels' computed attributes; ``restrict``: only studies
+        meeting this condition (who may see what, issue 6 §3); see :func:`query.build`.
         """
         stmt = query.build(
             level,
@@ -494,6 +507,7 @@ class Catalog:
             fuzzy=fuzzy,
             metadata=metadata,
             parent_counts=parent_counts,
+            restrict=restrict,
         )
         with self.engine.connect() as conn:
             rows = [dict(r._mapping) for r in conn.execute(stmt)]

@@ -298,6 +298,7 @@ def build(
     fuzzy: bool = False,
     metadata: bool = False,
     parent_counts: bool = False,
+    restrict: ColumnElement[bool] | None = None,
 ) -> Select[Any]:
     """One SELECT returning every catalogued and computed attribute at ``level``.
 
@@ -309,8 +310,10 @@ def build(
     ``parent_counts`` adds the computed attributes of the enclosing levels too (ModalitiesInStudy
     and the study counts at SERIES and IMAGE level, the series count at IMAGE level), which
     QIDO-RS returns for "all series" and "all instances" searches (PS3.18 §10.6.3.3).
+    ``restrict``: a condition on ``studies`` the rows must also meet — the studies the caller may
+    see (``gateway.security.resources``, issue 6 §3), applied in this same statement.
     """
-    conds: list[ColumnElement[bool]] = []
+    conds: list[ColumnElement[bool]] = [] if restrict is None else [restrict]
     for key, value in criteria.items():
         if key == "ModalitiesInStudy":
             mods = [m for m in value.split("\\") if m and m != "*"]

@@ -488,3 +488,47 @@ cached_studies = Table(
     Column("keep_until", DateTime(timezone=True), nullable=False),
 )
 Index("ix_cached_studies_keep", cached_studies.c.keep_until)
+
+# ---- users and their sessions, issue 6 §2, R-SE-1/R-SE-2 (gateway/security/users.py) -------------
+
+# People who log in. No default account exists: the first is made by `ybyx admin create-user`. The
+# password is kept as an argon2id hash only; TOTP secrets of enrolled users; failed logins and the
+# lockout that follows (per account; per address in memory, security/login.py).
+users = Table(
+    "users",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("username", String(64), nullable=False, unique=True),
+    Column("role", String(32), nullable=False),
+    Column("institution", String(64), nullable=False),  # "" for province/national roles
+    Column("person_key", String(64)),  # a patient's pseudonym (exams.person_key): their own studies
+    Column("password_hash", String(255), nullable=False),
+    Column("password_set_at", DateTime(timezone=True), nullable=False),
+    Column("totp_secret", String(64)),
+    Column("totp_last_step", BigInteger),  # the last 30-s step a code was used for: no replay
+    Column("failed_logins", Integer, nullable=False),
+    Column("locked_until", DateTime(timezone=True)),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("last_login_at", DateTime(timezone=True)),
+    Column("disabled_at", DateTime(timezone=True)),
+)
+
+# Login sessions: the cookie holds a random secret, the row only its SHA-256 (a copied database
+# yields no usable session); ``session_id`` names the session in the user's JWTs (claim ``sid``),
+# so logout ends the cookie and every token at once.
+user_sessions = Table(
+    "user_sessions",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("session_id", String(64), nullable=False, unique=True),
+    Column("secret_hash", String(64), nullable=False, unique=True),
+    Column("csrf_hash", String(64), nullable=False),
+    Column("user_pk", Integer, ForeignKey("users.id"), nullable=False),
+    Column("source", String(256), nullable=False),
+    Column("mfa", Integer, nullable=False),  # 0/1: a second factor was given at login
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("last_seen_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("revoked_at", DateTime(timezone=True)),
+)
+Index("ix_user_sessions_user", user_sessions.c.user_pk)

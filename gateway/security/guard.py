@@ -14,10 +14,18 @@ app, so a route added later is covered without anyone remembering to. For each r
 4. records the authenticated :class:`Principal` in ``scope["state"]["principal"]``
    (``request.state.principal``) for the audit trail and resource checks.
 
-Extension point (issue 6 §2–3, not built yet): users arrive as another kind of
-:class:`Principal` (with role and institution); the scope a rule names is then the *action* a
-permission table (role × action × resource kind) is consulted for, here in :meth:`Guard._allowed`,
-and resource checks (institution, patient consent) follow in the routes that load the resource.
+Users (issue 6 §2–3, R-SE-1/2/3): a person logs in at ``POST /auth/login`` (public) and is then
+a :class:`Principal` of kind ``user`` (role, institution), by the session cookie (pages; a
+request that changes anything must also carry the CSRF token) or a bearer JWT with ``role``,
+``institution`` and ``sid`` claims (APIs), accepted only while its session is active. The scope a
+rule names is then the *action* the permission table (``permissions.py``: role × action × resource
+kind) and the sensitivity labels (``sensitivity.py``) are consulted for, in
+:meth:`Guard._allowed`; the rule names :data:`SELF` for the routes of one's own session, which no
+node client has. Resource checks follow here too (``resources.py``): a user's request below
+``/dicom-web/studies/{study}`` is answered 404 unless the study is visible to them, and the QIDO
+routes get the same condition for their one SQL statement in ``scope["state"]["study_filter"]``.
+Every authenticated caller then takes a token from its per-client bucket (``ratelimit.py``): 429
+with Retry-After when empty.
 """
 
 from __future__ import annotations
@@ -32,10 +40,14 @@ from typing import TYPE_CHECKING, Literal
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gateway.security import sensitivity
+from gateway.security.permissions import SELF, Reach, permission
+from gateway.security.sessions import COOKIE, CSRF_HEADER, SAFE_METHODS
 from gateway.security.tokens import Claims, TokenError, UnknownKey
 
 if TYPE_CHECKING:
     from gateway.security.node import NodeSecurity
+    from gateway.security.sessions import Session
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +113,10 @@ RULES: tuple[Rule, ...] = (
     Rule("POST", "/api/v1/settlements", "api:exams"),
     Rule("GET", "/api/v1/upload-deadlines", "api:monitoring"),
     Rule("GET", "/metrics", "metrics"),
+    # A user's own session (api/auth.py; POST /auth/login is public): users only, never clients.
+    Rule("POST", "/auth/logout", SELF),
+    Rule("GET", "/auth/whoami", SELF),
+    Rule("POST", "/auth/token", SELF),
     # The center's API (api/center.py); POST /api/v1/exams is above.
     Rule("GET", "/api/v1/studies/*/inventory", "api:inventory"),
     Rule("PUT", "/api/v1/studies/*/manifest", "api:manifest"),
@@ -123,7 +139,12 @@ RULES: tuple[Rule, ...] = (
 
 # Reachable without a token, and nothing else: health, and how to get and check a token.
 PUBLIC: frozenset[tuple[str, str]] = frozenset(
-    {("GET", "/healthz"), ("POST", "/oauth/token"), ("GET", "/.well-known/jwks.json")}
+    {
+        ("GET", "/healthz"),
+        ("POST", "/oauth/token"),
+        ("GET", "/.well-known/jwks.json"),
+        ("POST", "/auth/login"),
+    }
 )
 
 # The web viewer's static files (api/viewer.py, issue 7): GET only, ``/viewer`` and everything
@@ -166,23 +187,48 @@ def required_scope(method: str, path: str, rules: Iterable[Rule] = RULES) -> str
 class Principal:
     """The authenticated caller of a request (``request.state.principal``).
 
-    ``kind`` is ``client`` (an OAuth client: a node or system) or ``anonymous`` (only with
-    ``[security] enabled = false``); users (issue 6 §2) will be a third kind with role and
-    institution.
+    ``kind`` is ``client`` (an OAuth client: a node or system), ``user`` (a person, with
+    ``role`` and ``institution``; ``scopes`` empty: the permission table decides) or
+    ``anonymous`` (only with ``[security] enabled = false``).
     """
 
-    kind: Literal["client", "anonymous"]
+    kind: Literal["client", "anonymous", "user"]
     id: str
     scopes: frozenset[str]
     issuer: str = ""
     token_id: str = ""
+    role: str = ""
+    institution: str = ""
+    person_key: str = ""
+    session_id: str = ""
+    via_cookie: bool = False
 
     @classmethod
     def of(cls, claims: Claims) -> Principal:
         return cls("client", claims.client_id, claims.scopes, claims.issuer, claims.token_id)
 
 
+def _user_principal(session: Session, issuer: str, token_id: str, *, via_cookie: bool) -> Principal:
+    user = session.user
+    return Principal(
+        "user",
+        user.username,
+        frozenset(),
+        issuer,
+        token_id,
+        role=user.role.value,
+        institution=user.institution,
+        person_key=user.person_key or "",
+        session_id=session.session_id,
+        via_cookie=via_cookie,
+    )
+
+
 # ---- the middleware --------------------------------------------------------------------------------
+
+# Actions on studies (resources.py checks them per study); a study's own path below DICOMweb:
+STUDY_ACTIONS = (STOW, QIDO, WADO)
+_STUDY_PATH = re.compile(r"^/dicom-web/studies/([^/]+)(?:/|$)")
 
 _BEARER = re.compile(r"^Bearer +([A-Za-z0-9\-._~+/]+=*) *$", re.IGNORECASE)  # RFC 6750 §2.1
 
@@ -219,21 +265,41 @@ class Guard:
         if is_public(method, path):
             await self.app(scope, receive, send)
             return
+        principal: Principal | None
         if not self.security.enabled:
             principal = Principal("anonymous", "anonymous", self.security.scopes)
         else:
             token = self._bearer(scope)
-            if token is None:
+            cookie = self._cookie(scope) if token is None and self.security.logins is not None else None
+            if token is None and cookie is None:
                 await self._deny(send, 401, "", "a bearer token is required", scope)
                 return
             try:
-                claims = await self._verify(token)
+                if token is not None:
+                    claims = await self._verify(token)
+                    principal = Principal.of(claims) if not claims.role else await self._user(claims)
+                else:
+                    assert cookie is not None
+                    principal = await self._cookie_user(cookie)
             except TokenError as exc:
                 await self._deny(send, 401, "invalid_token", str(exc), scope)
                 return
-            principal = Principal.of(claims)
+            if principal is None:
+                await self._deny(send, 401, "invalid_token", "the session has ended: log in again", scope)
+                return
         # known from here on, so a 403 is audited with who asked, not as anonymous
         scope.setdefault("state", {})["principal"] = principal
+        if principal.via_cookie and method not in SAFE_METHODS and not await self._csrf_ok(scope, principal):
+            await self._deny(send, 403, "csrf", f"a cookie session must send its {CSRF_HEADER} header", scope)
+            return
+        limiter = self.security.limiter
+        if limiter is not None and principal.kind != "anonymous":
+            wait = limiter.client(f"user:{principal.id}" if principal.kind == "user" else principal.id)
+            if wait:
+                from gateway.security.ratelimit import too_many  # (ratelimit imports this module)
+
+                await too_many(send, wait, "too many requests from this caller")
+                return
         needed = required_scope(method, path, self.rules)
         if needed is None:
             await self._deny(send, 403, "insufficient_scope", "no access rule covers this request", scope)
@@ -242,12 +308,92 @@ class Guard:
             why = f"this request needs scope {needed}"
             await self._deny(send, 403, "insufficient_scope", why, scope, needed)
             return
+        if principal.kind == "user" and not await self._resource_ok(scope, principal, needed, path):
+            await self._not_found(send, scope)
+            return
         await self.app(scope, receive, send)
 
+    def _allowed(self, principal: Principal, needed: str) -> bool:
+        """The one authorization decision: a node client by its token's scopes (never a user-only
+        action); a user by the permission table and the sensitivity labels (R-SE-2, R-SE-3)."""
+        if principal.kind == "user":
+            granted = permission(principal.role, needed)
+            if granted is None or not sensitivity.may(principal.role, needed):
+                return False
+            if granted.reach is Reach.INSTITUTION and needed not in STUDY_ACTIONS:
+                # operations of a front-end are its own hospital's: only that institution's admins
+                return bool(principal.institution) and principal.institution == self.security.home_institution
+            return True
+        return needed != SELF and needed in principal.scopes
+
+    async def _resource_ok(self, scope: Scope, principal: Principal, needed: str, path: str) -> bool:
+        """Institution scoping (IDOR): a study path is checked now; a search gets its filter."""
+        access = self.security.study_access
+        if access is None or needed not in STUDY_ACTIONS:
+            return True
+        m = _STUDY_PATH.match(path)
+        if m is not None:
+            return await run_in_threadpool(access.may_see, principal, needed, m.group(1))
+        scope["state"]["study_filter"] = access.condition(principal, needed)
+        return True
+
+    async def _user(self, claims: Claims) -> Principal | None:
+        """A user's JWT: accepted while its login session is active (logout ends it at once)."""
+        logins = self.security.logins
+        if logins is None or not claims.session_id:
+            raise TokenError("user tokens are not accepted here")
+        session = await run_in_threadpool(logins.sessions.by_id, claims.session_id)
+        if session is None or session.user.username != claims.subject:
+            return None
+        return _user_principal(session, claims.issuer, claims.token_id, via_cookie=False)
+
+    async def _cookie_user(self, secret: str) -> Principal | None:
+        logins = self.security.logins
+        assert logins is not None
+        session = await run_in_threadpool(logins.sessions.by_cookie, secret)
+        if session is None:
+            return None
+        return _user_principal(session, self.security.node_id, "", via_cookie=True)
+
+    async def _csrf_ok(self, scope: Scope, principal: Principal) -> bool:
+        logins = self.security.logins
+        if logins is None:
+            return False
+        values = [v.decode("latin-1") for k, v in scope["headers"] if k == CSRF_HEADER.encode()]
+        if len(values) != 1:
+            return False
+        session = await run_in_threadpool(logins.sessions.by_id, principal.session_id)
+        return session is not None and session.csrf_ok(values[0])
+
     @staticmethod
-    def _allowed(principal: Principal, needed: str) -> bool:
-        # issue 6 §3: a user principal will be checked against the permission table here.
-        return needed in principal.scopes
+    def _cookie(scope: Scope) -> str | None:
+        for k, v in scope["headers"]:
+            if k != b"cookie":
+                continue
+            text: str = v.decode("latin-1")
+            for part in text.split(";"):
+                name, _, value = part.strip().partition("=")
+                if name == COOKIE and value:
+                    return value
+        return None
+
+    @staticmethod
+    async def _not_found(send: Send, scope: Scope) -> None:
+        # The same answer as for a study that does not exist: nothing is learned (no IDOR oracle).
+        log.info("hidden %s %s: not visible to this user", scope["method"], scope["path"])
+        body = b'{"error":"not_found","error_description":"no such study"}'
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 404,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"cache-control", b"no-store"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
 
     @staticmethod
     def _bearer(scope: Scope) -> str | None:

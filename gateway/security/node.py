@@ -21,6 +21,9 @@ from gateway.archive.catalog import Catalog
 from gateway.config import SecuritySection
 from gateway.security.clients import ClientRegistry, jwks_endpoint, token_endpoint
 from gateway.security.guard import ROLE_SCOPES
+from gateway.security.login import Logins
+from gateway.security.ratelimit import RateLimiter
+from gateway.security.resources import StudyAccess, StudyOwnership
 from gateway.security.tokens import (
     KeySet,
     KeySource,
@@ -53,18 +56,34 @@ class NodeSecurity:
     clients: ClientRegistry
     issuer: TokenIssuer | None = None
     verifier: TokenVerifier | None = None
+    # users (issue 6 §2-3, §7): logins and sessions, institution scoping, rate limits
+    logins: Logins | None = None
+    study_access: StudyAccess | None = None
+    limiter: RateLimiter | None = None
+    home_institution: str = ""  # a front-end's hospital ("" at a center)
+    user_token_lifetime: int = 300
 
     @classmethod
-    def open(cls, cfg: SecuritySection, *, role: str, node_id: str, catalog: Catalog) -> NodeSecurity:
-        """Load keys and trust; raise :class:`ArchiveUnavailable` naming the config key at fault."""
+    def open(
+        cls,
+        cfg: SecuritySection,
+        *,
+        role: str,
+        node_id: str,
+        catalog: Catalog,
+        ownership: StudyOwnership | None = None,
+    ) -> NodeSecurity:
+        """Load keys and trust; raise :class:`ArchiveUnavailable` naming the config key at fault.
+        ``ownership``: how studies map to institutions here (a front-end's peers; resources.py)."""
         scopes = ROLE_SCOPES[role]
         clients = ClientRegistry(catalog, scopes)
+        limiter = RateLimiter(cfg.limits)
         if not cfg.enabled:
             log.warning(
                 "[security] enabled = false: every HTTP route of this %s is open to anyone who can reach it",
                 role,
             )
-            return cls(role, node_id, False, scopes, clients)
+            return cls(role, node_id, False, scopes, clients, limiter=limiter)
         key = _load("security.signing_key_file", cfg.signing_key_file, _signing_key)
         previous = [
             _load(f"security.previous_signing_keys.{n}", p, load_verification_key)
@@ -86,7 +105,21 @@ class NodeSecurity:
                 remote.refresh()  # best effort now; again on an unknown kid
                 trusted[t.issuer] = remote
         log.info("%s %s signs tokens with key %s", role, node_id, key.kid)
-        return cls(role, node_id, True, scopes, clients, issuer, TokenVerifier(node_id, trusted))
+        ownership = ownership or StudyOwnership()
+        return cls(
+            role,
+            node_id,
+            True,
+            scopes,
+            clients,
+            issuer,
+            TokenVerifier(node_id, trusted),
+            logins=Logins(catalog, cfg.users),
+            study_access=StudyAccess(catalog, ownership),
+            limiter=limiter,
+            home_institution=ownership.home or "",
+            user_token_lifetime=cfg.users.token_lifetime_seconds,
+        )
 
     def routes(self) -> list[BaseRoute]:
         """The public token endpoint and key set (listed in ``guard.PUBLIC``)."""

@@ -277,6 +277,14 @@ class Claims:
     issued_at: float
     expires_at: float
     token_id: str
+    # a user's token (issue 6 §2): role, institution and login session (``sid``); "" for clients
+    role: str = ""
+    institution: str = ""
+    session_id: str = ""
+
+
+#: The claims that make a token a user's (users.py, sessions.py); a client's token has none.
+USER_CLAIMS = ("role", "institution", "sid")
 
 
 @dataclass(frozen=True)
@@ -312,9 +320,10 @@ class TokenIssuer:
         audience: str | None = None,
         lifetime: int | None = None,
         now: float | None = None,
+        claims: Mapping[str, str] | None = None,
     ) -> IssuedToken:
         """A signed token for ``subject`` (a client id) with ``scopes``, for ``audience`` (this node
-        by default)."""
+        by default); ``claims``: the :data:`USER_CLAIMS` of a user's token."""
         granted = frozenset(scopes)
         issued = int(self._clock() if now is None else now)
         ttl = self.lifetime if lifetime is None else lifetime
@@ -328,6 +337,10 @@ class TokenIssuer:
             "exp": issued + ttl,
             "jti": secrets.token_urlsafe(16),
         }
+        for name, value in (claims or {}).items():
+            if name not in USER_CLAIMS:
+                raise ValueError(f"claim {name!r}: only {', '.join(USER_CLAIMS)} may be added")
+            payload[name] = value
         token = jwt.encode(
             payload, self.key.key, algorithm=ALGORITHM, headers={"kid": self.key.kid, "typ": TOKEN_TYPE}
         )
@@ -406,4 +419,11 @@ class TokenVerifier:
             issued_at=float(claims["iat"]),
             expires_at=float(claims["exp"]),
             token_id=str(claims["jti"]),
+            role=_text(claims.get("role")),
+            institution=_text(claims.get("institution")),
+            session_id=_text(claims.get("sid")),
         )
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
