@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from api.cache import frontend_routes as cache_api
 from api.errors import BadRequest, parse
 from api.federation import unprocessable
 from dicomweb.audit_hook import record_request
@@ -186,4 +187,5 @@ routes = [
     Route("/patients/{person}/same-exams", same_exams, methods=["GET"]),
     Route("/citations", post_citation, methods=["POST"]),
     Route("/code-maps", code_maps, methods=["GET"]),
+    *cache_api,  # the HIS's cache requests (api/cache.py)
 ]

@@ -11,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from api.cache import center_routes as cache_api
 from api.errors import BadRequest, parse
 from gateway.federation import JsonPeer, PeerError, lookup
 from gateway.retrievals import RetrievalLog, RetrievalRecord
@@ -93,4 +94,4 @@ retrieval_routes = [
     Route("/retrievals", get_retrievals, methods=["GET"]),
 ]
 
-center_routes = [Route("/index-records", center_lookup, methods=["GET"]), *retrieval_routes]
+center_routes = [Route("/index-records", center_lookup, methods=["GET"]), *retrieval_routes, *cache_api]

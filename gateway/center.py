@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -11,8 +13,11 @@ from api.federation import center_routes as federation_api
 from dicomweb.client import DicomWebClient
 from gateway.archive import Archive, ArchiveUnavailable
 from gateway.audit import AuditLog
+from gateway.cache import CacheService, open_center_cache
+from gateway.clock import NodeClock
 from gateway.config import CenterConfig
 from gateway.exams import ExamBook
+from gateway.federation import PeerError
 from gateway.ingest import Ingest
 from gateway.node import NodeCore
 from gateway.registration import IndexRegistrar, RegistrationPolicy
@@ -37,6 +42,30 @@ def peer_client(
     return DicomWebClient(url, timeout=timeout, auth=auth)
 
 
+def center_peers(cfg: CenterConfig) -> Callable[[str, str], DicomWebClient]:
+    """Clients of other provinces' centers (``[[center_peers]]``: this center's credentials at
+    each), made on first use and kept; a province without credentials is a :class:`PeerError`."""
+    known = {p.province: p for p in cfg.center_peers}
+    made: dict[tuple[str, str], DicomWebClient] = {}
+    lock = threading.Lock()
+
+    def client(province: str, url: str) -> DicomWebClient:
+        peer = known.get(province)
+        if peer is None:
+            raise PeerError(f"no [[center_peers]] credentials for province {province}")
+        with lock:
+            if (province, url) not in made:
+                try:
+                    made[(province, url)] = peer_client(
+                        url, peer.client_id, peer.client_secret_file, key="center_peers.client_secret_file"
+                    )
+                except ArchiveUnavailable as exc:
+                    raise PeerError(str(exc)) from exc
+            return made[(province, url)]
+
+    return client
+
+
 @dataclass
 class Center:
     cfg: CenterConfig
@@ -46,6 +75,7 @@ class Center:
     registrar: IndexRegistrar | None = None
     sender: RetrievalSender | None = None
     clients: list[DicomWebClient] = field(default_factory=list)
+    cache: CacheService | None = None  # history caching and cross-province fetch (issue 5)
 
     @classmethod
     def start(cls, cfg: CenterConfig) -> Center:
@@ -54,7 +84,7 @@ class Center:
         )
         node_id = cfg.security.issuer or default_node_id("center", cfg.province)
         retrievals = RetrievalLog(core.archive.catalog)
-        index_client = registrar = sender = None
+        index_client = registrar = sender = cache = None
         if cfg.index is not None:  # issue 5: register studies, forward lookups and retrieval records
             try:
                 index_client = peer_client(
@@ -75,11 +105,23 @@ class Center:
                 core.archive.catalog, index_client, province=cfg.province, center=node_id, policy=policy
             )
             sender = RetrievalSender(retrievals, index_client)
+            cache = open_center_cache(
+                cfg,
+                core.archive.catalog,
+                core.archive.store,
+                core.ingest,
+                index_client,
+                center_peers(cfg),
+                core.spool,
+                core.audit,
+                NodeClock(),
+            )
         federation_state = {
             "retrievals": retrievals,
             "index": index_client,
             "registrar": registrar,
             "kick_retrievals": sender.kick if sender else None,
+            "cache": cache,
         }
         app = build_app(
             "center",
@@ -100,7 +142,8 @@ class Center:
         )
         center.clients = [c for c in (index_client,) if c is not None]
         center.http_port = center.http.start()
-        for worker in (registrar, sender):
+        center.cache = cache
+        for worker in (registrar, sender, cache):
             if worker is not None:
                 worker.start()
         return center
@@ -128,7 +171,7 @@ class Center:
 
     def stop(self) -> None:
         self.http.stop()
-        for worker in (self.registrar, self.sender):
+        for worker in (self.cache, self.registrar, self.sender):
             if worker is not None:
                 worker.stop()
         for client in self.clients:

@@ -173,7 +173,7 @@ class Frontend:
         node_id = cfg.security.issuer or default_node_id("frontend", cfg.institution)
         try:
             center_peer = client if cfg.forward.center_url is not None else None  # the one HTTP client
-            workstation = open_workstation(cfg, archive.catalog, center_peer, node_id)
+            workstation = open_workstation(cfg, core, center_peer, node_id)
         except ArchiveUnavailable:
             core.close()
             raise

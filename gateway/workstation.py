@@ -21,6 +21,8 @@ from sqlalchemy import select
 
 from gateway.archive.catalog import Catalog
 from gateway.archive.schema import citations, studies
+from gateway.cache import CacheService, open_frontend_cache
+from gateway.clock import NodeClock
 from gateway.codes import CodeMap
 from gateway.federation import JsonPeer, PeerError, lookup
 from gateway.grants import GrantBook, GrantDenied, GrantVerifier, RetrievalGrant, check_grant
@@ -28,6 +30,7 @@ from gateway.retrievals import RetrievalLog, RetrievalRecord, RetrievalSender
 
 if TYPE_CHECKING:
     from gateway.config import FrontendConfig
+    from gateway.node import NodeCore
 
 log = logging.getLogger(__name__)
 Clock = Callable[[], datetime]
@@ -73,12 +76,17 @@ class Workstation:
     clock: Clock = field(default=lambda: datetime.now(UTC))
     on_record: Callable[[], None] = field(default=lambda: None)  # wake the retrieval sender
     sender: RetrievalSender | None = None
+    cache: CacheService | None = None  # history caching (gateway/cache.py)
 
     def start(self) -> None:
         if self.sender is not None:
             self.sender.start()
+        if self.cache is not None:
+            self.cache.start()
 
     def stop(self) -> None:
+        if self.cache is not None:
+            self.cache.stop()
         if self.sender is not None:
             self.sender.stop()
 
@@ -267,9 +275,7 @@ class Workstation:
         }
 
 
-def open_workstation(
-    cfg: FrontendConfig, catalog: Catalog, center: JsonPeer | None, node: str
-) -> Workstation:
+def open_workstation(cfg: FrontendConfig, core: NodeCore, center: JsonPeer | None, node: str) -> Workstation:
     """The workstation of a front-end from its ``[doctor]`` and ``[grants]`` sections; retrieval
     records go to the center (``center``) by a :class:`RetrievalSender`, started with
     :meth:`Workstation.start`. A code map or key that cannot be read is an
@@ -287,8 +293,13 @@ def open_workstation(
     except (OSError, ValueError) as exc:
         raise ArchiveUnavailable("grants.insurance_qr_public_keys", str(exc)) from exc
     qr = InsuranceQrVerifier(keys, max_lifetime=timedelta(hours=cfg.grants.max_lifetime_hours))
+    catalog = core.archive.catalog
     retrievals = RetrievalLog(catalog)
     sender = RetrievalSender(retrievals, center) if center is not None else None
+    clock = NodeClock()
+    cache = open_frontend_cache(
+        cfg, catalog, core.archive.store, core.ingest, center, core.spool, core.audit, clock
+    )
     return Workstation(
         catalog,
         cfg.institution,
@@ -301,6 +312,8 @@ def open_workstation(
         history_years=cfg.doctor.history_years,
         same_exam_days=cfg.doctor.same_exam_days,
         reject_grades=frozenset(cfg.doctor.reject_grades),
+        clock=clock,
         on_record=sender.kick if sender is not None else (lambda: None),
         sender=sender,
+        cache=cache,
     )

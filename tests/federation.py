@@ -181,7 +181,12 @@ def exam_body(
 
 
 # What a front-end needs at its center: forwarding plus the federation routes.
-FRONTEND_AT_CENTER = "stow api:inventory api:manifest api:exams index:lookup index:retrievals wado qido"
+FRONTEND_AT_CENTER = " ".join(
+    [
+        "stow api:inventory api:manifest api:exams",
+        "index:lookup index:retrievals api:cache-requests api:fetch wado qido",
+    ]
+)
 
 
 def federated_frontend_config(

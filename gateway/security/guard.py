@@ -129,12 +129,17 @@ RULES: tuple[Rule, ...] = (
     Rule("GET", "/api/v1/provinces", "index:lookup"),
     Rule("POST", "/api/v1/retrievals", "index:retrievals"),
     Rule("GET", "/api/v1/retrievals", "index:retrievals"),
+    # Cache requests: HIS → front-end → center (api/cache.py):
+    Rule("POST", "/api/v1/cache-requests", "api:cache-requests"),
+    Rule("GET", "/api/v1/cache-requests", "api:cache-requests"),
     # Patient authorizations and the doctor workstation (api/doctor.py, front-end):
     Rule("POST", "/api/v1/grants", "api:grants"),
     Rule("GET", "/api/v1/patients/*/history", "api:doctor"),
     Rule("GET", "/api/v1/patients/*/same-exams", "api:doctor"),
     Rule("POST", "/api/v1/citations", "api:doctor"),
     Rule("GET", "/api/v1/code-maps", "api:codes"),
+    # Cross-province fetch at a center (api/cache.py):
+    Rule("POST", "/api/v1/fetches", "api:fetch"),
 )
 
 # Reachable without a token, and nothing else: health, and how to get and check a token.
@@ -156,9 +161,9 @@ PUBLIC_STATIC_PREFIX = "/viewer"
 # The scopes each role's routes use (what `ybyx clients add` may grant there).
 ROLE_SCOPES: dict[str, frozenset[str]] = {
     "frontend": frozenset({STOW, QIDO, WADO, "api:forwarding", "api:exams", "api:monitoring", "metrics"})
-    | {"api:grants", "api:doctor", "api:codes"},
+    | {"api:cache-requests", "api:grants", "api:doctor", "api:codes"},
     "center": frozenset({STOW, QIDO, WADO, "api:inventory", "api:manifest", "api:exams", "api:monitoring"})
-    | {"index:lookup", "index:retrievals"},
+    | {"index:lookup", "index:retrievals", "api:cache-requests", "api:fetch"},
     "index": frozenset({"index:register", "index:lookup", "index:retrievals"}),
 }
 
