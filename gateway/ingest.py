@@ -43,11 +43,12 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
-from sqlalchemy import Connection
+from sqlalchemy import Connection, select
 
 from gateway.archive.blobstore import BlobStore, FolderBlobStore, sha256_file
 from gateway.archive.catalog import AddOutcome, Catalog, ConflictPolicy
 from gateway.archive.record import InstanceRecord, InvalidInstance
+from gateway.archive.schema import instance_versions, instances
 from gateway.audit import Actor, AuditLog, EventType, Result
 
 log = logging.getLogger(__name__)
@@ -307,11 +308,26 @@ class Ingest:
             return Refused(f"catalog unavailable: {exc}", "storage", sop)
         if outcome is AddOutcome.DUPLICATE:
             log.info("duplicate %s from %s (same bytes): nothing to do", sop, source)
+            self._drop_received_copy(sop, key)
         elif outcome in (AddOutcome.REPLACED, AddOutcome.VERSION_KEPT):
             log.warning(
                 "instance %s received again from %s with different bytes: %s", sop, source, outcome.value
             )
         return Accepted(sop, sop_class, study, outcome, sha, size)
+
+    def _drop_received_copy(self, sop: str, key: str) -> None:
+        """A duplicate of the bytes once received for an instance now stored losslessly compressed
+        (``gateway/codec``, R-UP-1) was placed again under its own key, which nothing references:
+        remove it (the blob the catalog points at is a different key)."""
+        with self.catalog.engine.connect() as conn:
+            current = conn.execute(select(instances.c.blob_key).where(instances.c.sop_uid == sop)).scalar()
+            if current is None or current == key:
+                return
+            kept = conn.execute(
+                select(instance_versions.c.id).where(instance_versions.c.blob_key == key).limit(1)
+            ).first()
+        if kept is None:
+            self.store.delete(key)
 
     def _audited(self, who: Actor, rec: InstanceRecord) -> Callable[[Connection, AddOutcome], None] | None:
         """The audit record of a stored instance, written in the catalog's transaction (R-SE-4):

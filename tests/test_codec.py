@@ -395,6 +395,7 @@ def test_frontend_compresses_after_ingest_and_forwards_only_the_compressed_bytes
     # the modality sends the same again: duplicates of the received bytes, nothing changes
     assert send(files, "127.0.0.1", fe.dicom_port, "YBYX").ok
     assert stage.backlog() == 0
+    assert len(list(fe.cfg.storage.path.rglob("*.dcm"))) == len(files)  # no copy of them left behind
     assert all(catalog.versions(str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)) == [] for p in files)
     text = _metrics(fe)
     assert re.search(rf'ybyx_codec_instances_total{{outcome="compressed"}} {len(files)}\b', text), text
