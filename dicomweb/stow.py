@@ -429,8 +429,13 @@ def _response(results: list[InstanceResult], root: str) -> Response:
     for r in [r for r in results if r.reason][:MAX_WARNING_HEADERS]:
         text = f"part {r.part} ({r.sop_uid or 'SOP Instance UID unknown'}): {r.reason}"
         text = text.encode("ascii", "replace").decode().replace('"', "'").replace("\\", "/")
+        # values from a damaged data set may hold control characters: not allowed in a header
+        text = _CONTROL.sub("?", text)
         response.headers.append("Warning", f'299 ybyx "{text[:300]}"')
     return response
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _attr(vr: str, value: str | int | None) -> dict[str, Any]:

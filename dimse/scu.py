@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
 from pynetdicom import AE, _config
 
 from dimse.contexts import contexts_for, no_delay_assoc
@@ -73,8 +73,11 @@ def send(
         try:
             # The file meta is what pynetdicom sends from (the data set is streamed, not parsed).
             meta = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"]).file_meta
-            headers.append((path, str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)))
-        except (InvalidDicomError, AttributeError, OSError) as exc:
+            sop_class, syntax = UID(str(meta.MediaStorageSOPClassUID)), UID(str(meta.TransferSyntaxUID))
+            if not syntax.is_transfer_syntax or not sop_class.is_valid:
+                raise ValueError(f"file meta names no usable SOP class / transfer syntax ({syntax!r})")
+            headers.append((path, str(sop_class), str(syntax)))
+        except Exception as exc:  # pydicom reports damaged files with many types (issue 6 §8)
             report.failed[path] = f"not a DICOM file: {exc}"
             if progress:
                 progress(path, False)

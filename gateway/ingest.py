@@ -41,7 +41,6 @@ from typing import BinaryIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 from sqlalchemy import Connection, select
 
@@ -253,9 +252,15 @@ class Ingest:
                         )
                     located = _frame_location(ds, ts, located)
             study, series_uid, sop, sop_class = InstanceRecord.identify(ds)
+            media_sop = ds.file_meta.get("MediaStorageSOPInstanceUID")
         except InvalidInstance as exc:
             return self._refuse(path, source, str(exc), "missing-attribute", expected_sop_uid)
-        except (_Malformed, InvalidDicomError, EOFError, ValueError, KeyError, struct.error) as exc:
+        except OSError as exc:  # our own spool file could not be read: not the sender's fault
+            return Refused(f"storage unavailable: {exc}", "storage", expected_sop_uid)
+        except Exception as exc:
+            # pydicom reports damaged data with many exception types (ValueError, EOFError,
+            # struct.error, NotImplementedError for an unknown VR, BytesLengthException…): all of
+            # them mean the same to the sender (fuzzed in tests/test_fuzz.py, issue 6 §8)
             return self._refuse(path, source, f"not readable as DICOM: {exc}", "malformed", expected_sop_uid)
 
         if expected_sop_uid and expected_sop_uid != sop:
@@ -267,16 +272,14 @@ class Ingest:
                 "mismatch",
                 sop,
             )
-        if ds.file_meta.get("MediaStorageSOPInstanceUID") not in (None, "", sop):
+        if media_sop not in (None, "", sop):
             return self._refuse(
                 path, source, "MediaStorageSOPInstanceUID differs from SOPInstanceUID", "mismatch", sop
             )
 
         size, sha = sha256_file(path)
         key = blob_key(study, series_uid, sop, sha)
-        # The record is built before the blob is placed (its fsync then has less left to wait for);
-        # a failure to build it is reported after the blob's own outcome, as when it came second.
-        rec: InstanceRecord | Exception
+        # The record is built before the blob is placed (its fsync then has less left to wait for).
         try:
             rec = InstanceRecord.from_dataset(
                 ds,
@@ -290,8 +293,10 @@ class Ingest:
                 pixel_offset=located.offset if located is not None else None,
                 pixel_length=located.length if located is not None else None,
             )
-        except Exception as exc:  # reported below, after the blob's own outcome (as before)
-            rec = exc
+        except Exception as exc:
+            # Only the data set's own values can fail here (a length that does not fit the VR, an
+            # undecodable value): refuse it as malformed before any byte is placed (issue 6 §8).
+            return self._refuse(path, source, f"not readable as DICOM: {exc}", "malformed", sop)
         try:
             size, sha_stored = self.store.put_file(key, path, known=(size, sha))
         except OSError as exc:
@@ -300,8 +305,6 @@ class Ingest:
         if sha_stored != sha:
             return Refused("file changed while being stored", "storage", sop)
         try:
-            if isinstance(rec, Exception):
-                raise rec
             outcome = self.catalog.add_instance(rec, self.policy, also=self._audited(who, rec))
         except Exception as exc:  # the catalog must not turn a DB outage into a lost instance
             log.exception("catalog write failed for %s", sop)
