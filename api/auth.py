@@ -93,6 +93,10 @@ async def login(request: Request) -> Response:
     if result.session is not None:
         detail["session"] = result.session.session.session_id
     await _audit(request, who, EventType.LOGIN, f"user:{body.username}", result.outcome is Outcome.OK, detail)
+    if result.outcome is Outcome.LOCKED and result.reason.endswith("now locked"):
+        # a lock just set is an anomaly worth an alert (brute force), not only a failed login
+        lock = {"reason": "repeated failed logins", "locked_seconds": round(result.retry_after)}
+        await _audit(request, who, EventType.ANOMALY, f"user:{body.username}", False, lock)
 
     if result.outcome is Outcome.LOCKED:
         seconds = str(max(1, int(result.retry_after + 0.999)))

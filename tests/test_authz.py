@@ -27,6 +27,7 @@ from gateway.archive.schema import audit_log
 from gateway.center import Center
 from gateway.frontend import Frontend
 from gateway.identity import IdType, load_key, pseudonymise, write_new_key
+from gateway.ingest import Accepted
 from gateway.security import sensitivity
 from gateway.security.guard import PUBLIC, STUDY_ACTIONS, required_scope
 from gateway.security.permissions import ACTION_KINDS, PERMISSIONS, SELF, Reach, Role, permission
@@ -223,7 +224,7 @@ def study_paths(study: tuple[str, str, str]) -> list[str]:
     ]
 
 
-def found_studies(node: Frontend, tok: str, resource: str = "studies") -> set[str]:
+def found_studies(node: Node, tok: str, resource: str = "studies") -> set[str]:
     r = call(node, "GET", f"/dicom-web/{resource}", bearer(tok))
     assert r.status_code == 200, r.text
     return {item["0020000D"]["Value"][0] for item in r.json()}
@@ -292,6 +293,33 @@ def test_a_doctor_never_sees_a_resident_id_number(
     assert number in call(fe, "GET", f"/dicom-web/studies/{ds.StudyInstanceUID}/metadata", auth(fe)).text
 
 
+def test_at_the_center_a_study_belongs_to_the_hospital_of_its_exam_record(
+    start_center: Callable[..., Center], samples: Path
+) -> None:
+    """The center knows institutions from the exam records front-ends forward; a study without one
+    is visible to no hospital's doctor (fail closed)."""
+    center = start_center()
+    uids = []
+    for folder in ("03_DX_chest", "05_US_carotid", "04_XA_coronary"):
+        [path] = sorted((samples / folder).iterdir())[:1]
+        assert isinstance(center.ingest.accept_file(path, source="STOW-test"), Accepted)
+        uids.append(str(dcmread(path, stop_before_pixels=True).StudyInstanceUID))
+    for uid, hospital, n in ((uids[0], HOME, "1"), (uids[1], OTHER, "2")):
+        body = exam_body(uid, hospital_code=hospital, accession_number=f"ACC-{n}")
+        del body["id_number"], body["id_type"]
+        body.update(id_type="resident-id", person_key=n * 64, id_masked="1101**********0000")
+        r = httpx.post(f"{node_url(center)}/api/v1/exams", json=body, headers=auth(center), timeout=10)
+        assert r.status_code == 200, r.text
+    doctor_a = user_token(center, "dr.c.a", Role.DOCTOR, HOME)
+    doctor_b = user_token(center, "dr.c.b", Role.DOCTOR, OTHER)
+    assert found_studies(center, doctor_a) == {uids[0]}
+    assert found_studies(center, doctor_b) == {uids[1]}
+    for tok in (doctor_a, doctor_b):  # the third study has no exam record yet: nobody's
+        assert call(center, "GET", f"/dicom-web/studies/{uids[2]}/metadata", bearer(tok)).status_code == 404
+    assert call(center, "GET", f"/dicom-web/studies/{uids[1]}/metadata", bearer(doctor_a)).status_code == 404
+    assert call(center, "GET", f"/dicom-web/studies/{uids[0]}/metadata", bearer(doctor_a)).status_code == 200
+
+
 # ---- logins over HTTP --------------------------------------------------------------------------------
 
 
@@ -344,6 +372,8 @@ def test_brute_force_on_login_is_locked_with_retry_after(start_frontend: Callabl
     assert right.status_code == 429 and right.json()["error"] == "locked"
     reasons = [json.loads(r.detail)["reason"] for r in audit_rows(fe, "login")]
     assert reasons == ["wrong password", "wrong password", "wrong password; now locked", "account locked"]
+    [anomaly] = audit_rows(fe, "anomaly")  # the lock itself, once, for an alert
+    assert anomaly.actor == "dr.target" and json.loads(anomaly.detail)["locked_seconds"] == 120
 
 
 def test_cookie_sessions_need_csrf_and_logout_ends_cookie_and_tokens(
