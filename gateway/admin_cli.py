@@ -1,4 +1,6 @@
-"""``ybyx admin create-user | list-users | disable-user | reset-password`` (issue 6 §2; R-SE-1, R-SE-2).
+"""``ybyx admin create-user | list-users | disable-user | reset-password | enroll-totp`` (issue 6 §2).
+
+R-SE-1, R-SE-2.
 
 There are no default accounts: the first system administrator is made here, on the node's own
 machine, with a password typed twice (not echoed) or generated and shown once. Admin roles are
@@ -65,68 +67,77 @@ def _audit(
     )
 
 
-def cmd_admin(args: argparse.Namespace) -> int:
-    from gateway.archive.catalog import Catalog
-    from gateway.security.passwords import WeakPassword
+def _show(username: str, password: str | None, secret: str | None) -> None:
+    """What must be shown once: a generated password, a TOTP secret."""
     from gateway.security.totp import provisioning_uri
-    from gateway.security.users import UserError, UserStore
 
-    cfg = _role_config(args.config, args.node)
-    catalog = Catalog.open(cfg.database.url)
-    try:
-        store = UserStore(catalog)
-        command = args.admin_command
-        if command == "list-users":
-            for u in store.list():
-                state = "disabled" if u.disabled else ("locked" if u.locked_until else "active")
-                mfa = "totp" if u.totp_enrolled else "-"
-                print(f"{u.username}\t{u.role}\t{u.institution or '-'}\t{mfa}\t{state}")
-            return 0
-        if command == "disable-user":
-            if not store.disable(args.username):
-                print(f"no active user {args.username!r}", file=sys.stderr)
-                return 2
-            _audit(cfg, catalog, "disable-user", args.username)
-            print(f"disabled {args.username}: its sessions end at their next request")
-            return 0
-        password, generated = _password(args, args.username)
-        try:
-            if command == "reset-password":
-                store.set_password(args.username, password)
-                secret = None
-                _audit(cfg, catalog, "reset-password", args.username)
-            else:
-                user, secret = store.create(
-                    args.username,
-                    args.role,
-                    password,
-                    institution=args.institution or "",
-                    person_key=args.person_key,
-                    with_totp=args.totp,
-                )
-                _audit(
-                    cfg,
-                    catalog,
-                    "create-user",
-                    args.username,
-                    role=user.role.value,
-                    institution=user.institution,
-                    totp=secret is not None,
-                )
-        except (UserError, WeakPassword) as exc:
-            print(f"refused: {exc}", file=sys.stderr)
-            return 2
-    finally:
-        catalog.close()
-    print(f"user      {args.username}")
-    if generated:
+    print(f"user      {username}")
+    if password is not None:
         print(f"password  {password}")
         print("The password is shown this once and stored only as a hash: keep it now.", file=sys.stderr)
     if secret is not None:
         print(f"totp      {secret}")
-        print(f"otpauth   {provisioning_uri(secret, args.username)}")
+        print(f"otpauth   {provisioning_uri(secret, username)}")
         print("Add the TOTP secret to an authenticator app now; it is not shown again.", file=sys.stderr)
+
+
+def _run(args: argparse.Namespace, cfg: FrontendConfig | CenterConfig, catalog: Any) -> int:
+    from gateway.security.users import UserStore
+
+    store = UserStore(catalog)
+    command, name = args.admin_command, getattr(args, "username", "")
+    if command == "list-users":
+        for u in store.list():
+            state = "disabled" if u.disabled else ("locked" if u.locked_until else "active")
+            mfa = "totp" if u.totp_enrolled else "-"
+            print(f"{u.username}\t{u.role}\t{u.institution or '-'}\t{mfa}\t{state}")
+        return 0
+    if command == "disable-user":
+        if not store.disable(name):
+            print(f"no active user {name!r}", file=sys.stderr)
+            return 2
+        _audit(cfg, catalog, "disable-user", name)
+        print(f"disabled {name}: its sessions end at their next request")
+        return 0
+    if command == "enroll-totp":
+        secret = store.enroll_totp(name)
+        _audit(cfg, catalog, "enroll-totp", name)
+        _show(name, None, secret)
+        return 0
+    password, generated = _password(args, name)
+    if command == "reset-password":
+        store.set_password(name, password)
+        _audit(cfg, catalog, "reset-password", name)
+        _show(name, password if generated else None, None)
+        return 0
+    user, totp_secret = store.create(
+        name,
+        args.role,
+        password,
+        institution=args.institution or "",
+        person_key=args.person_key,
+        with_totp=args.totp,
+    )
+    detail = {"role": user.role.value, "institution": user.institution, "totp": totp_secret is not None}
+    _audit(cfg, catalog, "create-user", name, **detail)
+    _show(name, password if generated else None, totp_secret)
     return 0
+
+
+def cmd_admin(args: argparse.Namespace) -> int:
+    from gateway.archive.catalog import Catalog
+    from gateway.security.passwords import WeakPassword
+    from gateway.security.users import UserError
+
+    cfg = _role_config(args.config, args.node)
+    catalog = Catalog.open(cfg.database.url)
+    try:
+        return _run(args, cfg, catalog)
+    except (UserError, WeakPassword) as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        catalog.close()
 
 
 def add_parser(sub: Any) -> None:
@@ -140,6 +151,7 @@ def add_parser(sub: Any) -> None:
         ("list-users", "list the accounts"),
         ("disable-user", "disable an account and end its sessions"),
         ("reset-password", "set a new password (typed twice, or generated) and unlock"),
+        ("enroll-totp", "give an account a new TOTP secret (shown once), replacing any"),
     ):
         c = asub.add_parser(name, help=text)
         c.add_argument("-c", "--config", required=True, help="the node's TOML file")

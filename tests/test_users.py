@@ -7,6 +7,7 @@ The HTTP side (login routes, sessions, roles on every route, IDOR) is in ``test_
 from __future__ import annotations
 
 import io
+import json
 import re
 import sys
 from collections.abc import Iterator
@@ -254,6 +255,11 @@ def test_create_user_cli_generates_or_reads_a_password_and_audits(
     listed = run("admin", "list-users", "-c", str(config))
     assert "root\tsystem-admin\t-\ttotp\tactive" in listed.stdout
     assert "dr.x\tdoctor\tH1\t-\tactive" in listed.stdout
+    enrolled = run("admin", "enroll-totp", "dr.x", "-c", str(config))
+    assert enrolled.returncode == 0 and re.search(r"^totp\s+[A-Z2-7]{32}$", enrolled.stdout, re.M)
+    reset = run("admin", "reset-password", "dr.x", "--generate-password", "-c", str(config))
+    assert reset.returncode == 0 and re.search(r"^password\s+\S{20}$", reset.stdout, re.M)
+    assert run("admin", "reset-password", "nobody", "--generate-password", "-c", str(config)).returncode == 2
     assert run("admin", "disable-user", "dr.x", "-c", str(config)).returncode == 0
 
     catalog = Catalog.open(f"sqlite:///{tmp_path / 'c.db'}")
@@ -267,6 +273,7 @@ def test_create_user_cli_generates_or_reads_a_password_and_audits(
     finally:
         catalog.close()
     changes = [(r.resource, r.detail) for r in rows if r.event_type == "config-change"]
-    assert [c[0] for c in changes] == ["user:root", "user:dr.x", "user:dr.x"]
+    assert [c[0] for c in changes] == ["user:root"] + ["user:dr.x"] * 4
     assert '"action":"create-user"' in changes[0][1] and '"role":"system-admin"' in changes[0][1]
-    assert '"action":"disable-user"' in changes[2][1]
+    actions = [json.loads(c[1])["action"] for c in changes[1:]]
+    assert actions == ["create-user", "enroll-totp", "reset-password", "disable-user"]

@@ -226,6 +226,19 @@ class UserStore:
         if not done:
             raise UserError(f"no user {username!r}")
 
+    def enroll_totp(self, username: str) -> str:
+        """A new TOTP secret for the account (replacing any), to be shown once."""
+        secret = totp.new_secret()
+        with self.catalog.write() as conn:
+            done = conn.execute(
+                update(users)
+                .where(users.c.username == username)
+                .values(totp_secret=secret, totp_last_step=None)
+            ).rowcount
+        if not done:
+            raise UserError(f"no user {username!r}")
+        return secret
+
     def disable(self, username: str) -> bool:
         with self.catalog.write() as conn:
             return bool(
