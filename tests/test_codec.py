@@ -20,6 +20,7 @@ import httpx
 import numpy as np
 import numpy.typing as npt
 import pytest
+from dicomweb_client import DICOMwebClient
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.pixels.utils import pixel_array
@@ -169,8 +170,9 @@ def test_every_codec_is_bit_exact_for_two_decoders_and_valid_dicom(
         assert after.file_meta.TransferSyntaxUID == codec.transfer_syntax
         assert after.file_meta.MediaStorageSOPInstanceUID == before.SOPInstanceUID == after.SOPInstanceUID
         assert after.file_meta.MediaStorageSOPClassUID == before.SOPClassUID
-        # 1. pydicom + pylibjpeg / pyjpegls
-        assert np.array_equal(pixel_array(after, raw=True), reference), (kind, "pydicom")
+        # 1. pydicom + pylibjpeg / pyjpegls (named: pydicom would otherwise pick GDCM first)
+        decoded = pixel_array(after, raw=True, decoding_plugin=codec.decoder)
+        assert np.array_equal(decoded, reference), (kind, "pydicom")
         # 2. GDCM, independent of both
         native = _gdcm_native(path, tmp_path / f"{kind}.{name}.gdcm.dcm")
         assert native.dtype == reference.dtype and np.array_equal(native, reference), (kind, "gdcm")
@@ -391,6 +393,14 @@ def test_frontend_compresses_after_ingest_and_forwards_only_the_compressed_bytes
         assert at_center.sha256 == inst.sha256
         assert center.archive.catalog.versions(inst.sop_uid) == []
     assert len(list(fe.cfg.storage.path.rglob("*.dcm"))) == len(files)  # originals removed
+    # WADO-RS frames: the stored JPEG-LS frame as is, and decoded to the very bytes that were sent
+    sent = dcmread(files[0])
+    web = DICOMwebClient(url=f"http://127.0.0.1:{fe.http_port}/dicom-web", headers=auth(fe))
+    uids = (str(sent.StudyInstanceUID), str(sent.SeriesInstanceUID), str(sent.SOPInstanceUID))
+    [raw] = web.retrieve_instance_frames(*uids, frame_numbers=[1], media_types=("application/octet-stream",))
+    assert raw == sent.PixelData
+    [jls] = web.retrieve_instance_frames(*uids, frame_numbers=[1], media_types=("image/jls",))
+    assert jls[:2] == b"\xff\xd8" and len(jls) < len(raw) / 2  # a JPEG-LS codestream (SOI)
 
     # the modality sends the same again: duplicates of the received bytes, nothing changes
     assert send(files, "127.0.0.1", fe.dicom_port, "YBYX").ok
