@@ -42,7 +42,7 @@ from gateway.codec.table import _jpeg_ls, _rle
 from gateway.config import ConfigError, parse_config
 from gateway.frontend import Frontend
 from gateway.ingest import Accepted, Ingest
-from gateway.sample import _chest_radiograph, write_samples
+from gateway.sample import _chest_radiograph, ct_series, write_samples
 from tests.conftest import auth, dcmtk, forward_to
 from tests.peers.orthanc import OrthancPeer, orthanc  # noqa: F401  (session fixture)
 from tests.test_forwarding import FAST, all_confirmed, forwarding, wait_until
@@ -416,3 +416,24 @@ def _metrics(fe: Frontend) -> str:
     r = httpx.get(f"http://127.0.0.1:{fe.http_port}/metrics", headers=auth(fe), timeout=10)
     r.raise_for_status()
     return r.text
+
+
+def test_compression_on_an_encrypted_blob_store(
+    start_frontend: Callable[..., Frontend], tmp_path: Path
+) -> None:
+    """With encryption at rest (R-SE-10) the stage reads and writes through the sealed store."""
+    files = ct_series(tmp_path / "ct", slices=2)
+    fe = start_frontend(encryption={"enabled": True}, compression={"transfer_syntax": "jpeg-ls"})
+    stage = fe.compression
+    assert stage is not None
+    assert send(files, "127.0.0.1", fe.dicom_port, "YBYX").ok
+    wait_until(lambda: stage.backlog() == 0, what="compressed")
+    assert stage.counts["compressed"] == len(files), stage.counts
+    for path in files:
+        sent = dcmread(path)
+        [inst] = fe.archive.catalog.locate({"SOPInstanceUID": str(sent.SOPInstanceUID)})
+        assert inst.transfer_syntax == JPEGLSLossless
+        stored = dcmread(io.BytesIO(b"".join(fe.archive.store.get(inst.blob_key))))
+        assert np.array_equal(pixel_array(stored, raw=True), pixel_array(sent, raw=True))
+    on_disk = list(fe.cfg.storage.path.rglob("*.dcm"))
+    assert len(on_disk) == len(files) and not any(b"DICM" in p.read_bytes()[:256] for p in on_disk)
