@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
@@ -11,6 +12,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from api.errors import BadRequest, parse
+from api.qc import center_routes as qc_routes
+from api.qc import manifest_qc
+from api.qc import service as qc_service
 from dicomweb.audit_hook import record_request
 from gateway.archive import Archive
 from gateway.archive.blobstore import BlobNotFound
@@ -65,6 +69,10 @@ async def manifest(request: Request) -> JSONResponse:
     record = await run_in_threadpool(
         check_manifest, archive.catalog, request.path_params["study"], body.instances
     )
+    # R-CE-5: the center's QC goes back to the uploader in its upload-monitoring record
+    qc = await run_in_threadpool(manifest_qc, qc_service(request), request.path_params["study"], body.qc)
+    if qc is not None:
+        record = {**record, "qc": qc}
     await _study_ready(request, request.path_params["study"])
     return JSONResponse(record)
 
@@ -75,6 +83,9 @@ async def monitoring(request: Request) -> JSONResponse:
     record = await run_in_threadpool(monitoring_record, archive.catalog, request.path_params["study"])
     if record is None:
         return JSONResponse({"error": "no upload-monitoring record for this study"}, status_code=404)
+    qc = qc_service(request)
+    if qc is not None:  # R-CE-5
+        record["qc"] = await run_in_threadpool(qc.study_json, request.path_params["study"])
     return JSONResponse(record)
 
 
@@ -99,6 +110,7 @@ async def post_exam(request: Request) -> JSONResponse:
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     instances: dict[str, str]
+    qc: dict[str, Any] | None = None  # the front-end's QC of the study (R-QC-1)
 
 
 routes = [
@@ -106,4 +118,5 @@ routes = [
     Route("/studies/{study}/manifest", manifest, methods=["PUT"]),
     Route("/upload-monitoring/{study}", monitoring, methods=["GET"]),
     Route("/exams", post_exam, methods=["POST"]),
+    *qc_routes,
 ]

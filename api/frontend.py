@@ -11,6 +11,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from api.errors import BadRequest, parse
+from api.qc import frontend_routes as qc_routes
 from dicomweb.audit_hook import record_request
 from gateway.audit import EventType
 from gateway.codec.stage import CompressionStage
@@ -153,4 +154,5 @@ routes = [
     Route("/exams", post_exam, methods=["POST"]),
     Route("/settlements", post_settlement, methods=["POST"]),
     Route("/upload-deadlines", upload_deadlines, methods=["GET"]),
+    *qc_routes,  # R-QC-1
 ]

@@ -166,9 +166,13 @@ class DicomWebClient:
             raise CenterUnavailable(f"inventory answered {response.status_code}: {response.text[:300]}")
         return {sop: str(v["sha256"]) for sop, v in response.json()["instances"].items()}
 
-    def report_manifest(self, study_uid: str, manifest: dict[str, str]) -> dict[str, Any]:
-        """``PUT /api/v1/studies/{study}/manifest``: the center's upload-monitoring record back."""
-        return self._api("PUT", f"/api/v1/studies/{study_uid}/manifest", {"instances": manifest})
+    def report_manifest(
+        self, study_uid: str, manifest: dict[str, str], qc: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """``PUT /api/v1/studies/{study}/manifest`` (with our QC of the study, R-QC-1): the center's
+        upload-monitoring record back (with its QC, R-CE-5)."""
+        body: dict[str, Any] = {"instances": manifest, **({"qc": qc} if qc is not None else {})}
+        return self._api("PUT", f"/api/v1/studies/{study_uid}/manifest", body)
 
     def post_exam(self, record: dict[str, Any]) -> None:
         """``POST /api/v1/exams`` at the center: an exam record with the pseudonym (R-UP-5)."""

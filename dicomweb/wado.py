@@ -74,6 +74,8 @@ from dicomweb.render import (
 from gateway.archive import Archive
 from gateway.archive.blobstore import BlobStore, FolderBlobStore
 from gateway.archive.catalog import PixelRow, StoredInstance
+from gateway.qc.dicom_json import with_private_blocks
+from gateway.qc.service import QcService
 
 log = logging.getLogger(__name__)
 
@@ -311,10 +313,25 @@ def metadata(request: Request) -> Response:
     if not docs:
         raise target.not_found()
     docs = access.redacted_json(request, docs)  # masked by sensitivity labels for users (R-SE-3)
+    docs = _with_qc(request, target.criteria, docs)  # the QC private block (R-CE-5, R-RT-3)
     root = json.dumps(dicomweb_root(request), ensure_ascii=False)[1:-1]
     body = "[" + ",".join(docs) + "]"
     body = body.replace('"BulkDataURI":"studies/', f'"BulkDataURI":"{root}studies/')
     return Response(body.encode("utf-8"), media_type=DICOM_JSON)
+
+
+def _with_qc(request: Request, criteria: Mapping[str, str], docs: list[str]) -> list[str]:
+    """Each graded instance's QC as private block (gateway/qc/dicom_json.py), if QC is on."""
+    qc: QcService | None = getattr(request.app.state, "qc", None)
+    study_uid = criteria.get("StudyInstanceUID")
+    if qc is None or not study_uid:
+        return docs
+    study = qc.book.study(study_uid)
+    if study is None:
+        return docs
+    blocks = [d.encode("utf-8") for d in docs]
+    results = {r.sop_uid: r for r in study.results}
+    return [b.decode("utf-8") for b in with_private_blocks(blocks, results, study.grade)]
 
 
 # --------------------------------------------------------------------------- frames

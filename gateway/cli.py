@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from gateway.config import CenterConfig, ConfigError, DemoConfig, FrontendConfig, IndexConfig, load_config
+from gateway.qc.rules import qc_rules_role
 
 _C = TypeVar("_C")
 _R = TypeVar("_R")
@@ -66,13 +67,13 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     bad = 0
     for path in args.files:
         try:
-            cfg = load_config(path)
+            role = qc_rules_role(path) or load_config(path).role  # config/qc.toml: QC rules (issue 4)
         except ConfigError as exc:
             bad += 1
             for line in exc.problems:
                 print(line, file=sys.stderr)
             continue
-        print(f"{path}: ok ({cfg.role})")
+        print(f"{path}: ok ({role})")
     return 2 if bad else 0
 
 

@@ -397,6 +397,18 @@ class CompressionSection(Strict):
         return value
 
 
+class QcSection(Strict):
+    """Image QC (issue 4 §3-5, R-QC-1, R-CE-5; ``gateway/qc``): graded after ingest, off the C-STORE
+    and STOW-RS path. On a front-end a study waits until its instances are graded and a reject
+    (废) is held back until replaced; on the center results go back to the uploader."""
+
+    enabled: bool = Field(default=False, description="grade every stored instance")
+    rules: Path | None = Field(
+        default=None, description="the QC rules file (config/qc.toml); unset = the built-in thresholds"
+    )
+    workers: int = Field(default=1, ge=1, le=16, description="grading processes (each uses one core)")
+
+
 class DicomWebSection(Strict):
     max_request_mb: int = Field(default=2048, ge=1, description="STOW-RS body limit (413 above it)")
 
@@ -492,6 +504,7 @@ class FrontendConfig(Strict):
     ingest: IngestSection = IngestSection()
     forward: ForwardSection = ForwardSection()
     compression: CompressionSection = CompressionSection()
+    qc: QcSection = QcSection()
     dicomweb: DicomWebSection = DicomWebSection()
     identity: IdentitySection = IdentitySection()
     audit: AuditSection = AuditSection()
@@ -527,6 +540,7 @@ class CenterConfig(Strict):
     index: IndexLinkSection | None = None
     center_peers: list[PeerCenter] = Field(default_factory=list)
     cache: CacheSection = CacheSection()
+    qc: QcSection = QcSection()
 
 
 class IndexConfig(Strict):
@@ -655,6 +669,9 @@ def _below(
     if isinstance(encryption, EncryptionSection):
         updates["encryption"] = encryption.model_copy(update={"key_file": _join(base, encryption.key_file)})
     updates |= _federation_paths(model, base)
+    qc = getattr(model, "qc", None)
+    if isinstance(qc, QcSection) and qc.rules is not None:
+        updates["qc"] = qc.model_copy(update={"rules": _join(base, qc.rules)})
     db = model.database
     if db.url.startswith("sqlite:///") and not db.url.startswith("sqlite:////"):
         updates["database"] = DatabaseSection(

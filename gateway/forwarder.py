@@ -31,6 +31,7 @@ from gateway.archive.catalog import Catalog, StoredInstance
 from gateway.archive.schema import forward_jobs, forward_results
 from gateway.audit import AuditLog, EventType, Result
 from gateway.exams import ExamBook
+from gateway.qc.gate import Hold, QcGate
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,11 @@ class CenterLink(Protocol):
         """SOP Instance UID → SHA-256 of the bytes the center holds. Raises CenterUnavailable."""
         ...
 
-    def report_manifest(self, study_uid: str, manifest: dict[str, str]) -> dict[str, Any]:
-        """Tell the center what we sent; its upload-monitoring record back. Raises CenterUnavailable."""
+    def report_manifest(
+        self, study_uid: str, manifest: dict[str, str], qc: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Tell the center what we sent (and our QC of it, R-QC-1); its upload-monitoring record
+        back (with its own QC, R-CE-5). Raises CenterUnavailable."""
         ...
 
     def post_exam(self, record: dict[str, Any]) -> None:
@@ -122,6 +126,10 @@ class Forwarder:
         # How many of a study's instances are not in their final bytes yet (lossless compression
         # pending, gateway/codec, R-UP-1); set by the front-end. Such a study waits.
         self.not_final: Callable[[str], int] | None = None
+        # Image QC (gateway/qc/gate.py, R-QC-1): holds a study while instances are ungraded or a
+        # reject waits for its replacement, names replaced rejects never to send, adds our QC to
+        # the manifest and keeps the center's; set by the front-end when [qc] enabled.
+        self.qc: QcGate | None = None
 
     # ---- running ---------------------------------------------------------------------------------
 
@@ -241,7 +249,12 @@ class Forwarder:
     def process(self, study_uid: str) -> None:
         if self._held_for_compression(study_uid):
             return
-        todo = self.pending(study_uid)
+        hold = self.qc.check(study_uid) if self.qc is not None else Hold()
+        if hold.reason:
+            wait = timedelta(seconds=hold.retry_seconds)
+            self._set(study_uid, state="queued", next_attempt_at=self.clock() + wait, last_error=hold.reason)
+            return
+        todo = [i for i in self.pending(study_uid) if i.sop_uid not in hold.exclude]
         refused: dict[str, str] = {}
         if todo:
             outcomes = self.center.stow(study_uid, todo, self.store)
@@ -253,11 +266,11 @@ class Forwarder:
         if refused:
             self._refused(study_uid, refused)
             return
-        if self.pending(study_uid):  # new instances arrived while we were sending
+        if [i for i in self.pending(study_uid) if i.sop_uid not in hold.exclude]:  # new ones came meanwhile
             self._set(study_uid, state="queued", next_attempt_at=self.clock(), sent_at=self.clock())
             return
         self._set(study_uid, state="sent", sent_at=self.clock())
-        self.reconcile(study_uid)
+        self.reconcile(study_uid, exclude=hold.exclude)
 
     def _held_for_compression(self, study_uid: str) -> bool:
         """Put the study back for a second while instances are being compressed (R-UP-1): sent
@@ -272,16 +285,25 @@ class Forwarder:
             )
         return waiting > 0
 
-    def reconcile(self, study_uid: str) -> list[str]:
+    def reconcile(self, study_uid: str, *, exclude: frozenset[str] = frozenset()) -> list[str]:
         """Compare with the center's inventory; re-queue what is missing or differs (R-UP-4).
 
-        Returns the SOP Instance UIDs found missing or different.
+        Returns the SOP Instance UIDs found missing or different. ``exclude``: instances never to
+        be sent (QC rejects that were replaced, R-QC-1).
         """
-        ours = {i.sop_uid: i.sha256 for i in self.catalog.locate({"StudyInstanceUID": study_uid})}
+        ours = {
+            i.sop_uid: i.sha256
+            for i in self.catalog.locate({"StudyInstanceUID": study_uid})
+            if i.sop_uid not in exclude
+        }
         theirs = self.center.inventory(study_uid)
         wrong = sorted(sop for sop, sha in ours.items() if theirs.get(sop) != sha)
         # the center keeps its own upload-monitoring record from what we say we sent (R-CE-9)
-        self.center.report_manifest(study_uid, ours)
+        if self.qc is None:
+            self.center.report_manifest(study_uid, ours)
+        else:  # our QC goes along; the center's comes back in its record (R-QC-1, R-CE-5)
+            record = self.center.report_manifest(study_uid, ours, self.qc.report(study_uid))
+            self.qc.received(study_uid, record)
         now = self.clock()
         if wrong:
             log.warning(

@@ -24,6 +24,7 @@ from gateway.forwarder import Forwarder, ForwardPolicy
 from gateway.identity import load_key
 from gateway.ingest import Ingest
 from gateway.node import NodeCore
+from gateway.qc.service import QcService
 from gateway.security.credentials import ClientCredentials, read_secret
 from gateway.security.node import NodeSecurity, default_node_id
 from gateway.security.tls import client_context
@@ -107,6 +108,7 @@ class Frontend:
     http: HttpServer
     forwarder: Forwarder | None = None
     compression: CompressionStage | None = None
+    qc: QcService | None = None
     dicom_port: int = 0
     http_port: int = 0
     workstation: Workstation | None = None  # the doctor API (issue 5)
@@ -149,6 +151,11 @@ class Frontend:
         archive, audit, ingest, spool = core.archive, core.audit, core.ingest, core.spool
         exams = ExamBook(archive.catalog)
         compression = _compression_stage(cfg, archive)
+        try:
+            qc = QcService.open(cfg.qc, archive) if cfg.qc.enabled else None  # R-QC-1
+        except ArchiveUnavailable:
+            core.close()
+            raise
         forwarder = None
         if cfg.forward.center_url is not None:
             client = DicomWebClient(
@@ -170,6 +177,9 @@ class Frontend:
             )
             if compression is not None:
                 forwarder.not_final = compression.waiting
+            if qc is not None:
+                forwarder.qc = qc.gate
+                qc.worker.on_graded = lambda _result, f=forwarder: f.wake()
         node_id = cfg.security.issuer or default_node_id("frontend", cfg.institution)
         try:
             center_peer = client if cfg.forward.center_url is not None else None  # the one HTTP client
@@ -191,15 +201,19 @@ class Frontend:
                 "forwarder": forwarder,
                 "exams": exams,
                 "pseudonym_key": key,
-                "compression": compression,
-                "audit": audit,
                 "workstation": workstation,
+                "audit": audit,
+                "compression": compression,
+                "qc": qc,
             },
         )
         http = HttpServer(app, cfg.http.host, cfg.http.port, tls=cfg.http.tls)
         fe = cls(cfg, core, server, http, forwarder, compression)
+        fe.qc = qc
         if compression is not None:
             compression.start()
+        if qc is not None:
+            qc.start()
         fe.dicom_port = server.start()
         fe.http_port = fe.http.start()
         if forwarder is not None:
@@ -214,6 +228,8 @@ class Frontend:
             self.compression.stop()
         if self.forwarder is not None:
             self.forwarder.stop()
+        if self.qc is not None:
+            self.qc.stop()
         if self.workstation is not None:
             self.workstation.stop()
         self.http.stop()

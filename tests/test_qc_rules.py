@@ -18,11 +18,12 @@ from pydicom.dataset import Dataset
 
 from gateway.config import ConfigError
 from gateway.qc.engine import QcEngine, grade_value
-from gateway.qc.header import check_header
+from gateway.qc.header import TYPE1_COMMON, TYPE2_COMMON, check_header
 from gateway.qc.result import Grade, StudyQc
 from gateway.qc.rules import DEFAULT_MODALITIES, DEFAULT_THRESHOLDS, QcRules, load_rules, parse_rules
 
 ROOT = Path(__file__).resolve().parents[1]
+HEADER_COMMON = {*TYPE1_COMMON, *TYPE2_COMMON, "SpecificCharacterSet"}
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +111,16 @@ def test_header_checks(ct: Dataset) -> None:
     assert problems(short) == [
         f"error: Pixel Data has {512 * 512 * 2 - 512} bytes; the Image Pixel module describes {512 * 512 * 2}"
     ]
+
+
+def test_an_instance_without_pixels_is_checked_for_its_common_attributes(ct: Dataset) -> None:
+    sr = copy.deepcopy(ct)
+    for kw in [k for k in sr.dir() if k not in HEADER_COMMON]:
+        delattr(sr, kw)
+    sr.Modality = "SR"
+    assert problems(sr) == []
+    result = QcEngine().assess(sr)
+    assert result.grade is Grade.A and [d.name for d in result.dimensions] == ["header"]
 
 
 def test_non_ascii_text_needs_a_character_set(samples: Path, tmp_path: Path) -> None:

@@ -532,3 +532,77 @@ user_sessions = Table(
     Column("revoked_at", DateTime(timezone=True)),
 )
 Index("ix_user_sessions_user", user_sessions.c.user_pk)
+
+# ---- image QC, issue 4 §3-5, R-QC-1, R-CE-5 (gateway/qc/) -----------------------------------------
+
+# Instances waiting to be graded: queued in the transaction that stores them (a catalog write
+# hook), removed in the transaction that stores their result; a crash in between redoes the work.
+qc_queue = Table(
+    "qc_queue",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("sop_uid", UID, nullable=False, unique=True),
+    Column("study_uid", UID, nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False),
+    Column("last_error", Text, nullable=False),
+    Column("enqueued_at", DateTime(timezone=True), nullable=False),
+)
+Index("ix_qc_queue_due", qc_queue.c.next_attempt_at)
+Index("ix_qc_queue_study", qc_queue.c.study_uid)
+
+# One QC result per instance, for the version of its bytes that was graded (a new version is
+# graded again). A reject (grade "reject") is held back from forwarding until a passing instance
+# takes its place (replaced_by: same series and instance number, or a re-sent series).
+qc_results = Table(
+    "qc_results",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("sop_uid", UID, nullable=False, unique=True),
+    Column("version", Integer, nullable=False),
+    Column("study_uid", UID, nullable=False),
+    Column("series_uid", UID, nullable=False),
+    Column("modality", String(16), nullable=False),
+    Column("series_number", Integer),
+    Column("instance_number", Integer),
+    Column("grade", String(8), nullable=False),  # A | B | C | reject
+    Column("result", Text, nullable=False),  # QcResult JSON
+    Column("engine_version", String(32), nullable=False),
+    Column("ai_assisted", Integer, nullable=False),  # 0/1
+    Column("graded_at", DateTime(timezone=True), nullable=False),
+    Column("replaced_by", UID),
+)
+Index("ix_qc_results_study", qc_results.c.study_uid)
+Index("ix_qc_results_grade", qc_results.c.grade)
+
+# A study's QC as another node graded it: on a front-end the center's (R-CE-5, back through the
+# upload-monitoring record), on the center the uploading front-end's (sent with its manifest).
+qc_reports = Table(
+    "qc_reports",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("study_uid", UID, nullable=False),
+    Column("source", String(16), nullable=False),  # center | frontend
+    Column("grade", String(8), nullable=False),
+    Column("report", Text, nullable=False),  # StudyQc JSON
+    Column("received_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("study_uid", "source", name="uq_qc_reports_study_source"),
+)
+
+# ---- secondary use, issue 6 §9, R-SE-9 (gateway/export.py) -------------------------------------
+
+# Explicit consents to use a study identified for a secondary purpose (research, AI training,
+# analytics). Without one, an export is anonymised (PS3.15 Basic Profile) or refused.
+secondary_use_consents = Table(
+    "secondary_use_consents",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("study_uid", UID, nullable=False),
+    Column("purpose", String(32), nullable=False),
+    Column("evidence", String(256), nullable=False),  # the signed form's reference, never its scan
+    Column("recorded_by", String(128), nullable=False),
+    Column("recorded_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True)),
+    Column("revoked_at", DateTime(timezone=True)),
+)
+Index("ix_secondary_use_consents_study", secondary_use_consents.c.study_uid)

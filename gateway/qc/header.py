@@ -4,9 +4,11 @@ Per instance, :func:`check_header` lists :class:`Problem` s, each an *error* (th
 used: a Type 1 attribute of its IOD missing or empty, a UID that is not a UID, pixel data whose
 length does not match the Image Pixel module) or a *warning* (a Type 2 attribute absent, a date
 that is not a date, non-ASCII text without Specific Character Set, body part or laterality
-missing where the exam needs them). The attribute lists are the parts of the IODs of PS3.3 that
-QC depends on, not a full IOD validation (``dciodvfy`` does that). Patient identity across a
-study is checked by :class:`gateway.qc.result.StudyQc` from each result's ``identity`` hash.
+missing where the exam needs them). Instances without pixel data (SR, key objects, presentation
+states) are checked for the patient, study, series and SOP attributes only. The attribute lists
+are the parts of the IODs of PS3.3 that QC depends on, not a full IOD validation (``dciodvfy``
+does that). Patient identity across a study is checked by :class:`gateway.qc.result.StudyQc`
+from each result's ``identity`` hash.
 """
 
 from __future__ import annotations
@@ -164,7 +166,13 @@ def check_header(ds: Dataset, *, encapsulated: bool) -> list[Problem]:
     out: list[Problem] = []
     modality = str(ds.get("Modality", "") or "").upper()
     type1, type2 = BY_MODALITY.get(modality, ((), ()))
-    for kw in (*TYPE1_COMMON, *TYPE1_PIXEL, *type1):
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        # not an image (SR, key objects, presentation states, …): only what every instance needs
+        type1, type2 = (), ()
+        pixel: tuple[str, ...] = ()
+    else:
+        pixel = TYPE1_PIXEL
+    for kw in (*TYPE1_COMMON, *pixel, *type1):
         if not _present(ds, kw):
             out.append(Problem("error", f"{kw} (Type 1) is missing"))
         elif _empty(ds, kw):

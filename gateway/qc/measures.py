@@ -46,7 +46,6 @@ symmetry      ``|A ∩ mirror(A)| / |A ∪ mirror(A)|``, mirrored about the vert
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 
@@ -153,14 +152,17 @@ def ring(fp: FloatImage, c: float) -> float:
     y, x = np.indices(fp.shape)
     r = np.hypot(y - (h - 1) / 2, x - (wd - 1) / 2).round().astype(np.int64).ravel()
     rmax = min(h, wd) // 2
-    order = np.argsort(r, kind="stable")
-    rs, ds = r[order], d.ravel()[order]
-    bounds = np.searchsorted(rs, np.arange(8, rmax + 2))
-    worst = 0.0
-    for lo, hi in itertools.pairwise(bounds):
-        if hi - lo >= 16:
-            p10, p90 = np.percentile(ds[lo:hi], [10, 90])
-            worst = max(worst, float(p10), float(-p90))
+    keep = (r >= 8) & (r <= rmax)
+    rs, ds = r[keep], d.ravel()[keep]
+    order = np.lexsort((ds, rs))  # by radius, then value: each circle's values sorted
+    rs, ds = rs[order], ds[order]
+    starts = np.searchsorted(rs, np.arange(8, rmax + 1))
+    ends = np.append(starts[1:], rs.size)
+    n = ends - starts
+    full = n >= 16
+    lo = ds[starts[full] + (0.1 * (n[full] - 1)).astype(np.int64)]  # P10 (lower nearest rank)
+    hi = ds[starts[full] + np.ceil(0.9 * (n[full] - 1)).astype(np.int64)]  # P90
+    worst = float(max(lo.max(initial=0.0), (-hi).max(initial=0.0), 0.0))
     return 100.0 * worst / c
 
 

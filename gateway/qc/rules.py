@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -108,6 +108,8 @@ DEFAULT_MODALITIES: dict[str, ModalityRules] = {
 class QcRules(_Strict):
     """The whole of ``config/qc.toml``."""
 
+    role: Literal["qc"] = Field(default="qc", description="marks the file for `ybyx config check`")
+
     working_size: int = Field(default=256, ge=64, le=4096, description="largest side measured (px)")
     ai_hook: str | None = Field(
         default=None,
@@ -172,3 +174,16 @@ def load_rules(path: Path | str | None) -> QcRules:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: (syntax): {exc}"]) from None
     return parse_rules(data, str(path))
+
+
+def qc_rules_role(path: Path | str) -> str | None:
+    """``"qc"`` after validating ``path`` if it is a QC rules file (``role = "qc"``), else None
+    (``ybyx config check`` validates it like a role config); problems raise :class:`ConfigError`."""
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError):
+        return None  # load_config reports it
+    if data.get("role") != "qc":
+        return None
+    parse_rules(data, str(path))
+    return "qc"

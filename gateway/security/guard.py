@@ -140,6 +140,9 @@ RULES: tuple[Rule, ...] = (
     Rule("GET", "/api/v1/code-maps", "api:codes"),
     # Cross-province fetch at a center (api/cache.py):
     Rule("POST", "/api/v1/fetches", "api:fetch"),
+    # Image QC (api/qc.py, issue 4, R-QC-1, R-CE-5): a front-end's rejects; a study's QC (both roles)
+    Rule("GET", "/api/v1/qc/failures", "api:qc"),
+    Rule("GET", "/api/v1/studies/*/qc", "api:qc"),
 )
 
 # Reachable without a token, and nothing else: health, and how to get and check a token.
@@ -161,9 +164,9 @@ PUBLIC_STATIC_PREFIX = "/viewer"
 # The scopes each role's routes use (what `ybyx clients add` may grant there).
 ROLE_SCOPES: dict[str, frozenset[str]] = {
     "frontend": frozenset({STOW, QIDO, WADO, "api:forwarding", "api:exams", "api:monitoring", "metrics"})
-    | {"api:cache-requests", "api:grants", "api:doctor", "api:codes"},
+    | {"api:cache-requests", "api:grants", "api:doctor", "api:codes", "api:qc"},
     "center": frozenset({STOW, QIDO, WADO, "api:inventory", "api:manifest", "api:exams", "api:monitoring"})
-    | {"index:lookup", "index:retrievals", "api:cache-requests", "api:fetch"},
+    | {"index:lookup", "index:retrievals", "api:cache-requests", "api:fetch", "api:qc"},
     "index": frozenset({"index:register", "index:lookup", "index:retrievals"}),
 }
 

@@ -1,0 +1,57 @@
+"""Image QC on one node, wired: rules, engine, results book, worker, forward gate (R-QC-1, R-CE-5).
+
+The front-end and the center open one :class:`QcService` each when ``[qc] enabled`` (before
+ingest starts, so every stored instance is queued); the front-end also gives its forwarder the
+:attr:`gate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.archive import Archive, ArchiveUnavailable
+from gateway.config import ConfigError, QcSection
+from gateway.qc.book import QcBook
+from gateway.qc.engine import QcEngine
+from gateway.qc.gate import QcGate
+from gateway.qc.rules import load_rules
+from gateway.qc.worker import QcWorker
+
+
+@dataclass
+class QcService:
+    book: QcBook
+    engine: QcEngine
+    worker: QcWorker
+    gate: QcGate
+
+    @classmethod
+    def open(cls, cfg: QcSection, archive: Archive) -> QcService:
+        """Load the rules (and AI hook) and queue stored instances from now on; errors name
+        ``qc.rules``."""
+        try:
+            rules = load_rules(cfg.rules)
+        except ConfigError as exc:
+            raise ArchiveUnavailable("qc.rules", "; ".join(exc.problems)) from exc
+        try:
+            engine = QcEngine(rules)
+        except (ImportError, AttributeError, TypeError) as exc:
+            raise ArchiveUnavailable("qc.rules", f"ai_hook {rules.ai_hook}: {exc}") from exc
+        book = QcBook(archive.catalog)
+        book.install()
+        worker = QcWorker(book, engine, archive.store, workers=cfg.workers, processes=True)
+        return cls(book, engine, worker, QcGate(book))
+
+    def start(self) -> None:
+        self.worker.start()
+
+    def stop(self) -> None:
+        self.worker.stop()
+
+    def study_json(self, study_uid: str, *, grade_now: bool = False) -> dict[str, Any] | None:
+        """The study's QC as JSON (``grade_now``: first grade what is still queued)."""
+        if grade_now:
+            self.worker.grade_study(study_uid)
+        study = self.book.study(study_uid)
+        return study.to_json() if study is not None else None
