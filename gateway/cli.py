@@ -428,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     from gateway.audit_cli import add_parser as add_audit_parser  # issue 6 §4
 
     add_audit_parser(sub)
+    from gateway.export_cli import add_parsers as add_export_parsers  # issue 6 §9
+
+    add_export_parsers(sub)
     from gateway.admin_cli import add_parser as add_admin_parser  # issue 6 §2: users
 
     add_admin_parser(sub)
