@@ -21,7 +21,7 @@ from starlette.routing import Mount, Route
 from api.errors import BadRequest, parse
 from api.federation import query_date, retrieval_routes, unprocessable
 from dicomweb.audit_hook import AuditHook, record_request
-from gateway.audit import AuditLog, EventType
+from gateway.audit import AuditLog, EventType, Result, principal_actor
 from gateway.retrievals import RetrievalLog
 from gateway.security.guard import Guard
 from gateway.security.node import NodeSecurity
@@ -86,12 +86,13 @@ async def lookup(request: Request) -> Response:
     rows = await run_in_threadpool(book.lookup, q)
     for row in rows:
         row["center_url"] = directory.center_url(row["province"])
-    await record_request(
-        request,
-        EventType.QUERY,
-        resource="index-records",
-        detail={"person": q.person[:12], "count": len(rows)},
+    # R-SE-4: queued like every HTTP read (the lookup does not wait for the audit write)
+    audit: AuditLog = request.app.state.audit
+    who = principal_actor(
+        getattr(request.state, "principal", None), request.client.host if request.client else ""
     )
+    detail = {"person": q.person[:12], "count": len(rows)}
+    audit.submit(who, EventType.QUERY, resource="index-records", result=Result.SUCCESS, detail=detail)
     return JSONResponse(rows)
 
 

@@ -85,17 +85,21 @@ def holding_center(start: Callable[..., Center], index: NationalIndex, port: int
 
 @pytest.fixture
 def fed(
+    request: pytest.FixtureRequest,
     tmp_path: Path,
     start_index: Callable[..., NationalIndex],
     start_fed_center: Callable[..., Center],
     start_fed_frontend: Callable[..., Frontend],
 ) -> Fed:
     p50, p52 = free_port(), free_port()
+    on_pg = getattr(request, "param", "sqlite") == "postgresql"  # index and center 50 on PostgreSQL
+    pg: Callable[[], str] | None = request.getfixturevalue("new_pg_db") if on_pg else None
     index = start_index(
+        db_url=pg() if pg else None,
         provinces=[
             {"code": "50", "center_url": f"http://127.0.0.1:{p50}"},
             {"code": "52", "center_url": f"http://127.0.0.1:{p52}"},
-        ]
+        ],
     )
     # Chongqing's center is a client of Guizhou's (registered in Guizhou's client registry);
     # Guizhou's center is then stopped, so each test starts it when it should be up.
@@ -104,7 +108,12 @@ def fed(
     c52_for_keys.stop()
     peers = [{"province": "52", "client_id": cid, "client_secret_file": str(secret)}]
     c50 = start_fed_center(
-        "50", index=index, port=p50, center_peers=peers, cache={"backoff_initial_seconds": 60}
+        "50",
+        index=index,
+        port=p50,
+        db_url=pg() if pg else None,
+        center_peers=peers,
+        cache={"backoff_initial_seconds": 60},
     )
     key_file = tmp_path / "pseudonym.key"
     key_file.write_text(KEY.hex() + "\n")
@@ -151,6 +160,7 @@ def test_cache_request_needs_consent_and_a_valid_id(fed: Fed) -> None:
         assert field in errors and words in errors[field], (kw, errors)
 
 
+@pytest.mark.parametrize("fed", ["sqlite", "postgresql"], indirect=True)
 def test_registration_next_day_jobs_cache_the_history_and_the_doctor_is_served_locally(fed: Fed) -> None:
     c52 = fed.start52()
     try:

@@ -162,14 +162,19 @@ def wait_for(check: Callable[[], Any], timeout: float = 15) -> Any:
     raise AssertionError("timed out")
 
 
+@pytest.mark.parametrize("db", ["sqlite", "postgresql"])
 def test_a_center_registers_each_study_once_archived_and_sends_retrievals_on(
+    db: str,
+    request: pytest.FixtureRequest,
     tmp_path: Path,
     start_index: Callable[..., NationalIndex],
     start_fed_center: Callable[..., Center],
 ) -> None:
     port = free_port()
-    idx = start_index(provinces=[{"code": "50", "center_url": f"http://127.0.0.1:{port}"}])
-    center = start_fed_center("50", index=idx, port=port)
+    pg = request.getfixturevalue("new_pg_db") if db == "postgresql" else None
+    provinces = [{"code": "50", "center_url": f"http://127.0.0.1:{port}"}]
+    idx = start_index(provinces=provinces, db_url=pg() if pg else None)
+    center = start_fed_center("50", index=idx, port=port, db_url=pg() if pg else None)
     files = tiny_study(tmp_path / "s1", "1.2.50.1")
     manifest = store_study(center, files)
     h = auth(center)
