@@ -88,15 +88,16 @@ def _file(request: Request, dist: Path, rel: str) -> Response:
     return FileResponse(target, media_type=media, headers=headers)
 
 
-def routes(dist: Path = DIST, settings: Path = SETTINGS) -> list[Route]:
+def routes(dist: Path | None = None, settings: Path | None = None) -> list[Route]:
     """``/viewer/`` routes; the settings file is read once, here, so a bad file fails the start."""
-    settings_json = load_settings(settings)
+    root = dist or DIST
+    settings_json = load_settings(settings or SETTINGS)
 
     async def index(request: Request) -> Response:
-        if not (dist / "index.html").is_file():
-            why = f"the viewer is not built ({dist} missing): run `make setup`"
+        if not (root / "index.html").is_file():
+            why = f"the viewer is not built ({root} missing): run `make setup`"
             return JSONResponse({"error": "not_built", "error_description": why}, 503)
-        return _file(request, dist, "index.html")
+        return _file(request, root, "index.html")
 
     async def redirect(request: Request) -> Response:
         query = f"?{request.url.query}" if request.url.query else ""
@@ -106,7 +107,7 @@ def routes(dist: Path = DIST, settings: Path = SETTINGS) -> list[Route]:
         return JSONResponse(settings_json, headers={"Cache-Control": REVALIDATE})
 
     async def asset(request: Request) -> Response:
-        return _file(request, dist, request.path_params["path"])
+        return _file(request, root, request.path_params["path"])
 
     return [
         Route("/viewer", redirect, methods=["GET"]),

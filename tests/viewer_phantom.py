@@ -11,8 +11,9 @@ The CT phantom (every slice alike, 256 x 256, PixelSpacing 0.5 mm, RescaleInterc
   quadrant, so rotations and mirrors move it to a known quadrant.
 
 The volume phantom (for MPR/MIP): 64 x 64 x 48 slices of 1 mm cubes, water, with one bright
-sphere (1000 HU, radius 5) centred at column 20, row 32, slice 24 — off-centre in x so the
-sagittal cross-section at its x shows a disc and the one through the centre does not.
+sphere (1000 HU, radius 5) centred at column 32, row 16, slice 12: on the central sagittal plane
+(anterior and inferior there), but on neither the central axial nor the central coronal plane —
+so MPR shows it only in the sagittal view, and a thick-slab MIP brings it into the axial view.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ INSERT = (180, 128, 25)  # row, column, radius (px) of the 40 HU disc
 INSERT_HU = 40
 SQUARE = (40, 60, 20)  # top row, left column, size of the asymmetric marker
 PATIENT = {"PatientName": "VIEWER^PHANTOM", "PatientID": "PH001", "PatientSex": "O", "PatientAge": "040Y"}
-SPHERE = (24, 32, 20, 5)  # slice, row, column, radius (voxels) in the volume phantom
+SPHERE = (12, 16, 32, 5)  # slice, row, column, radius (voxels) in the volume phantom
 
 
 def ct_phantom() -> np.ndarray:

@@ -66,6 +66,7 @@ export function orientationMarkers(viewport) {
   // screen right = viewUp × viewPlaneNormal (the normal points towards the viewer)
   const right = [up[1] * n[2] - up[2] * n[1], up[2] * n[0] - up[0] * n[2], up[0] * n[1] - up[1] * n[0]];
   const neg = (a) => a.map((x) => -x);
+  // (a mirrored view reverses the camera's normal, so `right` above already follows a flip)
   return { top: letters(up), bottom: letters(neg(up)), left: letters(neg(right)), right: letters(right) };
 }
 
