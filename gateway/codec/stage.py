@@ -68,6 +68,7 @@ class CompressionStage:
         """``processes``: encode in ``workers`` child processes (the front-end: its ingest keeps the
         interpreter lock to itself); otherwise in the calling thread (tests, benchmarks)."""
         self.processes = processes
+        self.threads_per_process = 2
         self._pool: ProcessPoolExecutor | None = None
         self.catalog = catalog
         self.store = store
@@ -128,7 +129,7 @@ class CompressionStage:
             self._pool = _new_pool(self.workers)
         self._stop.clear()
         self._threads = [t for t in self._threads if t.is_alive()]
-        for n in range(self.workers):
+        for n in range(self._thread_count()):
             t = threading.Thread(target=self._loop, args=(n,), name=f"codec-{n}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -142,10 +143,15 @@ class CompressionStage:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
+    def _thread_count(self) -> int:
+        # With child processes, more threads than processes: while one thread waits for its
+        # encoder, another reads, writes and commits (I/O is ~1/3 of an instance's time).
+        return self.workers * self.threads_per_process if self.processes else self.workers
+
     def _loop(self, worker: int) -> None:
         while not self._stop.is_set():
             try:
-                worked = self.run_once(worker=worker, of=self.workers)
+                worked = self.run_once(worker=worker, of=self._thread_count())
             except Exception:  # a bug or a database hiccup must not kill the worker
                 log.exception("compression pass failed")
                 worked = False
