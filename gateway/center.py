@@ -155,6 +155,8 @@ class Center:
         center.clients = [c for c in (index_client,) if c is not None]
         center.qc = qc
         if qc is not None:
+            if registrar is not None:  # the index learns each study's QC grade (R-CE-5, R-RT-2)
+                qc.link_registrar(registrar)
             qc.start()
         center.http_port = center.http.start()
         center.cache = cache

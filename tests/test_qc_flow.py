@@ -6,7 +6,8 @@ the center grades what it receives, and its result reaches the front-end and eve
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,13 @@ from gateway.frontend import Frontend
 from gateway.qc.book import QcBook
 from gateway.qc.dicom_json import PRIVATE_CREATOR
 from gateway.sample import ct_series
+from index.service import NationalIndex
 from tests.conftest import auth, center_config, forward_to, frontend_config, node_url
+from tests.federation import center_starter, exam_body, index_starter, store_study
+from tests.peers.ports import free_port
 from tests.qc_defects import stripe
 from tests.test_forwarding import FAST, forwarding, wait_until
+from tests.test_index import CST, PERSON
 
 QC_ON = QcSection(enabled=True)
 
@@ -170,4 +175,44 @@ def test_bad_rules_stop_the_node_naming_the_key(tmp_path: Path) -> None:
         bad.value.key == "qc.rules"
         and "modality.CT.snr" in bad.value.reason
         and "must not increase" in bad.value.reason
+    )
+
+
+@pytest.fixture
+def start_index(tmp_path: Path) -> Iterator[Callable[..., NationalIndex]]:
+    yield from index_starter(tmp_path)
+
+
+@pytest.fixture
+def start_fed_center(tmp_path: Path) -> Iterator[Callable[..., Center]]:
+    yield from center_starter(tmp_path)
+
+
+def test_the_index_learns_the_centers_qc_grade(
+    tmp_path: Path, start_index: Callable[..., NationalIndex], start_fed_center: Callable[..., Center]
+) -> None:
+    """R-CE-5 with issue 5: a study registered at the national index carries the center's grade."""
+    port = free_port()
+    idx = start_index(provinces=[{"code": "50", "center_url": f"http://127.0.0.1:{port}"}])
+    center = start_fed_center("50", index=idx, port=port, qc={"enabled": True})
+    files = ct_series(tmp_path / "ct", slices=2, study_uid=generate_uid())
+    study = str(dcmread(files[0]).StudyInstanceUID)
+    manifest = store_study(center, files)
+    h = auth(center)
+    exam = exam_body(study, PERSON, at=datetime(2025, 10, 1, 9, 30, tzinfo=CST))
+    assert httpx.post(f"{center.url}/api/v1/exams", json=exam, headers=h).status_code == 200
+    r = httpx.put(f"{center.url}/api/v1/studies/{study}/manifest", json={"instances": manifest}, headers=h)
+    assert r.json()["state"] == "complete" and r.json()["qc"]["grade"] == "甲"
+    ih = auth(idx)
+    wait_until(
+        lambda: (
+            [
+                x["qc_grade"]
+                for x in httpx.get(
+                    f"{idx.url}/api/v1/index-records", params={"person": PERSON}, headers=ih
+                ).json()
+            ]
+            == ["甲"]
+        ),
+        what="the grade at the index",
     )

@@ -161,6 +161,15 @@ class QcBook:
                 .values(attempts=attempts + 1, last_error=error[:2000], next_attempt_at=self.clock() + delay)
             )
 
+    def queued(self, study_uid: str) -> int:
+        """The study's instances still in the queue."""
+        with self.catalog.engine.connect() as conn:
+            return int(
+                conn.execute(
+                    select(func.count()).select_from(qc_queue).where(qc_queue.c.study_uid == study_uid)
+                ).scalar_one()
+            )
+
     def waiting(self) -> int:
         with self.catalog.engine.connect() as conn:
             return int(conn.execute(select(func.count()).select_from(qc_queue)).scalar_one())

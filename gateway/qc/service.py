@@ -7,16 +7,26 @@ ingest starts, so every stored instance is queued); the front-end also gives its
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.archive import Archive, ArchiveUnavailable
 from gateway.config import ConfigError, QcSection
 from gateway.qc.book import QcBook
 from gateway.qc.engine import QcEngine
 from gateway.qc.gate import QcGate
+from gateway.qc.result import QcResult
 from gateway.qc.rules import load_rules
 from gateway.qc.worker import QcWorker
+
+
+class StudyRegistrar(Protocol):
+    """What QC needs of the center's index registrar (``gateway.registration.IndexRegistrar``)."""
+
+    qc_grade: Callable[[str], str | None]
+
+    def study_ready(self, study_uid: str) -> bool: ...
 
 
 @dataclass
@@ -45,6 +55,21 @@ class QcService:
 
     def start(self) -> None:
         self.worker.start()
+
+    def link_registrar(self, registrar: StudyRegistrar) -> None:
+        """At the center: the index registration carries the study's grade, and a study is
+        offered for registration again when its last queued instance is graded (R-CE-5)."""
+
+        def grade(study_uid: str) -> str | None:
+            study = self.book.study(study_uid)
+            return study.grade.value if study is not None else None
+
+        def graded(result: QcResult) -> None:
+            if self.book.queued(result.study_uid) == 0:
+                registrar.study_ready(result.study_uid)
+
+        registrar.qc_grade = grade
+        self.worker.on_graded = graded
 
     def stop(self) -> None:
         self.worker.stop()
