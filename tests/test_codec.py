@@ -437,3 +437,12 @@ def test_compression_on_an_encrypted_blob_store(
         assert np.array_equal(pixel_array(stored, raw=True), pixel_array(sent, raw=True))
     on_disk = list(fe.cfg.storage.path.rglob("*.dcm"))
     assert len(on_disk) == len(files) and not any(b"DICM" in p.read_bytes()[:256] for p in on_disk)
+
+
+def test_a_front_end_compresses_with_jpeg_ls_unless_told_otherwise() -> None:
+    """R-UP-1: lossless compression before upload is the default, not an option to remember."""
+    cfg = parse_config({"role": "frontend", "institution": "X", "dicom": {"allow_any_calling_ae": True}})
+    section = cfg.compression  # type: ignore[union-attr]
+    assert (section.transfer_syntax, section.transcode_lossless) == ("jpeg-ls", False)
+    assert CODECS[section.transfer_syntax].transfer_syntax == JPEGLSLossless
+    assert all(codec.available() for codec in CODECS.values())
