@@ -12,6 +12,7 @@ from starlette.routing import Route
 
 from api.errors import BadRequest, parse
 from api.qc import frontend_routes as qc_routes
+from api.qc import service as qc_service
 from dicomweb.audit_hook import record_request
 from gateway.audit import EventType
 from gateway.codec.stage import CompressionStage
@@ -92,6 +93,17 @@ async def metrics(request: Request) -> Response:
             "# TYPE ybyx_codec_bytes_total counter",
             f'ybyx_codec_bytes_total{{when="before"}} {c.get("bytes_before", 0):g}',
             f'ybyx_codec_bytes_total{{when="after"}} {c.get("bytes_after", 0):g}',
+        ]
+    qc = qc_service(request)
+    if qc is not None:  # R-QC-1: grading keeps up; rejects wait for the hospital
+        backlog, held = await run_in_threadpool(lambda: (qc.book.waiting(), qc.book.open_rejects()))
+        lines += [
+            "# HELP ybyx_qc_backlog Instances waiting to be graded by image QC.",
+            "# TYPE ybyx_qc_backlog gauge",
+            f"ybyx_qc_backlog {backlog:g}",
+            "# HELP ybyx_qc_open_rejects Instances graded 废 (reject) not replaced yet.",
+            "# TYPE ybyx_qc_open_rejects gauge",
+            f"ybyx_qc_open_rejects {held:g}",
         ]
     return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 

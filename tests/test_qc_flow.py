@@ -94,6 +94,8 @@ def test_reject_is_held_replacement_releases_study_and_center_qc_reaches_fronten
     assert any("伪影" in r and "stripe" in r for r in failure["reasons"]), failure["reasons"]
     wait_until(lambda: "held by QC" in forwarding(fe)[0]["last_error"], what="the study held")
     assert center.archive.catalog.counts()["instances"] == 0
+    metrics = get(fe, "/metrics").text
+    assert "ybyx_qc_backlog 0" in metrics and "ybyx_qc_open_rejects 1" in metrics
 
     # a replacement: a clean image, new SOP Instance UID, same series and instance number
     good = bad  # as read before the stripe was added

@@ -170,6 +170,14 @@ class QcBook:
                 ).scalar_one()
             )
 
+    def open_rejects(self) -> int:
+        """Instances graded 废 that nothing has replaced yet (all studies)."""
+        stmt = select(func.count()).where(
+            qc_results.c.grade == Grade.REJECT.code, qc_results.c.replaced_by.is_(None)
+        )
+        with self.catalog.engine.connect() as conn:
+            return int(conn.execute(stmt).scalar_one())
+
     def waiting(self) -> int:
         with self.catalog.engine.connect() as conn:
             return int(conn.execute(select(func.count()).select_from(qc_queue)).scalar_one())
