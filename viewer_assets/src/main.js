@@ -212,6 +212,9 @@ async function boot() {
     cache.setMaxCacheSize(1024 * 1024 * 1024);
     state.engine = new RenderingEngine('ybyx');
     buildGrid(1, 1);
+    // the canvases follow their cells (window resized, toolbar wrapped or moved): a stale canvas
+    // size would stretch the image and break its aspect ratio
+    new ResizeObserver(() => state.engine.resize(true, true)).observe($('#grid'));
   })();
   const params = new URLSearchParams(window.location.search);
   const run = (req) =>
