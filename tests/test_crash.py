@@ -3,6 +3,9 @@
 The front-end runs as a real process (``ybyx frontend``); it is killed once part of the series is
 catalogued. After a restart, every instance storescu saw *success* for is in the catalog and the
 blob store with the right SHA-256; sending the whole series again completes it without duplicates.
+The front-end runs with its default lossless compression (R-UP-1), so the kill also lands while
+instances are being compressed: after the restart the compression queue resumes and every
+acknowledged instance ends up JPEG-LS with its pixels exactly as sent.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 from pydicom import dcmread
+from pydicom.pixels.utils import pixel_array
+from pydicom.uid import JPEGLSLossless
 
 from gateway.archive import Archive
 from gateway.config import FrontendConfig, load_config
@@ -56,6 +62,14 @@ def catalogued(db: Path) -> int:
             return int(conn.execute("select count(*) from instances").fetchone()[0])
     except sqlite3.OperationalError:
         return 0
+
+
+def compression_backlog(db: Path) -> int:
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+            return int(conn.execute("select count(*) from codec_queue").fetchone()[0])
+    except sqlite3.OperationalError:
+        return -1
 
 
 def acknowledged(storescu_log: str) -> list[Path]:
@@ -105,6 +119,11 @@ def test_kill_9_mid_transfer_loses_no_acknowledged_instance(ct200: list[Path], t
     wait_listening(port, proc)
     cfg = load_config(config)
     assert isinstance(cfg, FrontendConfig)
+    assert cfg.compression.transfer_syntax == "jpeg-ls"  # the default
+    deadline = time.monotonic() + 180
+    while compression_backlog(db) != 0:  # the queue outlived the kill; the worker resumes it
+        assert time.monotonic() < deadline, f"compression backlog stuck at {compression_backlog(db)}"
+        time.sleep(0.2)
     archive = Archive.open(cfg.storage, cfg.database)
     try:
         for path in acked:
@@ -112,7 +131,9 @@ def test_kill_9_mid_transfer_loses_no_acknowledged_instance(ct200: list[Path], t
             [inst] = archive.catalog.locate({"SOPInstanceUID": sop})
             data = b"".join(archive.store.get(inst.blob_key))
             assert hashlib.sha256(data).hexdigest() == inst.sha256
-            assert dcmread(io.BytesIO(data)).PixelData == dcmread(path).PixelData
+            stored = dcmread(io.BytesIO(data))
+            assert inst.transfer_syntax == stored.file_meta.TransferSyntaxUID == JPEGLSLossless
+            assert np.array_equal(pixel_array(stored, raw=True), pixel_array(dcmread(path), raw=True))
 
         # the sender retries everything; the archive completes without duplicates
         again = subprocess.run(
