@@ -326,12 +326,11 @@ def _with_qc(request: Request, criteria: Mapping[str, str], docs: list[str]) -> 
     study_uid = criteria.get("StudyInstanceUID")
     if qc is None or not study_uid:
         return docs
-    study = qc.book.study(study_uid)
-    if study is None:
+    found = qc.book.blocks(study_uid)
+    if found is None:
         return docs
-    blocks = [d.encode("utf-8") for d in docs]
-    results = {r.sop_uid: r for r in study.results}
-    return [b.decode("utf-8") for b in with_private_blocks(blocks, results, study.grade)]
+    blocks = with_private_blocks([d.encode("utf-8") for d in docs], *found)
+    return [b.decode("utf-8") for b in blocks]
 
 
 # --------------------------------------------------------------------------- frames

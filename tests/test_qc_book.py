@@ -5,10 +5,23 @@ position, re-sent series, or new bytes), and the forward gate's answer.
 
 from __future__ import annotations
 
+import hashlib
+import io
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.uid import JPEGLSLossless
+from sqlalchemy import update
+
+from gateway.archive.blobstore import FolderBlobStore
 from gateway.archive.catalog import Catalog
+from gateway.archive.schema import instances
 from gateway.qc.book import QcBook
+from gateway.qc.engine import QcEngine
 from gateway.qc.gate import QcGate
 from gateway.qc.result import Dimension, Grade, QcResult
+from gateway.qc.worker import QcWorker
+from gateway.sample import ct_series
 from tests.test_catalog import catalog, rec  # noqa: F401 - the two-database catalog fixture
 
 STUDY = "1.2.3"
@@ -88,3 +101,32 @@ def test_backfill_queues_what_was_stored_while_qc_was_off(catalog: Catalog) -> N
     book.failed(row["id"], "ValueError: unreadable")
     assert book.claim() == []  # backing off
     assert book.backfill() == 0 and len(book.claim()) == 1  # a start takes back leased rows
+
+
+def test_worker_reads_the_bytes_the_compression_stage_put_in_place(catalog: Catalog, tmp_path: Path) -> None:  # noqa: F811
+    """A row claimed before the codec replaced the blob (and deleted the old one) is graded from
+    the new bytes, not failed (R-QC-1 with R-UP-1)."""
+    [path] = ct_series(tmp_path / "ct", slices=1)
+    raw = path.read_bytes()
+    ds = dcmread(path)
+    ds.compress(JPEGLSLossless)
+    packed = io.BytesIO()
+    ds.save_as(packed, enforce_file_format=True)
+    store = FolderBlobStore(tmp_path / "blobs")
+    old_size, old_sha = store.put("k/old", io.BytesIO(raw))
+    store.put("k/new", io.BytesIO(packed.getvalue()))
+    book = QcBook(catalog)
+    book.install()
+    sop = str(ds.SOPInstanceUID)
+    catalog.add_instance(rec(sop, sha=old_sha, blob_key="k/old", size=old_size))
+    [row] = book.claim()
+    new_sha = hashlib.sha256(packed.getvalue()).hexdigest()
+    with catalog.write() as conn:  # what the compression stage commits, then the old blob goes
+        conn.execute(
+            update(instances).where(instances.c.sop_uid == sop).values(blob_key="k/new", sha256=new_sha)
+        )
+    store.delete("k/old")
+    worker = QcWorker(book, QcEngine(), store)
+    result = worker.grade(row)
+    assert result is not None and result.grade is Grade.A
+    assert book.waiting() == 0 and book.ungraded(STUDY) == 0

@@ -12,6 +12,7 @@ number), or new bytes for the same SOP Instance UID that pass.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -21,11 +22,13 @@ from sqlalchemy import Connection, and_, delete, func, or_, select, update
 from gateway.archive.catalog import AddOutcome, Catalog
 from gateway.archive.record import InstanceRecord
 from gateway.archive.schema import instances, qc_queue, qc_reports, qc_results, series, studies
+from gateway.qc.dicom_json import StoredQc
 from gateway.qc.result import Grade, QcResult, StudyQc
 
 Clock = Callable[[], datetime]
 LEASE = timedelta(minutes=5)  # a claimed row is taken again after this (a worker that died)
 MAX_BACKOFF = timedelta(minutes=30)
+_IDENTITY = re.compile(r'"identity":\s*"([0-9a-f]*)"')  # in the stored QcResult JSON
 
 
 def utcnow() -> datetime:
@@ -148,6 +151,16 @@ class QcBook:
                     )
         return taken
 
+    def current(self, sop_uid: str) -> dict[str, Any] | None:
+        """Where the instance's bytes are now: blob_key, sha256, version (None: gone)."""
+        with self.catalog.engine.connect() as conn:
+            r = conn.execute(
+                select(instances.c.blob_key, instances.c.sha256, instances.c.version).where(
+                    instances.c.sop_uid == sop_uid
+                )
+            ).first()
+        return dict(r._mapping) if r is not None else None
+
     def failed(self, queue_id: int, error: str) -> None:
         """Grading raised: try again later (exponential backoff, capped)."""
         with self.catalog.write() as conn:
@@ -251,6 +264,22 @@ class QcBook:
     def study(self, study_uid: str) -> StudyQc | None:
         rs = self.results(study_uid)
         return StudyQc(study_uid, rs) if rs else None
+
+    def blocks(self, study_uid: str) -> tuple[dict[str, StoredQc], Grade] | None:
+        """The study's current results as stored, and the study grade, without parsing them (the
+        WADO-RS metadata private block); the grade is the study's as :class:`StudyQc` says."""
+        with self.catalog.engine.connect() as conn:
+            rows = conn.execute(
+                select(
+                    qc_results.c.sop_uid, qc_results.c.grade, qc_results.c.result, qc_results.c.engine_version
+                ).where(qc_results.c.study_uid == study_uid, qc_results.c.replaced_by.is_(None))
+            ).all()
+        if not rows:
+            return None
+        found = {r.sop_uid: StoredQc(Grade.of(r.grade), r.result, r.engine_version) for r in rows}
+        identities = {m.group(1) for r in rows if (m := _IDENTITY.search(r.result)) and m.group(1)}
+        grade = Grade.REJECT if len(identities) > 1 else Grade.worst(q.grade for q in found.values())
+        return found, grade
 
     def ungraded(self, study_uid: str) -> int:
         """The study's instances without a result for their current bytes (QC still to run)."""

@@ -20,41 +20,52 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 
-from gateway.qc.result import Grade, QcResult
+from gateway.qc.result import Grade
 
 PRIVATE_CREATOR = "YBYX QC 1"
 _SOP = re.compile(rb'"00080018"\s*:\s*\{[^{}]*"Value"\s*:\s*\[\s*"([0-9.]+)"')
+
+
+@dataclass(frozen=True)
+class StoredQc:
+    """An instance's result as the book holds it: grade, the QcResult JSON text, engine."""
+
+    grade: Grade
+    result_json: str
+    engine_version: str
 
 
 def _code(grade: Grade) -> str:
     return grade.code.upper()
 
 
-def private_block(result: QcResult, study_grade: Grade) -> dict[str, dict[str, object]]:
+def private_block(qc: StoredQc, study_grade: Grade) -> dict[str, dict[str, object]]:
     """The private elements for one instance (DICOM JSON, PS3.18 F.2)."""
     return {
         "00990010": {"vr": "LO", "Value": [PRIVATE_CREATOR]},
-        "00991001": {"vr": "CS", "Value": [_code(result.grade)]},
+        "00991001": {"vr": "CS", "Value": [_code(qc.grade)]},
         "00991002": {"vr": "CS", "Value": [_code(study_grade)]},
-        "00991003": {"vr": "UT", "Value": [json.dumps(result.to_json(), ensure_ascii=False)]},
-        "00991004": {"vr": "LO", "Value": [result.engine_version[:64]]},
+        "00991003": {"vr": "UT", "Value": [qc.result_json]},
+        "00991004": {"vr": "LO", "Value": [qc.engine_version[:64]]},
     }
 
 
 def with_private_blocks(
-    docs: list[bytes], results: Mapping[str, QcResult], study_grade: Grade
+    docs: list[bytes], results: Mapping[str, StoredQc], study_grade: Grade
 ) -> list[bytes]:
     """``docs`` (one DICOM JSON object per instance, as bytes) with each graded instance's block
-    added before its closing brace; instances without a result are left as they are."""
+    added before its closing brace; instances without a result are left as they are. The stored
+    result JSON is used as it is (no parse): metadata of a large series stays cheap."""
     out = []
     for doc in docs:
         m = _SOP.search(doc)
-        result = results.get(m.group(1).decode()) if m else None
-        if result is None or not doc.rstrip().endswith(b"}"):
+        qc = results.get(m.group(1).decode()) if m else None
+        if qc is None or not doc.rstrip().endswith(b"}"):
             out.append(doc)
             continue
-        block = json.dumps(private_block(result, study_grade), ensure_ascii=False).encode("utf-8")
+        block = json.dumps(private_block(qc, study_grade), ensure_ascii=False).encode("utf-8")
         body = doc.rstrip()[:-1].rstrip()
         sep = b"" if body.endswith(b"{") else b","
         out.append(body + sep + block[1:-1] + b"}")

@@ -23,7 +23,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import replace
 from typing import Any
 
-from gateway.archive.blobstore import BlobStore
+from gateway.archive.blobstore import BlobNotFound, BlobStore
 from gateway.qc.book import QcBook
 from gateway.qc.engine import QcEngine
 from gateway.qc.result import QcResult
@@ -108,9 +108,7 @@ class QcWorker:
     def grade(self, row: dict[str, Any]) -> QcResult | None:
         started = time.perf_counter()
         try:
-            data = b"".join(self.store.get(row["blob_key"]))
-            if hashlib.sha256(data).hexdigest() != row["sha256"]:
-                raise ValueError(f"stored bytes of {row['sop_uid']} do not match the catalog's SHA-256")
+            data = self._read(row)
             result = self._assess(data)
             if result.sop_uid != row["sop_uid"]:  # the catalog's key wins over a broken header
                 result = replace(result, sop_uid=row["sop_uid"])
@@ -124,6 +122,24 @@ class QcWorker:
         if self.on_graded is not None:
             self.on_graded(result)
         return result
+
+    def _read(self, row: dict[str, Any]) -> bytes:
+        """The instance's stored bytes, checked against the catalog. The compression stage may have
+        replaced them since the row was claimed (new blob, old one deleted): then read again what
+        the catalog says now (same version: the pixels are the same, bit for bit)."""
+        for attempt in (1, 2):
+            try:
+                data = b"".join(self.store.get(row["blob_key"]))
+                if hashlib.sha256(data).hexdigest() == row["sha256"]:
+                    return data
+            except BlobNotFound:
+                if attempt == 2:
+                    raise
+            now = self.book.current(row["sop_uid"])
+            if now is None or now == {k: row[k] for k in now}:
+                break
+            row.update(now)
+        raise ValueError(f"stored bytes of {row['sop_uid']} do not match the catalog's SHA-256")
 
     def _assess(self, data: bytes) -> QcResult:
         pool = self._pool
