@@ -324,10 +324,11 @@ def _ingest_all(tmp_path: Path, catalog: Catalog, store: FolderBlobStore, files:
         path.unlink()
 
 
+@pytest.mark.parametrize("db", ["sqlite", "postgresql"])
 def test_the_queue_survives_a_restart_and_mismatches_keep_the_original(
-    tmp_path: Path, images: dict[str, bytes]
+    db: str, tmp_path: Path, images: dict[str, bytes], new_pg_db: Callable[[], str]
 ) -> None:
-    url = f"sqlite:///{tmp_path / 'catalog.db'}"
+    url = f"sqlite:///{tmp_path / 'catalog.db'}" if db == "sqlite" else new_pg_db()
     catalog = Catalog.open(url)
     store = FolderBlobStore(tmp_path / "blobs")
     CompressionStage(catalog, store, CODECS["jpeg-ls"]).install()  # queued, never run: a crash
