@@ -74,6 +74,20 @@ def load_settings(path: Path = SETTINGS) -> dict[str, Any]:
     return data
 
 
+def public_settings(data: dict[str, Any]) -> dict[str, Any]:
+    """What browsers see: everything but the send targets' network addresses (names only)."""
+    out = {k: v for k, v in data.items() if k != "send"}
+    targets = data.get("send", {}).get("targets", {})
+    out["send"] = {
+        "targets": [
+            {"name": name, "description": t.get("description", ""), "institution": t.get("institution", "")}
+            for name, t in targets.items()
+            if isinstance(t, dict)
+        ]
+    }
+    return out
+
+
 def _file(request: Request, dist: Path, rel: str) -> Response:
     target = (dist / rel).resolve()
     if not target.is_relative_to(dist.resolve()) or not target.is_file():
@@ -91,7 +105,11 @@ def _file(request: Request, dist: Path, rel: str) -> Response:
 def routes(dist: Path | None = None, settings: Path | None = None) -> list[Route]:
     """``/viewer/`` routes; the settings file is read once, here, so a bad file fails the start."""
     root = dist or DIST
-    settings_json = load_settings(settings or SETTINGS)
+    data = load_settings(settings or SETTINGS)
+    from api.send import targets_from  # (api.send reads these settings too)
+
+    targets_from(data, str(settings or SETTINGS))  # a malformed send target stops the start
+    settings_json = public_settings(data)
 
     async def index(request: Request) -> Response:
         if not (root / "index.html").is_file():

@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Mount, Route
 
 from api.auth import routes as auth_routes
+from api.send import routes as send_routes
 from api.viewer import routes as viewer_routes
 from dicomweb.app import DicomWebContext
 from dicomweb.app import routes as dicomweb_routes
@@ -56,7 +57,7 @@ def build_app(
     app = Starlette(
         routes=[
             Mount("/dicom-web", routes=dicomweb_routes()),
-            Mount("/api/v1", routes=api_routes),
+            Mount("/api/v1", routes=[*api_routes, *send_routes]),  # + the viewer's one-click send
             Route("/healthz", _health),
             *security.routes(),
             Mount("/auth", routes=auth_routes),  # users' login, logout, whoami, token (issue 6 §2)

@@ -14,6 +14,7 @@ import io
 import json
 import math
 import re
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +27,12 @@ from playwright.sync_api import Browser, Page, Playwright, sync_playwright
 from pydicom import dcmread
 from scipy import ndimage  # type: ignore[import-untyped]
 
+from api import viewer as viewer_module
+from api.viewer import SETTINGS
 from gateway.frontend import Frontend
 from gateway.sample import ct_series
-from tests.conftest import frontend_config, node_url, token
+from tests.conftest import dcmtk, frontend_config, node_url, token
+from tests.peers.ports import free_port
 from tests.viewer_phantom import INSERT, MARKERS, SPACING, SQUARE, write_ct_phantom, write_volume_phantom
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -53,11 +57,30 @@ class Studies:
     phantom: str  # CT phantom (series 1) + volume phantom (series 2)
     prior: str  # the same patient, another hospital and date (history comparison)
     rate: str  # a 512 x 512 CT series for the load rate
+    received: Path  # what the workstation (storescp) stored
 
 
 @pytest.fixture(scope="module")
 def studies(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Studies]:
     root = tmp_path_factory.mktemp("viewer")
+    # a workstation for one-click send: dcmtk storescp, named in the node's viewer settings
+    received = root / "workstation"
+    received.mkdir()
+    ws_port = free_port()
+    storescp = subprocess.Popen(
+        [dcmtk("storescp"), "-aet", "RAD_WS1", "+xa", "-od", str(received), str(ws_port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    settings = root / "viewer.toml"
+    settings.write_text(
+        SETTINGS.read_text(encoding="utf-8")
+        + f'\n[send.targets.RAD_WS1]\nae_title = "RAD_WS1"\nhost = "127.0.0.1"\nport = {ws_port}\n'
+        + 'description = "reading room"\n',
+        encoding="utf-8",
+    )
+    patch = pytest.MonkeyPatch()
+    patch.setattr(viewer_module, "SETTINGS", settings)
     fe = Frontend.start(frontend_config(root / "fe"))
     try:
         phantom, paths = write_ct_phantom(root / "ct")
@@ -70,9 +93,12 @@ def studies(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Studies]:
         for p in paths + rate_paths:
             fe.ingest.accept_file(p, source="TEST")
         rate = dcmread_study(rate_paths[0])
-        yield Studies(fe, node_url(fe), token(fe, "qido wado"), phantom, prior, rate)
+        yield Studies(fe, node_url(fe), token(fe, "qido wado api:send"), phantom, prior, rate, received)
     finally:
         fe.stop()
+        storescp.terminate()
+        storescp.wait(10)
+        patch.undo()
 
 
 def dcmread_study(path: Path) -> str:
@@ -588,3 +614,28 @@ def test_the_viewer_without_a_token_shows_why(page: Page, studies: Studies) -> N
     page.goto(f"{studies.base}/viewer/?study={studies.phantom}#token=not-a-token")
     page.wait_for_function("document.body.dataset.error")
     assert "401" in page.inner_text("#status")
+
+
+# ---- one-click send ------------------------------------------------------------------------------
+
+
+def test_one_click_send_delivers_the_series_to_the_workstation(page: Page, studies: Studies) -> None:
+    """R-VW-1 u: the Send button C-STOREs the series from the node to a dcmtk storescp."""
+    open_viewer(page, studies, studies.phantom)
+    assert "reading room" in page.inner_text("#send-target")
+    page.select_option("#send-what", "series")
+    page.click("#btn-send")
+    page.wait_for_function(
+        "document.body.dataset.send && document.body.dataset.send !== 'running'", timeout=30_000
+    )
+    assert page.evaluate("document.body.dataset.send") == "done", page.inner_text("#status")
+    assert page.evaluate("document.getElementById('send-progress').value") == 6
+    shot(page, "send")
+    got = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in studies.received.iterdir()}
+    mine = {i.sop_uid for i in studies.fe.archive.catalog.locate({"StudyInstanceUID": studies.phantom})}
+    series = {
+        i.sop_uid
+        for i in studies.fe.archive.catalog.locate({"StudyInstanceUID": studies.phantom})
+        if i.series_uid == page.evaluate("window.__ybyx.state.cells[0].series.uid")
+    }
+    assert len(series) == 6 and got == series and got < mine

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api.viewer import DIST, SETTINGS, ViewerSettingsError, load_settings
+from api.viewer import DIST, SETTINGS, ViewerSettingsError, load_settings, public_settings
 from gateway.center import Center
 from gateway.frontend import Frontend
 from gateway.security.guard import is_public
@@ -61,7 +61,8 @@ def test_both_roles_serve_the_viewer_and_keep_data_behind_the_guard(
             assert r.status_code == 200 and r.headers["content-type"] == "application/wasm"
             # the site settings, as JSON
             cfg = http.get(f"{base}/viewer/config.json")
-            assert cfg.status_code == 200 and cfg.json() == load_settings(SETTINGS)
+            assert cfg.status_code == 200 and cfg.json() == public_settings(load_settings(SETTINGS))
+            assert "host" not in cfg.text  # send targets by name only
             assert cfg.json()["presets"]["CT"]["lung"] == {"window": 1500, "level": -600, "key": "1"}
             # /viewer → /viewer/ with the query kept
             r = http.get(f"{base}/viewer?study=1.2.3")
@@ -96,3 +97,36 @@ def test_viewer_settings_errors_name_the_key(tmp_path: Path) -> None:
         with pytest.raises(ViewerSettingsError, match=re.escape(key)):
             load_settings(path)
     assert load_settings(tmp_path / "absent.toml") == {}
+
+
+def test_send_refuses_bad_requests_by_name(start_frontend: Callable[..., Frontend]) -> None:
+    """One-click send (R-VW-1 u) input errors; the delivery itself is in tests/test_viewer.py."""
+    fe = start_frontend()
+    url = f"{node_url(fe)}/api/v1/send"
+    body = {"study": "1.2.3", "target": "NOPE"}
+    with httpx.Client(timeout=30) as http:
+        assert http.post(url, json=body).status_code == 401
+        assert http.post(url, json=body, headers=auth(fe, "qido wado")).status_code == 403
+        h = auth(fe, "api:send")
+        r = http.post(url, json=body, headers=h)
+        assert r.status_code == 422 and "NOPE" in r.json()["error_description"]
+        r = http.post(url, json={"study": "1.2.x", "target": "A"}, headers=h)
+        assert r.status_code == 422 and r.json()["errors"][0]["field"] == "study"
+        r = http.post(url, json={**body, "extra": 1}, headers=h)
+        assert r.status_code == 422 and r.json()["errors"][0]["field"] == "extra"
+        assert http.get(f"{url}/99", headers=h).status_code == 404
+
+
+def test_send_targets_are_validated_with_the_key_named() -> None:
+    from api.send import targets_from
+
+    good = {"ae_title": "WS", "host": "10.0.0.1", "port": 104}
+    assert targets_from({"send": {"targets": {"WS": good}}})["WS"].port == 104
+    for bad, key in (
+        ({**good, "ae_title": "X" * 17}, "send.targets.WS.ae_title"),
+        ({**good, "port": 0}, "send.targets.WS.port"),
+        ({**good, "host": ""}, "send.targets.WS.host"),
+        ("WS", "send.targets.WS"),
+    ):
+        with pytest.raises(ViewerSettingsError, match=re.escape(key)):
+            targets_from({"send": {"targets": {"WS": bad}}})

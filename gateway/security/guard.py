@@ -171,6 +171,13 @@ ROLE_SCOPES: dict[str, frozenset[str]] = {
 }
 
 
+# One-click send from the viewer (api/send.py, issue 7 §4, R-VW-1 u), on both roles: its own
+# scope, so sending studies out of the node is granted apart from reading them.
+SEND_RULES = (Rule("POST", "/api/v1/send", "api:send"), Rule("GET", "/api/v1/send/*", "api:send"))
+RULES = RULES + SEND_RULES
+ROLE_SCOPES = {**ROLE_SCOPES, **{r: ROLE_SCOPES[r] | {"api:send"} for r in ("frontend", "center")}}
+
+
 def _method(method: str) -> str:
     return "GET" if method == "HEAD" else method
 

@@ -13,6 +13,7 @@ import { instanceOf } from './study.js';
 import { value } from './dicomweb.js';
 import { updateOverlay } from './overlay.js';
 import { HUProbeTool, CardiothoracicRatioTool, updateCardiothoracicRatios } from './customTools.js';
+import { sendToWorkstation } from './send.js';
 
 const { MouseBindings } = TEnums;
 const GROUP = 'stack';
@@ -349,6 +350,39 @@ function buildToolbar() {
   const mode = document.createElement('span');
   mode.id = 'volume-bar';
   tb.append(mode);
+  const targets = getSettings().send?.targets ?? [];
+  if (targets.length) {
+    const target = document.createElement('select');
+    target.id = 'send-target';
+    target.title = '一键发送 send to workstation';
+    for (const t of targets) target.append(new Option(t.description ? `${t.name}: ${t.description}` : t.name, t.name));
+    const what = document.createElement('select');
+    what.id = 'send-what';
+    what.append(new Option('series', 'series'), new Option('study', 'study'));
+    const bar = Object.assign(document.createElement('progress'), { id: 'send-progress', max: 1, value: 0 });
+    tb.append(sep(), target, what, button('Send', '一键发送 send to the workstation [Shift+S]', () => sendCurrent(), { id: 'btn-send' }), bar);
+  }
+}
+
+export async function sendCurrent() {
+  const cell = selectedCell();
+  const series = cell?.series;
+  if (!series) return;
+  const bar = $('#send-progress');
+  const req = { study: series.study, series: $('#send-what').value === 'series' ? series.uid : null, target: $('#send-target').value };
+  document.body.dataset.send = 'running';
+  try {
+    const job = await sendToWorkstation(req, (j) => {
+      bar.max = j.total || 1;
+      bar.value = j.sent;
+      status(`sending to ${j.target}: ${j.sent}/${j.total}`);
+    });
+    document.body.dataset.send = job.state;
+    status(job.state === 'done' ? `sent ${job.sent} images to ${job.target}` : `send failed: ${job.error}`, job.state !== 'done');
+  } catch (e) {
+    document.body.dataset.send = 'failed';
+    status(`send failed: ${e.message}`, true);
+  }
 }
 
 const KEYS = {
@@ -376,6 +410,7 @@ const KEYS = {
   ' ': () => toggleCine(+$('#fps').value || 10),
   Delete: clearMeasurements,
   M: () => volumeMode('mpr'),
+  S: () => sendCurrent(),
   s: () => volumeMode(null),
   0: () => applyPreset('auto'),
   '!': () => setLayout(1, 1),
