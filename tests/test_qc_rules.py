@@ -196,3 +196,16 @@ def test_a_failing_ai_hook_leaves_the_engine_result(ct: Dataset) -> None:
 
     result = QcEngine(hook=broken).assess(ct)
     assert result.grade is Grade.A and not result.ai_assisted
+
+
+def test_config_check_validates_the_rules_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from argparse import Namespace
+
+    from gateway.cli import cmd_config_check
+
+    bad = tmp_path / "qc.toml"
+    bad.write_text('role = "qc"\n[thresholds]\nsnrr = [1, 2, 3]\n', encoding="utf-8")
+    assert cmd_config_check(Namespace(files=[str(ROOT / "config" / "qc.toml")])) == 0
+    assert cmd_config_check(Namespace(files=[str(bad)])) == 2
+    out = capsys.readouterr()
+    assert "config/qc.toml: ok (qc)" in out.out and f"{bad}: thresholds.snrr: unknown key" in out.err
