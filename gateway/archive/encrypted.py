@@ -80,6 +80,10 @@ class DataKeys:
         kek = self.kms.active()
         wrapped = base64.b64encode(self.kms.wrap(kek, dek, _context(dek_id))).decode()
         with self.catalog.write() as conn:
+            if conn.dialect.name == "postgresql":
+                # No WAL flush of its own: the catalog commit that references the object (ingest
+                # acknowledges only after it) flushes the WAL past this row too — one fsync fewer.
+                conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
             conn.execute(
                 insert(data_keys).values(
                     dek_id=dek_id,
