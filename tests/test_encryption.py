@@ -232,7 +232,7 @@ def test_frames_are_served_by_range_reads_of_the_sealed_object(
     store = fe.archive.store
     assert isinstance(store, EncryptedBlobStore)
     counting = CountingStore(store.inner)
-    store.inner = counting  # type: ignore[assignment]
+    store.inner = counting
     url = (
         f"http://127.0.0.1:{fe.http_port}/dicom-web/studies/{ds.StudyInstanceUID}/series/"
         f"{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}/frames/5"
@@ -315,3 +315,36 @@ def test_keys_cli_generate_rotate_destroy_are_audited_and_never_print_keys(
         catalog.close()
     assert ops == ["generate", "rotate", "destroy", "destroy"]
     assert wrapped == [second]
+
+
+# ---- both roles sealed, forwarding between them ---------------------------------------------------
+
+
+def test_a_sealed_front_end_forwards_to_a_sealed_center(
+    start_frontend: Callable[..., Frontend], samples: Path, tmp_path: Path
+) -> None:
+    """The demo's set-up: the forwarder reads sealed blobs, the center seals what it receives."""
+    import time
+
+    from gateway.center import Center
+    from tests.conftest import center_config, forward_to
+
+    cfg = center_config(tmp_path / "center")
+    center = Center.start(cfg.model_copy(update={"encryption": cfg.encryption.model_copy(update=SEALED)}))
+    try:
+        fast = {"settle_seconds": 0.2, "backoff_initial_seconds": 0.2, "backoff_max_seconds": 1.0}
+        fe = start_frontend(encryption=SEALED, forward=forward_to(center, **fast))
+        files = sorted((samples / "02_MR_brain").iterdir())[:4]
+        assert send(files, "127.0.0.1", fe.dicom_port, "YBYX").ok
+        deadline = time.monotonic() + 30
+        while center.archive.catalog.counts()["instances"] < 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        held = center.archive.catalog.locate({})
+        assert len(held) == 4
+        store = center.archive.store
+        assert isinstance(store, EncryptedBlobStore) and isinstance(store.inner, FolderBlobStore)
+        for inst in held:
+            assert store.inner.local_path(inst.blob_key).read_bytes().startswith(MAGIC)
+            assert hashlib.sha256(b"".join(store.get(inst.blob_key))).hexdigest() == inst.sha256
+    finally:
+        center.stop()
