@@ -130,3 +130,14 @@ def test_worker_reads_the_bytes_the_compression_stage_put_in_place(catalog: Cata
     result = worker.grade(row)
     assert result is not None and result.grade is Grade.A
     assert book.waiting() == 0 and book.ungraded(STUDY) == 0
+
+
+def test_grading_a_study_now_tries_each_row_once(catalog: Catalog, tmp_path: Path) -> None:  # noqa: F811
+    """The center's manifest answer grades what is queued, but a row that fails (its blob is
+    gone) is tried once and left for the worker's backoff: the request never loops."""
+    book = QcBook(catalog)
+    book.install()
+    catalog.add_instance(rec("1.9.1", blob_key="k/missing"))
+    worker = QcWorker(book, QcEngine(), FolderBlobStore(tmp_path / "blobs"))
+    assert worker.grade_study(STUDY, budget_seconds=5) == 1
+    assert book.results(STUDY) == [] and book.waiting() == 1

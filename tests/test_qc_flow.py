@@ -114,6 +114,7 @@ def test_reject_is_held_replacement_releases_study_and_center_qc_reaches_fronten
     assert len(mine["instances"]) == 4  # the reject stays on record at the front-end
     theirs = get(center, f"/api/v1/studies/{study}/qc").json()
     assert theirs["graded_here"]["grade"] == "甲" and theirs["frontend_report"]["instances"] == 3
+    assert theirs["graded_here"]["pending_instances"] == 0 and mine["center_report"]["pending_instances"] == 0
     dims = {d["name"] for d in theirs["graded_here"]["dimensions"]}
     assert {"coverage", "center_line", "positioning", "sharpness", "graininess", "snr", "artifacts"} <= dims
 

@@ -75,8 +75,8 @@ class QcService:
         self.worker.stop()
 
     def study_json(self, study_uid: str, *, grade_now: bool = False) -> dict[str, Any] | None:
-        """The study's QC as JSON (``grade_now``: first grade what is still queued)."""
-        if grade_now:
-            self.worker.grade_study(study_uid)
+        """The study's QC as JSON, with ``pending_instances`` still to be graded (``grade_now``:
+        first grade what is queued, for up to 10 s)."""
+        pending = self.worker.grade_study(study_uid) if grade_now else self.book.queued(study_uid)
         study = self.book.study(study_uid)
-        return study.to_json() if study is not None else None
+        return {**study.to_json(), "pending_instances": pending} if study is not None else None

@@ -100,10 +100,20 @@ class QcWorker:
             self.grade(row)
         return bool(rows)
 
-    def grade_study(self, study_uid: str) -> None:
-        """Grade whatever of the study is still queued, now (the center's manifest answer)."""
-        while self.run_once(study_uid=study_uid, limit=50):
-            pass
+    def grade_study(self, study_uid: str, *, budget_seconds: float = 10.0) -> int:
+        """Grade what of the study is still queued, now (the center's manifest answer), each
+        row once and for at most ``budget_seconds`` (the front-end waits for the answer); the
+        number of its instances still queued after."""
+        deadline = time.monotonic() + budget_seconds
+        seen: set[int] = set()
+        while time.monotonic() < deadline:
+            rows = [r for r in self.book.claim(limit=8, study_uid=study_uid) if r["id"] not in seen]
+            if not rows:
+                break
+            for row in rows:
+                seen.add(row["id"])
+                self.grade(row)
+        return self.book.queued(study_uid)
 
     def grade(self, row: dict[str, Any]) -> QcResult | None:
         started = time.perf_counter()
