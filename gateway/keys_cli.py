@@ -132,6 +132,47 @@ def cmd_destroy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_seal_existing(args: argparse.Namespace) -> int:
+    """``ybyx keys seal-existing -c CONFIG``: seal, in place, the objects stored before
+    ``[encryption]`` was switched on (each checked against its catalogued SHA-256)."""
+    from sqlalchemy import select
+
+    from gateway.archive import Archive
+    from gateway.archive.encrypted import EncryptedBlobStore
+    from gateway.archive.schema import instance_versions, instances
+
+    cfg = _node(args)
+    if not cfg.encryption.enabled:
+        console.print(f"{args.config}: encryption.enabled is false: switch it on first")
+        return 2
+    archive = Archive.open(cfg.storage, cfg.database, encryption=cfg.encryption)
+    sealed = skipped = 0
+    mismatched: list[str] = []
+    try:
+        store = archive.store
+        assert isinstance(store, EncryptedBlobStore)
+        with archive.catalog.engine.connect() as conn:
+            rows = [
+                *conn.execute(select(instances.c.blob_key, instances.c.sha256)).all(),
+                *conn.execute(select(instance_versions.c.blob_key, instance_versions.c.sha256)).all(),
+            ]
+        for key, sha in rows:
+            done = store.seal_existing(key)
+            if done is None:
+                skipped += 1
+                continue
+            sealed += 1
+            if done[1] != sha:
+                mismatched.append(key)
+        _audit(cfg, archive.catalog, "seal-existing", store.keys.kms.active(), sealed=sealed)
+    finally:
+        archive.close()
+    print(f"sealed {sealed} objects in place, {skipped} were sealed already")
+    for key in mismatched:
+        console.print(f"[red]{key}: its bytes did not match the catalogued SHA-256 before sealing[/red]")
+    return 1 if mismatched else 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from gateway.archive import open_kms
     from gateway.archive.catalog import Catalog
@@ -155,6 +196,11 @@ def add_parsers(ksub: Any) -> None:
         ("rotate", "new active KEK; re-wrap every data key under it (objects are not rewritten)", cmd_rotate),
         ("destroy", "destroy a KEK: what it still wraps becomes unreadable", cmd_destroy),
         ("list", "the KEKs and how many data keys each wraps", cmd_list),
+        (
+            "seal-existing",
+            "seal in place the objects stored before encryption was switched on",
+            cmd_seal_existing,
+        ),
     ):
         k = ksub.add_parser(name, help=text)
         k.add_argument("-c", "--config", required=True, help="the node's TOML file ([encryption])")

@@ -348,3 +348,67 @@ def test_a_sealed_front_end_forwards_to_a_sealed_center(
             assert hashlib.sha256(b"".join(store.get(inst.blob_key))).hexdigest() == inst.sha256
     finally:
         center.stop()
+
+
+def test_switching_encryption_on_keeps_plain_objects_readable_until_sealed_in_place(
+    start_frontend: Callable[..., Frontend], samples: Path, tmp_path: Path
+) -> None:
+    """An archive that held plain objects turns [encryption] on: they stay readable, `ybyx keys
+    seal-existing` seals them in place (hash-checked), and from then on plaintext in a sealed
+    object's place is refused as tampering."""
+    root = tmp_path / "node"
+    fe = start_frontend(root=root)
+    files = sorted((samples / "02_MR_brain").iterdir())[:3]
+    assert send(files, "127.0.0.1", fe.dicom_port, "YBYX").ok
+    fe.stop()
+    fe = start_frontend(root=root, encryption=SEALED)
+    [dx] = sorted((samples / "03_DX_chest").iterdir())
+    assert send([dx], "127.0.0.1", fe.dicom_port, "YBYX").ok  # new objects are sealed
+    store = fe.archive.store
+    assert isinstance(store, EncryptedBlobStore) and isinstance(store.inner, FolderBlobStore)
+    held = fe.archive.catalog.locate({})
+    on_disk = {i.blob_key: store.inner.local_path(i.blob_key).read_bytes() for i in held}
+    assert sum(b.startswith(MAGIC) for b in on_disk.values()) == 1
+    for inst in held:  # plain and sealed alike read back
+        assert hashlib.sha256(b"".join(store.get(inst.blob_key))).hexdigest() == inst.sha256
+        assert store.read_range(inst.blob_key, 128, 4) == b"DICM"
+    cfg = fe.cfg
+    fe.stop()
+    config = root / "fe.toml"
+    config.write_text(
+        "\n".join(
+            [
+                'role = "frontend"',
+                'institution = "TEST_HOSPITAL"',
+                "[dicom]",
+                "allow_any_calling_ae = true",
+                "[storage]",
+                f'path = "{cfg.storage.path}"',
+                "[database]",
+                f'url = "{cfg.database.url}"',
+                "[encryption]",
+                "enabled = true",
+                f'key_file = "{cfg.encryption.key_file}"',
+                "[audit]",
+                f'signing_key = "{cfg.audit.signing_key}"',
+                f'export_path = "{cfg.audit.export_path}"',
+            ]
+        )
+    )
+    done = ybyx("keys", "seal-existing", "-c", str(config))
+    assert done.returncode == 0, done.stderr
+    assert "sealed 3 objects in place, 1 were sealed already" in done.stdout
+    fe = start_frontend(root=root, encryption=SEALED)
+    store = fe.archive.store
+    assert isinstance(store, EncryptedBlobStore) and isinstance(store.inner, FolderBlobStore)
+    for inst in fe.archive.catalog.locate({}):
+        path = store.inner.local_path(inst.blob_key)
+        assert path.read_bytes().startswith(MAGIC)
+        assert hashlib.sha256(b"".join(store.get(inst.blob_key))).hexdigest() == inst.sha256
+    victim = held[0].blob_key
+    store.inner.local_path(victim).write_bytes(
+        on_disk[victim] if not on_disk[victim].startswith(MAGIC) else b"x"
+    )
+    store.forget_cached_keys()
+    with pytest.raises(SealError, match="replaced by something unsealed"):
+        b"".join(store.get(victim))

@@ -118,6 +118,14 @@ class DataKeys:
         with self.catalog.write() as conn:
             conn.execute(delete(data_keys).where(data_keys.c.dek_id == dek_id))
 
+    def sealed(self, blob_key: str) -> bool:
+        """Whether any version of ``blob_key`` was ever sealed (it has a data key)."""
+        with self.catalog.engine.connect() as conn:
+            row = conn.execute(
+                select(data_keys.c.id).where(data_keys.c.blob_key == blob_key).limit(1)
+            ).first()
+        return row is not None
+
     def counts(self) -> dict[str, int]:
         """Data keys per KEK id."""
         with self.catalog.engine.connect() as conn:
@@ -164,6 +172,29 @@ class DataKeys:
                         .values(kek_id=target, wrapped=wrapped, rewrapped_at=now)
                     )
             done += len(updates)
+
+
+class _ChunkStream:
+    """A read-only stream over an iterator of chunks (a blob being re-written sealed)."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._buf = b""
+
+    def read(self, size: int = -1) -> bytes:
+        while size < 0 or len(self._buf) < size:
+            nxt = next(self._chunks, None)
+            if nxt is None:
+                break
+            self._buf += nxt
+        if size < 0:
+            out, self._buf = self._buf, b""
+        else:
+            out, self._buf = self._buf[:size], self._buf[size:]
+        return out
+
+
+_PLAIN = Header(0, "", b"", b"")  # cache marker: a plain object from before encryption
 
 
 class _KeyCache:
@@ -247,19 +278,40 @@ class EncryptedBlobStore:
 
     # ---- reading ---------------------------------------------------------------------------
 
-    def _key(self, key: str, *, fresh: bool = False) -> tuple[Header, bytes]:
+    def _key(self, key: str, *, fresh: bool = False) -> tuple[Header, bytes] | None:
+        """The object's header and data key; None for a plain object stored before encryption was
+        switched on (no data key was ever made for its key: see :meth:`seal_existing`)."""
         _check_key(key)
         if not fresh and (hit := self._cache.get(key)) is not None:
-            return hit
-        header = Header.parse(self.inner.read_range(key, 0, HEADER_SIZE), f"blob {key}")
+            return None if hit[0] is _PLAIN else hit
+        head = self.inner.read_range(key, 0, HEADER_SIZE)
+        try:
+            header = Header.parse(head, f"blob {key}")
+        except SealError:
+            if self.keys.sealed(key):  # it was sealed: plaintext in its place is tampering
+                raise SealError(f"blob {key}: sealed object replaced by something unsealed") from None
+            self._cache.put(key, _PLAIN, b"")
+            return None
         dek = self.keys.get(header.key_id, f"blob {key}")
         self._cache.put(key, header, dek)
         return header, dek
 
     def get(self, key: str) -> Iterator[bytes]:
-        header, dek = self._key(key, fresh=True)  # raises BlobNotFound at once, like the backends
+        found = self._key(key, fresh=True)  # raises BlobNotFound at once, like the backends
         body = self.inner.get(key)
-        return self._plain(key, header, dek, body)
+        if found is None:
+            return body
+        return self._plain(key, found[0], found[1], body)
+
+    def is_sealed(self, key: str) -> bool:
+        return self._key(key, fresh=True) is not None
+
+    def seal_existing(self, key: str) -> tuple[int, str] | None:
+        """Seal a plain object in place (after encryption was switched on for an archive that
+        held plain objects); its (size, sha256), or None when it is sealed already."""
+        if self.is_sealed(key):
+            return None
+        return self.put(key, _ChunkStream(self.inner.get(key)))  # type: ignore[arg-type]
 
     def _plain(self, key: str, header: Header, dek: bytes, body: Iterator[bytes]) -> Iterator[bytes]:
         skip = HEADER_SIZE
@@ -294,7 +346,10 @@ class EncryptedBlobStore:
             return self._read_range(key, offset, length, fresh=True)
 
     def _read_range(self, key: str, offset: int, length: int, *, fresh: bool) -> bytes:
-        header, dek = self._key(key, fresh=fresh)
+        found = self._key(key, fresh=fresh)
+        if found is None:
+            return self.inner.read_range(key, offset, length)
+        header, dek = found
         size = header.segment_size
         first, last = offset // size, (offset + length - 1) // size
         start = HEADER_SIZE + first * header.stride
