@@ -17,6 +17,7 @@ from pynetdicom import AE, build_role
 from dimse.contexts import STORAGE_COMMITMENT_PUSH, no_delay_assoc
 from gateway.archive.catalog import Catalog
 from gateway.config import DicomSection
+from gateway.security.tls import client_context
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +104,18 @@ class CommitmentReporter:
             return
         ae = AE(ae_title=self.cfg.ae_title)
         ae.add_requested_context(STORAGE_COMMITMENT_PUSH)
+        tls = self.cfg.tls
         assoc = ae.associate(
             peer.host,
             peer.port,
             ae_title=calling,
             ext_neg=[build_role(STORAGE_COMMITMENT_PUSH, scp_role=True, scu_role=False)],
+            # DICOM TLS to a peer marked tls (issue 6 §6): it must chain to [dicom.tls] ca_file
+            tls_args=(
+                (client_context(tls.ca_file, cert_file=tls.cert_file, key_file=tls.key_file), peer.host)
+                if peer.tls and tls is not None
+                else None
+            ),
         )
         if not assoc.is_established:
             log.error(

@@ -56,6 +56,7 @@ class Peer(Strict):
     description: str = ""
     host: str | None = Field(default=None, description="where to reach it (storage commitment reports)")
     port: Port | None = None
+    tls: bool = Field(default=False, description="reports to it over DICOM TLS ([dicom.tls], issue 6 §6)")
 
 
 class TlsSection(Strict):
@@ -106,8 +107,9 @@ class DicomSection(Strict):
 
     @model_validator(mode="after")
     def _tls_destinations(self) -> DicomSection:
-        if self.tls is None and any(d.tls for d in self.move_destinations):
-            raise ValueError("move_destinations with tls = true need a [dicom.tls] section")
+        wants = any(d.tls for d in self.move_destinations) or any(p.tls for p in self.peers)
+        if self.tls is None and wants:
+            raise ValueError("peers or move_destinations with tls = true need a [dicom.tls] section")
         return self
 
     @model_validator(mode="after")

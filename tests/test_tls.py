@@ -16,7 +16,7 @@ import httpx
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove  # type: ignore[attr-defined]
 from sqlalchemy import select
 
@@ -261,3 +261,44 @@ def test_certs_dev_keys_are_private(certs: DevCerts) -> None:
     assert ctx.get_ca_certs()[0]["subject"][-1][0][1] == "ybyx development CA"
     with pytest.raises(FileExistsError):
         write_dev_certs(certs.ca.parent)
+
+
+def test_commitment_report_to_a_tls_peer_on_a_new_association(
+    start_frontend: Callable[..., Frontend], samples: Path, certs: DevCerts
+) -> None:
+    """Storage commitment: the N-EVENT-REPORT after the modality hung up goes over DICOM TLS to a
+    peer marked ``tls`` (its certificate checked against [dicom.tls] ca_file)."""
+    from dimse.contexts import STORAGE_COMMITMENT_PUSH
+    from gateway.security.tls import server_context
+    from tests.peers.ports import free_port
+    from tests.test_commitment import WELL_KNOWN, _collector, _request
+
+    modality_port = free_port()
+    reports, got, on_report = _collector()
+    scp = AE(ae_title="MODALITY")
+    scp.add_supported_context(STORAGE_COMMITMENT_PUSH, scu_role=True, scp_role=True)
+    server = scp.start_server(
+        ("127.0.0.1", modality_port),
+        block=False,
+        evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)],
+        ssl_context=server_context(certs.server, certs.server_key),
+    )
+    tls = client_context(certs.ca, cert_file=certs.client, key_file=certs.client_key)
+    try:
+        peer = {"ae_title": "MODALITY", "institution": "H", "host": "127.0.0.1", "port": modality_port}
+        fe = start_frontend(allow_any_calling_ae=False, peers=[{**peer, "tls": True}], tls=dicom_tls(certs))
+        files = sorted((samples / "01_CT_chest").iterdir())[:3]
+        assert send(files, "127.0.0.1", fe.dicom_port, "YBYX", calling_ae="MODALITY", tls=tls).ok
+        transaction, info = _request(files, [])
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(STORAGE_COMMITMENT_PUSH)
+        assoc = ae.associate("127.0.0.1", fe.dicom_port, ae_title="YBYX", tls_args=(tls, "127.0.0.1"))
+        status, _ = assoc.send_n_action(info, 1, STORAGE_COMMITMENT_PUSH, WELL_KNOWN)
+        assoc.release()  # before the report can come on this association
+        assert status.Status == 0x0000
+        assert got.wait(15), "no N-EVENT-REPORT over TLS on a new association"
+    finally:
+        server.shutdown()
+    event_type, report = reports[0]
+    assert event_type == 1 and report.TransactionUID == transaction
+    assert len(report.ReferencedSOPSequence) == len(files)
