@@ -11,32 +11,27 @@ Issue 3 §4 and PS3.18 §10.4 (Retrieve Transaction), §8.7.3.5 (transfer syntax
   :func:`pydicom.encaps.get_frame` reading through the same buffered file object, so only the
   header, the offset table and the needed fragments are fetched.
 
-Decoding (compressed → Explicit VR Little Endian) uses pydicom's decoders (pylibjpeg, openjpeg,
-Pillow, pydicom's RLE) and falls back to dcmtk's command-line decoders (``dcmdjpls``, ``dcmdjpeg``,
-``dcmdrle``; ``dcmconv`` for big endian), which the project installs anyway (Makefile
-``APT_PKGS``). JPEG-LS and lossless JPEG need that fallback unless pylibjpeg-libjpeg is installed.
+Decoding (compressed → Explicit VR Little Endian) is the domain's one transcoding path,
+:mod:`gateway.codec.decode` (pydicom's decoders, dcmtk's command-line decoders as fallback), shared
+with the DIMSE retrieve; here its :class:`~gateway.codec.decode.CannotDecode` becomes this edge's
+:class:`CannotDecode` (a :class:`PixelDataError`).
 """
 
 from __future__ import annotations
 
 import copy
 import io
-import shutil
 import struct
-import subprocess
-import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, get_frame, parse_basic_offsets
-from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -47,6 +42,7 @@ from pydicom.uid import (
 
 from gateway.archive.blobstore import BlobStore
 from gateway.archive.catalog import PixelRow, StoredInstance
+from gateway.codec import decode
 
 PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # Pixel Data, Float, Double Float
 BLOCK = 64 * 1024
@@ -76,16 +72,6 @@ FRAME_MEDIA_TYPES: dict[str, tuple[str, ...]] = {
     "1.2.840.10008.1.2.4.104": ("video/mp4",),
     "1.2.840.10008.1.2.4.105": ("video/mp4",),
     "1.2.840.10008.1.2.4.106": ("video/mp4",),
-}
-
-# dcmtk decoders per transfer syntax (fallback when pydicom has no plugin for it).
-_DCMTK_JPEG = ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57")
-_DCMTK_TOOLS: dict[str, list[str]] = {
-    **{ts: ["dcmdjpeg"] for ts in (*_DCMTK_JPEG, "1.2.840.10008.1.2.4.70")},
-    "1.2.840.10008.1.2.4.80": ["dcmdjpls"],
-    "1.2.840.10008.1.2.4.81": ["dcmdjpls"],
-    "1.2.840.10008.1.2.5": ["dcmdrle"],
-    ExplicitVRBigEndian: ["dcmconv", "+te"],
 }
 
 # The Image Pixel module (PS3.3 C.7.6.3): what a decoder needs to make sense of one frame.
@@ -173,73 +159,25 @@ def read_blob(store: BlobStore, inst: StoredInstance) -> bytes:
 # --------------------------------------------------------------------------- decoding
 
 
-def _dcmtk(tool: str) -> str | None:
-    return shutil.which(tool)
-
-
 def can_decode(ts: str) -> bool:
     """Whether an instance in ``ts`` can be turned into Explicit VR Little Endian here."""
-    uid = UID(ts)
-    if uid in NATIVE and uid != ExplicitVRBigEndian:
-        return True
-    if uid.is_compressed and get_decoder(uid).is_available:
-        return True
-    tool = _DCMTK_TOOLS.get(str(uid))
-    return tool is not None and _dcmtk(tool[0]) is not None
-
-
-def _decode_with_dcmtk(data: bytes, ts: str) -> bytes:
-    """Run the dcmtk decoder for ``ts`` over a Part-10 file; the result is Explicit VR LE."""
-    cmd = _DCMTK_TOOLS.get(ts)
-    exe = _dcmtk(cmd[0]) if cmd else None
-    if cmd is None or exe is None:
-        raise CannotDecode(f"no decoder available for transfer syntax {ts} ({UID(ts).name})")
-    with tempfile.TemporaryDirectory(prefix="ybyx-decode-") as tmp:
-        src, dst = Path(tmp) / "in.dcm", Path(tmp) / "out.dcm"
-        src.write_bytes(data)
-        args = [exe, *cmd[1:], str(src), str(dst)]
-        done = subprocess.run(args, capture_output=True, text=True, timeout=120)
-        if done.returncode != 0 or not dst.exists():
-            raise CannotDecode(f"{cmd[0]} could not decode {UID(ts).name}: {done.stderr.strip()[:300]}")
-        return dst.read_bytes()
-
-
-def _write(ds: Dataset) -> bytes:
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+    return decode.can_decode(ts)
 
 
 def decode_dataset(ds: Dataset) -> Dataset:
-    """``ds`` (with pixel data) in Explicit VR Little Endian, decoded if it was compressed.
-
-    The SOP Instance UID is kept (PS3.18 §8.7.3.5.2 transcoding changes the encoding, not the
-    instance). pydicom converts lossy JPEG's YBR to RGB, as dcmtk's ``dcmdjpeg`` does.
-    """
-    ts = UID(str(ds.file_meta.TransferSyntaxUID))
-    if ts == ExplicitVRLittleEndian:
-        return ds
-    if ts in (ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian):
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        return ds
-    if ts.is_compressed and get_decoder(ts).is_available:
-        try:
-            ds.decompress(generate_instance_uid=False)
-            return ds
-        except Exception:
-            if str(ts) not in _DCMTK_TOOLS:
-                raise
-    return dcmread(io.BytesIO(_decode_with_dcmtk(_write(ds), str(ts))))
+    """``ds`` in Explicit VR Little Endian (:func:`gateway.codec.decode.decode_dataset`)."""
+    try:
+        return decode.decode_dataset(ds)
+    except decode.CannotDecode as exc:
+        raise CannotDecode(str(exc)) from exc
 
 
 def to_explicit_le(data: bytes, ts: str) -> bytes:
-    """A stored Part-10 file (``data``, in ``ts``) re-encoded as Explicit VR Little Endian."""
-    if ts == ExplicitVRLittleEndian:
-        return data
-    uid = UID(ts)
-    if uid == ExplicitVRBigEndian or (uid.is_compressed and not get_decoder(uid).is_available):
-        return _decode_with_dcmtk(data, ts)
-    return _write(decode_dataset(dcmread(io.BytesIO(data))))
+    """A stored Part-10 file re-encoded as Explicit VR LE (:func:`gateway.codec.decode.to_explicit_le`)."""
+    try:
+        return decode.to_explicit_le(data, ts)
+    except decode.CannotDecode as exc:
+        raise CannotDecode(str(exc)) from exc
 
 
 # --------------------------------------------------------------------------- frames

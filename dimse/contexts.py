@@ -100,3 +100,43 @@ def contexts_for(pairs: Iterable[tuple[str, str]]) -> list[PresentationContext]:
     if len(contexts) > 128:
         raise ValueError(f"{len(contexts)} SOP classes in one request: more than one association can carry")
     return contexts
+
+
+def retrieve_contexts(pairs: Iterable[tuple[str, str]]) -> list[PresentationContext]:
+    """Contexts for C-MOVE sub-operations: instances stored as (SOP class, transfer syntax) pairs
+    may go to a peer that takes any syntax or only the uncompressed ones (R-UP-1: compressed
+    storage must not cost retrievability).
+
+    Per SOP class: one context per stored transfer syntax other than the two uncompressed
+    little-endian ones (so the peer can accept each as stored), and one context offering Explicit
+    and Implicit VR Little Endian (what an instance is decoded to when its stored syntax was
+    refused: ``gateway.codec.decode``). If that makes more than 128 contexts, one context per SOP
+    class carries all of them (the peer then picks one syntax per class).
+    """
+    by_class: dict[str, list[str]] = {}
+    for sop_class, ts in pairs:
+        stored = by_class.setdefault(sop_class, [])
+        if ts not in stored and UID(ts) not in UNCOMPRESSED:
+            stored.append(ts)
+    contexts: list[PresentationContext] = []
+    for sop_class, stored in by_class.items():
+        contexts.extend(build_context(sop_class, ts) for ts in stored)
+        contexts.append(build_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
+    if len(contexts) > 128:
+        contexts = [
+            build_context(sop_class, [*stored, ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+            for sop_class, stored in by_class.items()
+        ]
+    if len(contexts) > 128:
+        raise ValueError(f"{len(contexts)} SOP classes in one request: more than one association can carry")
+    return contexts
+
+
+def accepted_syntaxes(assoc: Any, sop_class: str) -> set[str]:
+    """The transfer syntaxes ``assoc`` accepted for sending ``sop_class`` (we as Storage SCU:
+    the C-MOVE sub-association we requested, or the C-GET association with SCP role selection)."""
+    return {
+        str(cx.transfer_syntax[0])
+        for cx in assoc.accepted_contexts
+        if cx.abstract_syntax == sop_class and cx.as_scu and cx.transfer_syntax
+    }

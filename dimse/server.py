@@ -14,7 +14,7 @@ import ssl
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from io import BytesIO
 from pathlib import Path
 from typing import Any, cast
@@ -37,14 +37,16 @@ from dimse.contexts import (
     STUDY_ROOT_GET,
     STUDY_ROOT_MOVE,
     VERIFICATION,
-    contexts_for,
+    accepted_syntaxes,
     no_delay,
     no_delay_assoc,
+    retrieve_contexts,
 )
 from gateway.archive.blobstore import BlobStore
 from gateway.archive.catalog import Catalog, StoredInstance
 from gateway.archive.query import Level, QueryError
 from gateway.audit import AuditLog
+from gateway.codec.decode import decompressed, sendable_syntax
 from gateway.config import DicomSection
 from gateway.ingest import Accepted, Ingest
 from gateway.security.tls import client_context, server_context
@@ -334,8 +336,8 @@ class DicomServer:
         yield 1
         yield _status(0xA900, reason), None
 
-    def _load(self, inst: StoredInstance) -> Dataset:
-        return dcmread(BytesIO(b"".join(self.store.get(inst.blob_key))))
+    def _read(self, inst: StoredInstance) -> bytes:
+        return b"".join(self.store.get(inst.blob_key))
 
     def _on_move(self, event: evt.Event) -> Iterator[Any]:
         dest_title = str(event.move_destination).strip()
@@ -359,9 +361,16 @@ class DicomServer:
             yield dest.host, dest.port
             yield from self._refuse_retrieve(str(exc))
             return
-        contexts = contexts_for((i.sop_class_uid, i.transfer_syntax) for i in matched)
-        # the sub-operation association is ours as requestor: Nagle off there too
-        options: dict[str, Any] = {"evt_handlers": [(evt.EVT_ESTABLISHED, self._on_established)]}
+        contexts = retrieve_contexts((i.sop_class_uid, i.transfer_syntax) for i in matched)
+        # pynetdicom requests the sub-association (synchronously, in this thread) after our second
+        # yield; its accepted contexts decide each instance's transfer syntax
+        sub: list[Any] = []
+
+        def established(sub_event: evt.Event) -> None:
+            sub.append(sub_event.assoc)
+            self._on_established(sub_event)  # ours as requestor: Nagle off there too
+
+        options: dict[str, Any] = {"evt_handlers": [(evt.EVT_ESTABLISHED, established)]}
         if contexts:
             options["contexts"] = contexts
         if dest.tls:
@@ -369,7 +378,7 @@ class DicomServer:
         audit_events.retrieve(self.audit, self.cfg, event, "C-MOVE", matched, destination=dest_title)
         yield dest.host, dest.port, options
         yield len(matched)
-        yield from self._sub_operations(event, matched)
+        yield from self._sub_operations(event, matched, lambda: sub[-1] if sub else None)
 
     def _on_get(self, event: evt.Event) -> Iterator[Any]:
         try:
@@ -381,20 +390,46 @@ class DicomServer:
             return
         audit_events.retrieve(self.audit, self.cfg, event, "C-GET", matched)
         yield len(matched)
-        yield from self._sub_operations(event, matched)
+        yield from self._sub_operations(event, matched, lambda: event.assoc)
 
-    def _sub_operations(self, event: evt.Event, matched: list[StoredInstance]) -> Iterator[Any]:
+    def _sub_operations(
+        self, event: evt.Event, matched: list[StoredInstance], peer: Callable[[], Any]
+    ) -> Iterator[Any]:
+        """One C-STORE sub-operation per instance, in the transfer syntax :func:`sendable_syntax`
+        picks from what ``peer()`` (the association the sub-operations go over) accepted: as
+        stored, or decoded to Explicit / Implicit VR Little Endian (R-UP-1, conformance §4.4)."""
         for inst in matched:
             if event.is_cancelled:
                 yield 0xFE00, None
                 return
             try:
-                ds = self._load(inst)
+                data = self._read(inst)
             except (OSError, KeyError) as exc:
                 log.error("cannot read %s for retrieve: %s", inst.sop_uid, exc)
                 yield 0xA702, None  # refused: out of resources, unable to perform sub-operations
                 continue
-            yield 0xFF00, ds
+            assoc = peer()
+            accepted = accepted_syntaxes(assoc, inst.sop_class_uid) if assoc is not None else set()
+            ts = sendable_syntax(inst.transfer_syntax, accepted)
+            ds: Dataset | None = None
+            if ts is not None and ts != inst.transfer_syntax:
+                try:
+                    ds = decompressed(data, inst.transfer_syntax, ts)
+                except Exception as exc:  # decoders raise many types; the instance stays unsent
+                    log.error("cannot decode %s (%s) to send: %s", inst.sop_uid, inst.transfer_syntax, exc)
+                    ts = None
+            if ts is None:
+                log.warning(
+                    "retrieve: %s is stored as %s; the peer accepted %s for %s",
+                    inst.sop_uid,
+                    inst.transfer_syntax,
+                    sorted(accepted) or "nothing",
+                    inst.sop_class_uid,
+                )
+            # Unsendable: yielded as stored all the same, so pynetdicom finds no accepted context,
+            # sends nothing and counts one failed sub-operation (a failure status of ours would end
+            # the whole retrieve instead).
+            yield 0xFF00, ds if ds is not None else dcmread(BytesIO(data))
 
     def _on_n_action(self, event: evt.Event) -> tuple[int, Dataset | None]:
         req = cast(Any, event.request)

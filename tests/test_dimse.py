@@ -7,15 +7,19 @@ stored bit for bit (SHA-256 of the stored blob equals the sent file's).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pydicom import dcmread
+from pydicom.pixels.utils import pixel_array
 from pydicom.uid import (
     JPEG2000,
     UID,
@@ -37,6 +41,7 @@ from pydicom.uid import (
 from dimse.scu import send
 from gateway.archive.query import Level
 from gateway.frontend import Frontend
+from gateway.sample import write_samples
 from tests.conftest import dcmtk
 from tests.peers.ports import free_port
 
@@ -380,3 +385,130 @@ def test_retrieve_without_the_unique_key_is_refused_not_everything(loaded: Front
     )
     assert list(out.iterdir()) == []
     assert "0xa900" in (done.stdout + done.stderr).lower() or "Failed" in done.stdout + done.stderr
+
+
+# ---- retrieving compressed instances (R-UP-1): as stored if accepted, else decoded -------------
+
+
+@contextmanager
+def _storescp(out: Path, aet: str, *options: str) -> Iterator[int]:
+    """A dcmtk storescp writing what it receives (in the received transfer syntax) to ``out``."""
+    port = free_port()
+    out.mkdir()
+    proc = subprocess.Popen(
+        [dcmtk("storescp"), *options, "-aet", aet, "-od", str(out), "+B", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while run(dcmtk("echoscu"), "-aec", aet, "127.0.0.1", str(port)).returncode != 0:
+            assert time.monotonic() < deadline, "storescp did not start"
+            time.sleep(0.1)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _compressed_frontend(start, root: Path, **dicom: object) -> tuple[Frontend, dict[str, list[Path]]]:  # type: ignore[no-untyped-def]
+    """A JPEG-LS front-end holding a small CT (16-bit signed) and an RGB US study, compressed."""
+    write_samples(root, ct_slices=2)
+    studies = {name: sorted((root / name).glob("*.dcm")) for name in ("01_CT_chest", "05_US_carotid")}
+    fe = start(compression={"transfer_syntax": "jpeg-ls"}, **dicom)
+    assert send([p for files in studies.values() for p in files], "127.0.0.1", fe.dicom_port, "YBYX").ok
+    stage = fe.compression
+    assert stage is not None
+    deadline = time.monotonic() + 60
+    while stage.backlog():
+        assert time.monotonic() < deadline, "compression did not finish"
+        time.sleep(0.1)
+    stored = {i.sop_uid: i.transfer_syntax for i in fe.archive.catalog.locate({})}
+    assert set(stored.values()) == {JPEGLSLossless}, stored  # every instance is now stored as JPEG-LS
+    return fe, studies
+
+
+def _study(files: list[Path]) -> str:
+    return str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+
+
+def _assert_same_pixels(received_in: Path, originals: list[Path], syntax: str) -> None:
+    """Every original arrived once, in ``syntax``, and decodes to the very same pixels."""
+    received = {
+        str(ds.SOPInstanceUID): ds for ds in map(dcmread, (p for p in received_in.rglob("*") if p.is_file()))
+    }
+    sent = {str(ds.SOPInstanceUID): ds for ds in map(dcmread, originals)}
+    assert set(received) == set(sent)
+    for sop, ds in received.items():
+        assert ds.file_meta.TransferSyntaxUID == syntax, (sop, ds.file_meta.TransferSyntaxUID)
+        got, want = pixel_array(ds), pixel_array(sent[sop])
+        assert got.dtype == want.dtype and np.array_equal(got, want), sop
+        assert ds.PatientName == sent[sop].PatientName
+
+
+# storescp/getscu option -> the transfer syntax the instances must arrive in
+PEER_SYNTAXES = {
+    "": ExplicitVRLittleEndian,  # dcmtk's default: uncompressed only, explicit VR preferred
+    "+xi": ImplicitVRLittleEndian,  # implicit VR little endian only
+    "+xt": JPEGLSLossless,  # JPEG-LS lossless preferred: sent as stored
+}
+
+
+def test_movescu_of_jpeg_ls_data_to_peers_with_and_without_jpeg_ls(start_frontend, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    with contextlib.ExitStack() as peers:
+        ports = [
+            peers.enter_context(_storescp(tmp_path / f"scp{n}", f"SCP{n}", *filter(None, [opt])))
+            for n, opt in enumerate(PEER_SYNTAXES)
+        ]
+        destinations = [{"ae_title": f"SCP{n}", "host": "127.0.0.1", "port": p} for n, p in enumerate(ports)]
+        fe, studies = _compressed_frontend(start_frontend, tmp_path / "sent", move_destinations=destinations)
+        for n, opt in enumerate(PEER_SYNTAXES):
+            for files in studies.values():
+                done = run(
+                    dcmtk("movescu"),
+                    "-S",
+                    "-aec",
+                    "YBYX",
+                    "-aem",
+                    f"SCP{n}",
+                    "-k",
+                    "QueryRetrieveLevel=STUDY",
+                    "-k",
+                    f"StudyInstanceUID={_study(files)}",
+                    "127.0.0.1",
+                    str(fe.dicom_port),
+                    timeout=60,
+                )
+                assert done.returncode == 0 and "Failed" not in done.stderr, done.stderr
+            everything = [p for files in studies.values() for p in files]
+            _assert_same_pixels(tmp_path / f"scp{n}", everything, PEER_SYNTAXES[opt])
+
+
+def test_getscu_of_jpeg_ls_data_with_and_without_jpeg_ls(start_frontend, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    fe, studies = _compressed_frontend(start_frontend, tmp_path / "sent")
+    # getscu proposes Explicit VR Little Endian alone for storage by default, and JPEG-LS lossless
+    # first with +xt (its +xi is about the query context: the implicit case is storescp's above)
+    for opt in ("", "+xt"):
+        syntax = PEER_SYNTAXES[opt]
+        out = tmp_path / f"get{opt or '-default'}"
+        out.mkdir()
+        for files in studies.values():
+            done = run(
+                dcmtk("getscu"),
+                *filter(None, [opt]),
+                "+B",  # bit-preserving: the files are written in the transfer syntax received
+                "-S",
+                "-aec",
+                "YBYX",
+                "-od",
+                str(out),
+                "-k",
+                "QueryRetrieveLevel=STUDY",
+                "-k",
+                f"StudyInstanceUID={_study(files)}",
+                "127.0.0.1",
+                str(fe.dicom_port),
+                timeout=60,
+            )
+            assert done.returncode == 0, done.stderr
+        _assert_same_pixels(out, [p for files in studies.values() for p in files], syntax)

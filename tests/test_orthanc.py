@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+import time
 from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 
+import numpy as np
 from pydicom import dcmread
+from pydicom.pixels.utils import pixel_array
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLSLossless
 
+from dimse.scu import send
 from gateway.archive.query import Level
 from gateway.frontend import Frontend
 from tests.peers.orthanc import Modality, OrthancPeer, dcmtk_binary, orthanc  # noqa: F401  (session fixture)
@@ -139,3 +144,41 @@ def test_orthanc_retrieves_study_from_ybyx_by_cmove(
     received = dcmread(BytesIO(orthanc.instance_file(held[sop])))
     assert received.SOPInstanceUID == sop
     assert bytes(received.PixelData) == pixels
+
+
+def test_orthanc_retrieves_a_jpeg_ls_compressed_study_by_cmove(
+    orthanc: OrthancPeer,  # noqa: F811  (the session fixture imported above)
+    start_frontend: Callable[..., Frontend],
+    samples: Path,
+) -> None:
+    """R-UP-1: the front-end stores JPEG-LS; Orthanc still gets every instance, pixel-identical."""
+    orthanc.clear()
+    fe = start_frontend(
+        compression={"transfer_syntax": "jpeg-ls"},
+        move_destinations=[{"ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}],
+    )
+    folder = samples / CT_FOLDER
+    files = sorted(folder.glob("*.dcm"))[:4]
+    assert send(files, "127.0.0.1", fe.dicom_port, "LOADER").ok
+    stage = fe.compression
+    assert stage is not None
+    deadline = time.monotonic() + 60
+    while stage.backlog():
+        assert time.monotonic() < deadline, "compression did not finish"
+        time.sleep(0.1)
+    study_uid = _study_uid(folder)
+    stored = fe.archive.catalog.locate({"StudyInstanceUID": study_uid})
+    assert {i.transfer_syntax for i in stored} == {JPEGLSLossless}
+    _register(orthanc, fe)
+
+    query_id = orthanc.query("ybyx", "Study", {"StudyInstanceUID": study_uid})
+    orthanc.retrieve(query_id)  # C-MOVE to Orthanc itself, synchronous
+
+    held = orthanc.sop_instance_uids(study_uid)
+    sent = {str(ds.SOPInstanceUID): ds for ds in map(dcmread, files)}
+    assert set(held) == set(sent)
+    for sop, instance_id in held.items():
+        received = dcmread(BytesIO(orthanc.instance_file(instance_id)))
+        syntax = received.file_meta.TransferSyntaxUID
+        assert syntax in (JPEGLSLossless, ExplicitVRLittleEndian, ImplicitVRLittleEndian), syntax
+        assert np.array_equal(pixel_array(received), pixel_array(sent[sop]))
