@@ -14,6 +14,7 @@ a denied retrieval that goes to the national index.
 
 from __future__ import annotations
 
+import re
 from datetime import date
 from typing import Literal
 
@@ -154,6 +155,55 @@ async def same_exams(request: Request) -> Response:
     return JSONResponse({"order": order, **result})
 
 
+async def retrieve(request: Request) -> Response:
+    """``POST /api/v1/patients/{person}/studies/{study}/fetch[?doctor=]``: one study for the doctor,
+    checked against the patient's grant for that study (R-RT-4), from the cache or the center."""
+    ws = _ws(request)
+    if ws is None:
+        return _not_configured()
+    try:
+        person = _person(request)
+        study = request.path_params["study"]
+        if not re.fullmatch(r"[0-9]+(\.[0-9]+)*", study) or len(study) > 64:
+            raise ValueError("study: a Study Instance UID")
+    except ValueError as exc:
+        return unprocessable(str(exc))
+    try:
+        record = await run_in_threadpool(ws.study_record, person, study)
+    except PeerError as exc:
+        return JSONResponse({"error": f"index unavailable: {exc}"}, status_code=502)
+    if record is None:
+        return JSONResponse({"error": "the index knows no such study of this patient"}, status_code=404)
+    doctor = request.query_params.get("doctor", "")
+    day = date.fromisoformat(
+        f"{record['exam_date'][:4]}-{record['exam_date'][4:6]}-{record['exam_date'][6:]}"
+    )
+    try:
+        grant = await run_in_threadpool(
+            lambda: ws.authorize(person, doctor=doctor, action="retrieve", study_uid=study, study_date=day)
+        )
+    except GrantDenied as denied:
+        await record_request(
+            request,
+            EventType.RETRIEVAL,
+            resource=f"study:{study}",
+            result=Result.FAILURE,
+            detail={"reason": denied.reason, "doctor": doctor, "study_instance_uid": study},
+        )
+        return JSONResponse({"error": "forbidden", "reason": denied.reason}, status_code=403)
+    try:
+        out = await run_in_threadpool(ws.retrieve, person, study, record)
+    except PeerError as exc:
+        return JSONResponse({"error": f"study unavailable: {exc}"}, status_code=502)
+    await record_request(
+        request,
+        EventType.RETRIEVAL,
+        resource=f"study:{study}",
+        detail={"study_instance_uid": study, "source": out["source"], "grant": grant.grant_id},
+    )
+    return JSONResponse(out)
+
+
 async def post_citation(request: Request) -> Response:
     ws = _ws(request)
     if ws is None:
@@ -185,6 +235,7 @@ routes = [
     Route("/grants", post_grant, methods=["POST"]),
     Route("/patients/{person}/history", history, methods=["GET"]),
     Route("/patients/{person}/same-exams", same_exams, methods=["GET"]),
+    Route("/patients/{person}/studies/{study}/fetch", retrieve, methods=["POST"]),
     Route("/citations", post_citation, methods=["POST"]),
     Route("/code-maps", code_maps, methods=["GET"]),
     *cache_api,  # the HIS's cache requests (api/cache.py)

@@ -291,18 +291,31 @@ class CacheArea:
     store: BlobStore
     clock: Clock
     _fetching: set[str] = field(default_factory=set)
+    _cached: set[str] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
-        # A cache copy is not this node's upload: drop the forward job ingest queues for it, in
-        # the instance's own transaction (a front-end must not send another province's study up).
+        # A cache copy is not this node's upload: drop the forward job that ingest (or a later
+        # rewrite, e.g. lossless compression) queues for it, in the instance's own transaction —
+        # a front-end must never send another province's study up as its own.
+        with self.catalog.engine.connect() as conn:
+            self._cached = set(conn.scalars(select(cached_studies.c.study_uid)))
         self.catalog.write_hooks.append(self._not_forwarded)
 
     def _not_forwarded(self, conn: Any, rec: Any, _outcome: Any) -> None:
         with self._lock:
-            fetching = rec.study_uid in self._fetching
-        if fetching:
+            copy = rec.study_uid in self._fetching or rec.study_uid in self._cached
+        if copy:
             conn.execute(delete(forward_jobs).where(forward_jobs.c.study_uid == rec.study_uid))
+
+    def discard(self, study_uid: str) -> None:
+        """Remove what a failed fetch stored of a study this node did not hold before."""
+        keys: list[str] = []
+        with self.catalog.write() as conn:
+            if not self.is_original(conn, study_uid):
+                keys = self._delete_study(conn, study_uid)
+        for key in keys:
+            self.store.delete(key)
 
     @contextmanager
     def fetching(self, study_uid: str) -> Iterator[None]:
@@ -321,6 +334,8 @@ class CacheArea:
             )
 
     def remember(self, study_uid: str, person: str, source: str, until: datetime) -> None:
+        with self._lock:
+            self._cached.add(study_uid)
         c = cached_studies.c
         with self.catalog.write() as conn:
             found = conn.execute(select(c.id, c.keep_until).where(c.study_uid == study_uid)).first()
@@ -353,8 +368,18 @@ class CacheArea:
                 return True
         return False
 
+    def unqueue(self) -> int:
+        """Drop forward jobs of cache copies queued outside ingest (a rewrite such as lossless
+        compression queues the study again through ``Catalog.queue_forward``)."""
+        with self.catalog.write() as conn:
+            gone = conn.execute(
+                delete(forward_jobs).where(forward_jobs.c.study_uid.in_(select(cached_studies.c.study_uid)))
+            ).rowcount
+        return int(gone or 0)
+
     def cleanup(self) -> list[str]:
         """Delete cache copies past their retention; the Study Instance UIDs deleted."""
+        self.unqueue()
         now = self.clock()
         c = cached_studies.c
         with self.catalog.engine.connect() as conn:
@@ -370,6 +395,8 @@ class CacheArea:
                 else:
                     keys = self._delete_study(conn, study_uid)
                 conn.execute(delete(cached_studies).where(c.study_uid == study_uid))
+            with self._lock:
+                self._cached.discard(study_uid)
             for key in keys:
                 self.store.delete(key)
             deleted.append(study_uid)
@@ -404,14 +431,31 @@ class CacheArea:
 # ---- fetching a study from another node -----------------------------------------------------------
 
 
-def fetch_into(area: CacheArea, ingest: Any, source: Any, study_uid: str, spool: Path, *, who: str) -> int:
+def fetch_into(
+    area: CacheArea,
+    ingest: Any,
+    source: Any,
+    study_uid: str,
+    spool: Path,
+    *,
+    who: str,
+    keep: tuple[str, str, datetime],
+) -> int:
     """WADO-RS retrieve of a whole study from ``source`` into the local archive as a cache copy;
     the instances stored."""
     spool.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="fetch-", dir=spool))
+    held_before = area.holds(study_uid)
     try:
         with area.fetching(study_uid):
-            return _fetch(ingest, source, study_uid, folder, who)
+            try:
+                stored = _fetch(ingest, source, study_uid, folder, who)
+                area.remember(study_uid, *keep)  # marked while still "fetching": never forwarded
+                return stored
+            except (PeerError, httpx.HTTPError):
+                if not held_before:
+                    area.discard(study_uid)  # no half study left behind to be taken as cached
+                raise
     except httpx.HTTPError as exc:
         raise PeerError(f"WADO-RS retrieve of {study_uid} from {who}: {exc}") from exc
     finally:
@@ -453,16 +497,14 @@ class CenterFetcher:
         if rec["province"] == self.province:
             raise PeerError(f"{study_uid} is registered in this province but not held here")
         source = self.peers(rec["province"], rec["center_url"])
-        stored = fetch_into(
-            self.area, self.ingest, source, study_uid, self.spool, who=f"center:{rec['province']}"
-        )
         day = visit or self.area.clock().astimezone(CST).date()
-        self.area.remember(
-            study_uid,
+        keep = (
             person or rec["person_key"],
             f"province:{rec['province']}",
             keep_until(day, "center", self.policy.extend_days),
         )
+        who = f"center:{rec['province']}"
+        stored = fetch_into(self.area, self.ingest, source, study_uid, self.spool, who=who, keep=keep)
         return {"study_uid": study_uid, "source": f"province:{rec['province']}", "instances": stored}
 
 
@@ -581,7 +623,8 @@ def frontend_round(
                         "/api/v1/fetches",
                         body={"study_uid": uid, "person_key": row["person_key"], "visit": visit.isoformat()},
                     )
-                    fetch_into(area, ingest, center, uid, spool, who="center")
+                    keep = (row["person_key"], "center", until_keep)
+                    fetch_into(area, ingest, center, uid, spool, who="center", keep=keep)
                 area.remember(uid, row["person_key"], "center", until_keep)
                 done += 1
             except PeerError as exc:
@@ -629,6 +672,21 @@ class CacheService:
     fetcher: CenterFetcher | None = None
     center: Any = None  # a front-end's client of its center
     institution: str = ""
+    ingest: Any = None
+    spool: Path | None = None
+
+    def pull_study(self, study_uid: str, person: str) -> str:
+        """A front-end's study on demand (R-SC-4, R-CE-7): from its cache, else through its center
+        (which fetches it from another province if needed), kept 1 day (+ extend); the source."""
+        if self.area.holds(study_uid):
+            return "local"
+        if self.center is None or self.spool is None:
+            raise PeerError("this front-end has no center configured ([forward] center_url)")
+        call(self.center, "POST", "/api/v1/fetches", body={"study_uid": study_uid, "person_key": person})
+        today = self.book.clock().astimezone(CST).date()
+        keep = (person, "center", keep_until(today, "frontend", self.book.policy.extend_days))
+        fetch_into(self.area, self.ingest, self.center, study_uid, self.spool, who="center", keep=keep)
+        return "center"
 
     def push_unsent(self) -> int:
         """A front-end pushes its recorded requests to the center (R-CA-2); the number pushed."""
@@ -725,4 +783,6 @@ def open_frontend_cache(
     area = CacheArea(catalog, store, clock)
     round_ = frontend_round(area, ingest, center, spool, policy.extend_days, cfg.institution)
     job = CacheJob(book, area, role="frontend", round_=round_, alert=_alert(audit))
-    return CacheService("frontend", book, area, job, center=center, institution=cfg.institution)
+    return CacheService(
+        "frontend", book, area, job, center=center, institution=cfg.institution, ingest=ingest, spool=spool
+    )

@@ -248,6 +248,20 @@ class Workstation:
             "unmapped": unmapped,
         }
 
+    def study_record(self, person_key: str, study_uid: str) -> dict[str, Any] | None:
+        """The index record of one of the person's studies (any age, R-RT-1), or None."""
+        if self.center is None:
+            raise PeerError("this front-end has no center configured ([forward] center_url)")
+        rows = lookup(self.center, {"person": person_key})
+        return next((r for r in rows if r["study_uid"] == study_uid), None)
+
+    def retrieve(self, person_key: str, study_uid: str, record: dict[str, Any]) -> dict[str, Any]:
+        """Make the study's images available here (cache, else through the center); R-CE-7."""
+        if self.cache is None:
+            raise PeerError("caching is not configured on this front-end")
+        source = self.cache.pull_study(study_uid, person_key)
+        return {"study_uid": study_uid, "source": source, "exam_date": _day(record).isoformat()}
+
     # ---- citations (R-VW-3) ----------------------------------------------------------------------
 
     def cite(self, person_key: str, study_uid: str, section: str, text: str, doctor: str) -> dict[str, Any]:

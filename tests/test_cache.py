@@ -20,6 +20,7 @@ from gateway.cache import CacheService, next_run
 from gateway.center import Center
 from gateway.clock import NodeClock
 from gateway.frontend import Frontend
+from gateway.grants import GrantMethod, RetrievalGrant
 from gateway.identity import IdType, person_key, resident_id_check
 from index.service import NationalIndex
 from tests.conftest import auth
@@ -257,6 +258,35 @@ def test_the_center_fetches_a_study_on_request_through_the_index(fed: Fed) -> No
         again = httpx.post(f"{fed.c50.url}/api/v1/fetches", json={"study_uid": STUDY}, headers=h)
         assert again.json()["source"] == "local"
         unknown = httpx.post(f"{fed.c50.url}/api/v1/fetches", json={"study_uid": "1.2.3.4.5"}, headers=h)
+        assert unknown.status_code == 404
+    finally:
+        c52.stop()
+
+
+def test_the_doctor_retrieves_an_uncached_out_of_province_study_with_the_patients_grant(fed: Fed) -> None:
+    """R-SC-4, R-RT-4, R-CE-7: front-end cache, else its center, else the holding province."""
+    url = f"http://127.0.0.1:{fed.fe.http_port}/api/v1/patients/{PERSON}/studies"
+    h = auth(fed.fe)
+    c52 = fed.start52()
+    try:
+        denied = httpx.post(f"{url}/{STUDY}/fetch", params={"doctor": "D1"}, headers=h)
+        assert denied.status_code == 403 and "no authorization" in denied.json()["reason"]
+        assert not fed.fe.archive.catalog.locate({"StudyInstanceUID": STUDY})
+        ws = fed.fe.workstation
+        assert ws is not None
+        now = datetime.now(UTC)
+        ws.grants.add(
+            RetrievalGrant(
+                PERSON, HOSPITAL, now, now + timedelta(hours=1), GrantMethod.WRITTEN, "scan:consent-1"
+            )
+        )
+        first = httpx.post(f"{url}/{STUDY}/fetch", params={"doctor": "D1"}, headers=h)
+        assert first.status_code == 200 and first.json()["source"] == "center", first.text
+        assert len(fed.fe.archive.catalog.locate({"StudyInstanceUID": STUDY})) == 3
+        assert fed.c50.cache is not None and fed.c50.cache.area.holds(STUDY)  # the center kept a copy
+        again = httpx.post(f"{url}/{STUDY}/fetch", params={"doctor": "D1"}, headers=h)
+        assert again.json()["source"] == "local"
+        unknown = httpx.post(f"{url}/1.2.3.4/fetch", headers=h)
         assert unknown.status_code == 404
     finally:
         c52.stop()

@@ -136,6 +136,7 @@ RULES: tuple[Rule, ...] = (
     Rule("POST", "/api/v1/grants", "api:grants"),
     Rule("GET", "/api/v1/patients/*/history", "api:doctor"),
     Rule("GET", "/api/v1/patients/*/same-exams", "api:doctor"),
+    Rule("POST", "/api/v1/patients/*/studies/*/fetch", "api:doctor"),
     Rule("POST", "/api/v1/citations", "api:doctor"),
     Rule("GET", "/api/v1/code-maps", "api:codes"),
     # Cross-province fetch at a center (api/cache.py):
