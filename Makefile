@@ -55,7 +55,10 @@ pytest: setup
 test: setup lint typecheck pytest
 
 bench: setup
+	@command -v wrk >/dev/null || { if [ "$$(id -u)" != 0 ]; then SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq wrk >/dev/null; }
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/dicomweb.py
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

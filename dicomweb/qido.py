@@ -317,24 +317,48 @@ def _value(keyword: str, level: Level, row: Mapping[str, Any], base: str) -> Any
     return row.get(keyword)
 
 
-def _result(search: Search, keys: Iterable[str], row: Mapping[str, Any], base: str) -> json_model.JsonDataset:
-    """One search result as a DICOM JSON data set."""
-    doc: json_model.JsonDataset = {}
-    stored: dict[str, dict[str, Any]] = {}
-    if row.get("_metadata_json"):
-        stored = json_model.strip_bulk_data(json.loads(row["_metadata_json"]))
-        if search.include_all and search.level is Level.IMAGE:
-            doc.update(stored)
-        for included in search.include_tags:
-            key = json_model.tag_key(included)
-            if key in stored:
-                doc[key] = stored[key]
+@dataclass(frozen=True)
+class _Column:
+    """A returned attribute, resolved once per request (tag, JSON key, VR), not once per row."""
+
+    keyword: str
+    tag: int
+    key: str
+    vr: str
+
+
+def _columns(keys: Iterable[str], row_keys: Iterable[str]) -> list[_Column]:
+    """The attributes of ``keys`` the rows carry, in ascending tag order (§F.2.1.1)."""
+    present = set(row_keys)
+    found: list[_Column] = []
     for keyword in keys:
         tag = json_model.tag_of(keyword)
-        if tag is None or (keyword not in row and keyword not in _EXTRA):
+        if tag is None or (keyword not in present and keyword not in _EXTRA):
             continue
-        doc[json_model.tag_key(tag)] = json_model.element(tag, _value(keyword, search.level, row, base))
-    return json_model.sort_dataset(doc)
+        found.append(_Column(keyword, tag, json_model.tag_key(tag), json_model.vr_of(tag)))
+    return sorted(found, key=lambda c: c.tag)
+
+
+def _result(
+    search: Search, columns: Sequence[_Column], row: Mapping[str, Any], base: str
+) -> json_model.JsonDataset:
+    """One search result as a DICOM JSON data set (attributes in ascending tag order)."""
+    doc: json_model.JsonDataset = {}
+    for col in columns:
+        values = json_model.encode_values(col.vr, _value(col.keyword, search.level, row, base))
+        doc[col.key] = {"vr": col.vr, "Value": values} if values else {"vr": col.vr}
+    if not row.get("_metadata_json"):
+        return doc
+    stored = json_model.strip_bulk_data(json.loads(row["_metadata_json"]))
+    merged: dict[str, dict[str, Any]] = {}
+    if search.include_all and search.level is Level.IMAGE:
+        merged.update(stored)
+    for included in search.include_tags:
+        key = json_model.tag_key(included)
+        if key in stored:
+            merged[key] = stored[key]
+    merged.update(doc)  # the catalog's own values win, as before
+    return json_model.sort_dataset(merged)
 
 
 def _keys(search: Search, scope: str, row_keys: Iterable[str]) -> list[str]:
@@ -394,8 +418,9 @@ async def _search(request: Request, level: Level, scope: str) -> Response:
     base = service_url(request)
     more = len(rows) > cap
     rows = rows[:cap]
-    keys = _keys(search, scope, rows[0].keys() if rows else ())
-    body = access.redacted(request, [_result(search, keys, row, base) for row in rows])  # R-SE-3
+    row_keys = list(rows[0].keys()) if rows else []
+    columns = _columns(_keys(search, scope, row_keys), row_keys)
+    body = access.redacted(request, [_result(search, columns, row, base) for row in rows])  # R-SE-3
     response = Response(
         json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
         status_code=200,

@@ -98,6 +98,17 @@ def test_pixel_row_is_one_lookup_by_the_three_uids(catalog: Catalog) -> None:
     assert catalog.pixel_row("1.2.3", "1.2.3.1", "1.9.6") is None
 
 
+def test_metadata_is_the_stored_json_as_utf8_bytes_in_instance_order(catalog: Catalog) -> None:
+    """WADO-RS /metadata reads the documents as bytes (no str round trip), both dialects."""
+    doc = '{"00100010":{"vr":"PN","Value":[{"Ideographic":"张^三"}]},"n":%d}'
+    for n in (2, 1, 3):
+        catalog.add_instance(rec(f"1.9.{n}", instance_number=n, metadata_json=doc % n))
+    catalog.add_instance(rec("1.8.1", series="1.2.3.9", metadata_json=doc % 9))
+    docs = catalog.metadata({"StudyInstanceUID": "1.2.3", "SeriesInstanceUID": "1.2.3.1"})
+    assert docs == [(doc % n).encode("utf-8") for n in (1, 2, 3)]
+    assert catalog.metadata({"StudyInstanceUID": "9.9"}) == []
+
+
 def test_add_then_duplicate_then_new_bytes_makes_a_version(catalog: Catalog) -> None:
     assert catalog.add_instance(rec("1.9.1")) is AddOutcome.STORED
     assert catalog.add_instance(rec("1.9.1")) is AddOutcome.DUPLICATE
