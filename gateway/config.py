@@ -477,7 +477,7 @@ class DoctorSection(Strict):
     history_years: int = Field(default=3, ge=3, le=30, description="history window before the visit")
     same_exam_days: int = Field(default=30, ge=1, le=366, description="same-exam reminder period")
     reject_grades: list[str] = Field(
-        default_factory=lambda: ["丙", "reject"], description="QC grades never reminded"
+        default_factory=lambda: ["丙", "废"], description="QC grades never reminded"
     )
     codes_dir: Path = Field(
         default=Path("codes"), description="folder of code maps (*.toml): hospital → insurance item code"

@@ -103,7 +103,8 @@ RECORDS = [
     index_record("1.2.52.2", date(2022, 11, 19)),  # one day too old
     index_record("1.2.52.3", date(2025, 10, 21), qc_grade="甲"),  # 30 days before the order
     index_record("1.2.52.4", date(2025, 10, 19), qc_grade="甲"),  # 32 days before
-    index_record("1.2.52.5", date(2025, 11, 10), qc_grade="丙"),  # reject grade
+    index_record("1.2.52.5", date(2025, 11, 10), qc_grade="丙"),  # not of diagnostic quality
+    index_record("1.2.52.8", date(2025, 11, 12), qc_grade="废"),  # reject grade (what QC writes)
     index_record("1.2.52.6", date(2025, 11, 1), exam_item_code="GZ-XX-1"),  # no mapping
     index_record("1.2.52.7", date(2024, 5, 1), hospital_code=HOSPITAL, exam_item_code="CT001"),  # ours
 ]
@@ -156,7 +157,7 @@ def test_history_is_the_3_year_window_at_other_institutions_with_report_grade_an
     body = r.json()
     assert (body["from"], body["to"]) == ("2022-11-20", "2025-11-20")
     got = {s["study_uid"]: s for s in body["studies"]}
-    assert set(got) == {"1.2.52.1", "1.2.52.3", "1.2.52.4", "1.2.52.5", "1.2.52.6"}  # not 52.2 nor ours
+    assert set(got) == {"1.2.52.1", "1.2.52.3", "1.2.52.4", "1.2.52.5", "1.2.52.6", "1.2.52.8"}  # not 52.2, ours
     first = got["1.2.52.1"]
     assert first["exam_date"] == "2022-11-20" and first["qc_grade"] == "甲" and first["cached"] is True
     assert first["report"] == {"description": "双肺纹理清晰。", "diagnosis": "未见明显异常。"}
