@@ -334,6 +334,12 @@ def test_invert_wl_presets_and_pseudocolour(page: Page, studies: Studies) -> Non
     rgb = pixels(page)[region]
     assert np.abs(rgb[..., 0] - rgb[..., 2]).mean() > 20
     shot(page, "pseudocolour")
+    # every map offered exists (a wrong name throws in the page: the fixture fails on page errors)
+    for name in page.eval_on_selector_all("#colormap option", "os => os.map(o => o.value)"):
+        page.select_option("#colormap", name)
+        rgb = pixels(page)[region]
+        coloured = np.abs(rgb[..., 0] - rgb[..., 2]).mean() + np.abs(rgb[..., 1] - rgb[..., 2]).mean()
+        assert (coloured > 10) == (name != "none"), (name, coloured)
 
 
 def test_rotate_and_mirror_move_the_marker(page: Page, studies: Studies) -> None:

@@ -126,8 +126,8 @@ export function reset() {
 
 export function setColormap(name) {
   const viewport = vp();
-  if (!name || name === 'none') viewport.unsetColormap?.() ?? viewport.setProperties({ colormap: undefined });
-  else viewport.setProperties({ colormap: { name } });
+  // (unsetColormap is not implemented for GPU rendering in 5.14.0: back to grey is a grey map)
+  viewport.setProperties({ colormap: { name: !name || name === 'none' ? 'Grayscale' : name } });
   render(viewport);
 }
 
@@ -327,7 +327,7 @@ function buildToolbar() {
   const cmap = document.createElement('select');
   cmap.id = 'colormap';
   cmap.title = '伪彩 pseudo-colour';
-  for (const c of ['none', 'hsv', 'Hot Iron', 'jet', 'Rainbow Blended Grey', 'Cool to Warm']) cmap.append(new Option(c === 'none' ? 'colour: grey' : c, c));
+  for (const c of ['none', 'hsv', 'Black-Body Radiation', 'jet', 'Rainbow Blended Grey', 'Cool to Warm']) cmap.append(new Option(c === 'none' ? 'colour: grey' : c, c));
   cmap.addEventListener('change', () => setColormap(cmap.value));
   const fps = Object.assign(document.createElement('input'), { type: 'number', id: 'fps', min: 1, max: 60, value: getSettings().cine?.fps ?? 10 });
   fps.style.width = '48px';
