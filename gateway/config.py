@@ -387,6 +387,12 @@ class CompressionSection(Strict):
         default=False, description="also re-encode data that arrived compressed losslessly in another syntax"
     )
     workers: int = Field(default=1, ge=1, le=16, description="compression processes (each uses one core)")
+    delete_grace_seconds: float = Field(
+        default=60,
+        ge=0,
+        le=86400,
+        description="how long a replaced (uncompressed) blob stays readable before it is deleted",
+    )
 
     @field_validator("transfer_syntax")
     @classmethod

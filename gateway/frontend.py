@@ -81,10 +81,13 @@ def _compression_stage(cfg: FrontendConfig, archive: Archive) -> CompressionStag
     when ``[compression] transfer_syntax = "none"`` (instances left queued by an earlier run with
     it on are then forwarded as received)."""
     section = cfg.compression
+    grace = timedelta(seconds=section.delete_grace_seconds)
     if section.transfer_syntax == "none":
-        dropped = CompressionStage(archive.catalog, archive.store, codec_for("jpeg-ls")).discard_queue()
+        off = CompressionStage(archive.catalog, archive.store, codec_for("jpeg-ls"), delete_grace=grace)
+        dropped = off.discard_queue()
         if dropped:
             log.info("compression is off: %d queued instances stay as received", dropped)
+        off.sweep()  # blobs an earlier run replaced (those still in their grace period stay)
         return None
     stage = CompressionStage(
         archive.catalog,
@@ -93,6 +96,7 @@ def _compression_stage(cfg: FrontendConfig, archive: Archive) -> CompressionStag
         transcode_lossless=section.transcode_lossless,
         workers=section.workers,
         processes=True,
+        delete_grace=grace,
     )
     stage.install()
     return stage

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +32,15 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
+from sqlalchemy import update
 
 from dimse.scu import send
-from gateway.archive.blobstore import FolderBlobStore
+from gateway.archive.blobstore import BlobNotFound, FolderBlobStore
 from gateway.archive.catalog import Catalog
+from gateway.archive.schema import retired_blobs
 from gateway.center import Center
 from gateway.codec import CODECS, Codec, Status, compress
-from gateway.codec.stage import CompressionStage
+from gateway.codec.stage import CompressionStage, utcnow
 from gateway.codec.table import _jpeg_ls, _rle
 from gateway.config import ConfigError, parse_config
 from gateway.frontend import Frontend
@@ -348,8 +351,51 @@ def test_the_queue_survives_a_restart_and_mismatches_keep_the_original(
     for inst in rows.values():
         data = b"".join(store.get(inst.blob_key))
         assert hashlib.sha256(data).hexdigest() == inst.sha256 and len(data) == inst.size
-    # one file per instance: the replaced original is gone
+    # one file per instance once the grace period is over: the replaced original is gone
+    assert stage.sweep(utcnow() + stage.delete_grace) == 1
     assert len([p for p in (tmp_path / "blobs").rglob("*.dcm")]) == 2
+    catalog.close()
+
+
+@pytest.mark.parametrize("db", ["sqlite", "postgresql"])
+def test_a_replaced_blob_stays_readable_for_the_grace_period_and_a_restart_resumes_its_deletion(
+    db: str, tmp_path: Path, images: dict[str, bytes], new_pg_db: Callable[[], str]
+) -> None:
+    """A WADO-RS / C-MOVE read that looked the row up before the switch still gets the bytes; the
+    old blob goes only after the grace period, and a crash in between does not forget it."""
+    url = f"sqlite:///{tmp_path / 'catalog.db'}" if db == "sqlite" else new_pg_db()
+    catalog = Catalog.open(url)
+    store = FolderBlobStore(tmp_path / "blobs")
+    stage = CompressionStage(catalog, store, CODECS["jpeg-ls"], delete_grace=timedelta(seconds=60))
+    stage.install()
+    _ingest_all(tmp_path, catalog, store, {"ct-signed": images["ct-signed"]})
+    [looked_up] = catalog.locate({})  # a reader's lookup, just before the switch
+    assert stage.drain() == 1
+    [now_stored] = catalog.locate({})
+    assert now_stored.transfer_syntax == JPEGLSLossless and now_stored.blob_key != looked_up.blob_key
+
+    held = b"".join(store.get(looked_up.blob_key))  # the reader reads the old key: still there
+    assert hashlib.sha256(held).hexdigest() == looked_up.sha256 and held == images["ct-signed"]
+    assert stage.sweep() == 0 and stage.retired() == 1  # within the grace period nothing goes
+    assert len(list((tmp_path / "blobs").rglob("*.dcm"))) == 2
+    catalog.close()  # a crash: the retired blob is recorded, not yet deleted
+
+    catalog = Catalog.open(url)  # the restart; the grace period passes
+    with catalog.write() as conn:
+        conn.execute(update(retired_blobs).values(delete_after=utcnow() - timedelta(seconds=1)))
+    restarted = CompressionStage(catalog, store, CODECS["jpeg-ls"])
+    assert restarted.retired() == 1
+    restarted.start()  # its worker sweeps
+    try:
+        wait_until(lambda: restarted.retired() == 0, what="the retired blob swept")
+    finally:
+        restarted.stop()
+    with pytest.raises(BlobNotFound):
+        b"".join(store.get(looked_up.blob_key))
+    [inst] = catalog.locate({})
+    data = b"".join(store.get(inst.blob_key))  # the catalog points at bytes that exist
+    assert hashlib.sha256(data).hexdigest() == inst.sha256 == now_stored.sha256
+    assert [p.name for p in (tmp_path / "blobs").rglob("*.dcm")] == [Path(inst.blob_key).name]
     catalog.close()
 
 
@@ -363,7 +409,10 @@ def test_frontend_compresses_after_ingest_and_forwards_only_the_compressed_bytes
 ) -> None:
     files = _sample_series(tmp_path / "sent")
     center = start_center()
-    fe = start_frontend(forward=forward_to(center, **FAST), compression={"transfer_syntax": "jpeg-ls"})
+    fe = start_frontend(
+        forward=forward_to(center, **FAST),
+        compression={"transfer_syntax": "jpeg-ls", "delete_grace_seconds": 0},
+    )
     stage = fe.compression
     assert stage is not None
     stage.stop()  # the worker is busy elsewhere: ingest goes on, the forwarder must wait
@@ -393,7 +442,8 @@ def test_frontend_compresses_after_ingest_and_forwards_only_the_compressed_bytes
         [at_center] = center.archive.catalog.locate({"SOPInstanceUID": inst.sop_uid})
         assert at_center.sha256 == inst.sha256
         assert center.archive.catalog.versions(inst.sop_uid) == []
-    assert len(list(fe.cfg.storage.path.rglob("*.dcm"))) == len(files)  # originals removed
+    # originals removed by the worker's next sweep (no grace period here)
+    wait_until(lambda: len(list(fe.cfg.storage.path.rglob("*.dcm"))) == len(files), what="originals removed")
     # WADO-RS frames: the stored JPEG-LS frame as is, and decoded to the very bytes that were sent
     sent = dcmread(files[0])
     web = DICOMwebClient(url=f"http://127.0.0.1:{fe.http_port}/dicom-web", headers=auth(fe))
@@ -424,7 +474,9 @@ def test_compression_on_an_encrypted_blob_store(
 ) -> None:
     """With encryption at rest (R-SE-10) the stage reads and writes through the sealed store."""
     files = ct_series(tmp_path / "ct", slices=2)
-    fe = start_frontend(encryption={"enabled": True}, compression={"transfer_syntax": "jpeg-ls"})
+    fe = start_frontend(
+        encryption={"enabled": True}, compression={"transfer_syntax": "jpeg-ls", "delete_grace_seconds": 0}
+    )
     stage = fe.compression
     assert stage is not None
     assert send(files, "127.0.0.1", fe.dicom_port, "YBYX").ok
@@ -436,6 +488,7 @@ def test_compression_on_an_encrypted_blob_store(
         assert inst.transfer_syntax == JPEGLSLossless
         stored = dcmread(io.BytesIO(b"".join(fe.archive.store.get(inst.blob_key))))
         assert np.array_equal(pixel_array(stored, raw=True), pixel_array(sent, raw=True))
+    wait_until(lambda: stage.retired() == 0, what="originals swept")
     on_disk = list(fe.cfg.storage.path.rglob("*.dcm"))
     assert len(on_disk) == len(files) and not any(b"DICM" in p.read_bytes()[:256] for p in on_disk)
 

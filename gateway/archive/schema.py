@@ -156,6 +156,21 @@ codec_queue = Table(
 )
 Index("ix_codec_queue_study", codec_queue.c.study_uid)
 
+# Blobs the catalog no longer points at, deleted only after ``delete_after`` (a grace period): a
+# WADO-RS or C-MOVE read that looked the row up just before the switch still gets the bytes. The
+# row is written in the same transaction that switches the catalog (gateway/codec/stage.py), so a
+# crash never leaves the catalog pointing at a deleted blob nor forgets a replaced one.
+retired_blobs = Table(
+    "retired_blobs",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("sop_uid", UID, nullable=False),
+    Column("blob_key", String(512), nullable=False),
+    Column("retired_at", DateTime(timezone=True), nullable=False),
+    Column("delete_after", DateTime(timezone=True), nullable=False),
+)
+Index("ix_retired_blobs_delete_after", retired_blobs.c.delete_after)
+
 # ---- forwarding (front-end → center), issue 3 §6 -------------------------------------------------
 
 # The outbox: one job per study, filled by ingest, drained by the forwarder. A table, not memory,

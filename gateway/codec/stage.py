@@ -11,11 +11,16 @@ queued instances one by one:
 4. in one catalog transaction, only if the instance still has the bytes we read: point the row at
    the new blob (transfer syntax, size, SHA-256, pixel data location, header JSON), keep the
    received bytes' hash in ``source_sha256``, drop the queue row, and re-queue the study for
-   forwarding;
-5. only after that commit, delete the old blob.
+   forwarding; and, in that same transaction, record the old blob in ``retired_blobs`` with a
+   ``delete_after`` one grace period (``[compression] delete_grace_seconds``, 60 s) ahead;
+5. :meth:`CompressionStage.sweep` (run by the worker threads, about once a second) deletes
+   retired blobs whose grace period is over — never one the catalog points at again.
 
-A crash before 4 leaves the queue row (the work is redone; an orphaned new blob at worst); after
-4, the old blob at worst. Failures back off and are retried; after ``MAX_ATTEMPTS`` the original is
+The grace period is for readers: a WADO-RS or C-MOVE request that looked the row up just before
+the switch reads the old key a moment later, and still gets its bytes. A crash before 4 leaves the
+queue row (the work is redone; an orphaned new blob at worst); after 4, the ``retired_blobs`` row,
+which the next start sweeps once due: the catalog never points at a deleted blob, and a replaced
+blob is never forgotten. Failures back off and are retried; after ``MAX_ATTEMPTS`` the original is
 kept for good. The forwarder asks :meth:`waiting` and holds a study back while any of its instances
 are queued here, so the center never gets two different byte streams for one SOP Instance UID.
 """
@@ -27,6 +32,7 @@ import io
 import logging
 import multiprocessing
 import threading
+import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -37,7 +43,7 @@ from sqlalchemy import Connection, delete, func, select, update
 from gateway.archive.blobstore import BlobStore
 from gateway.archive.catalog import AddOutcome, Catalog
 from gateway.archive.record import InstanceRecord, metadata_json
-from gateway.archive.schema import codec_queue, instances
+from gateway.archive.schema import codec_queue, instance_versions, instances, retired_blobs
 from gateway.codec.table import Codec
 from gateway.codec.transcode import Outcome, Status, compress
 from gateway.ingest import _check_pixel_element, _frame_location, _read_header, blob_key
@@ -46,6 +52,9 @@ log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 5
 BACKOFF = timedelta(seconds=5)
+DELETE_GRACE = timedelta(seconds=60)  # default of [compression] delete_grace_seconds
+SWEEP_EVERY = 1.0  # seconds between sweeps of retired blobs by the worker threads
+SWEEP_BATCH = 200
 
 
 def utcnow() -> datetime:
@@ -64,9 +73,13 @@ class CompressionStage:
         transcode_lossless: bool = False,
         workers: int = 1,
         processes: bool = False,
+        delete_grace: timedelta = DELETE_GRACE,
     ) -> None:
         """``processes``: encode in ``workers`` child processes (the front-end: its ingest keeps the
-        interpreter lock to itself); otherwise in the calling thread (tests, benchmarks)."""
+        interpreter lock to itself); otherwise in the calling thread (tests, benchmarks).
+        ``delete_grace``: how long a replaced blob stays readable before :meth:`sweep` deletes it."""
+        self.delete_grace = delete_grace
+        self._next_sweep = 0.0
         self.processes = processes
         self.threads_per_process = 2
         self._pool: ProcessPoolExecutor | None = None
@@ -151,6 +164,9 @@ class CompressionStage:
     def _loop(self, worker: int) -> None:
         while not self._stop.is_set():
             try:
+                if worker == 0 and time.monotonic() >= self._next_sweep:
+                    self._next_sweep = time.monotonic() + SWEEP_EVERY
+                    self.sweep()
                 worked = self.run_once(worker=worker, of=self._thread_count())
             except Exception:  # a bug or a database hiccup must not kill the worker
                 log.exception("compression pass failed")
@@ -268,14 +284,67 @@ class CompressionStage:
             conn.execute(delete(codec_queue).where(codec_queue.c.id == queue_id))
             if changed:
                 self.catalog.queue_forward(conn, study, now)
+                if key != old_key:
+                    # not deleted now: a reader may hold the old key (R-UP-1, the module docstring)
+                    self.retire(conn, sop_uid, old_key, now)
         if not changed:
-            # new bytes arrived meanwhile (and were queued again): ours are not wanted
+            # new bytes arrived meanwhile (and were queued again): ours are not wanted (no reader
+            # can know the key of a blob the catalog never pointed at)
             log.info("instance %s changed while being compressed; result dropped", sop_uid)
             if key != old_key:
                 self.store.delete(key)
-            return
-        if key != old_key:
-            self.store.delete(old_key)  # only now: the catalog no longer points at it
+
+    # ---- replaced blobs ----------------------------------------------------------------------
+
+    def retire(self, conn: Connection, sop_uid: str, key: str, now: datetime) -> None:
+        """Record ``key`` (a blob of instance ``sop_uid``) for deletion one grace period from
+        ``now``, in the caller's transaction."""
+        conn.execute(
+            retired_blobs.insert().values(
+                sop_uid=sop_uid, blob_key=key, retired_at=now, delete_after=now + self.delete_grace
+            )
+        )
+
+    def retired(self) -> int:
+        """How many replaced blobs wait for deletion."""
+        with self.catalog.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(retired_blobs)).scalar_one())
+
+    def sweep(self, now: datetime | None = None) -> int:
+        """Delete the retired blobs whose grace period is over; how many were deleted.
+
+        The blob goes first, its row after: a crash in between leaves the row, and the next sweep
+        deletes again (deleting a missing key is no error). A key the catalog points at again (an
+        instance row or a kept version) is not deleted; only its row is dropped.
+        """
+        due_by = now or utcnow()
+        with self.catalog.engine.connect() as conn:
+            due = conn.execute(
+                select(retired_blobs.c.id, retired_blobs.c.sop_uid, retired_blobs.c.blob_key)
+                .where(retired_blobs.c.delete_after <= due_by)
+                .order_by(retired_blobs.c.id)
+                .limit(SWEEP_BATCH)
+            ).all()
+        deleted = 0
+        for row in due:
+            key, sop = str(row.blob_key), str(row.sop_uid)
+            with self.catalog.engine.connect() as conn:  # both by the indexed SOP Instance UID
+                in_use = (
+                    conn.execute(
+                        select(instances.c.id).where(instances.c.sop_uid == sop, instances.c.blob_key == key)
+                    ).first()
+                    or conn.execute(
+                        select(instance_versions.c.id).where(
+                            instance_versions.c.sop_uid == sop, instance_versions.c.blob_key == key
+                        )
+                    ).first()
+                )
+            if in_use is None:
+                self.store.delete(key)
+                deleted += 1
+            with self.catalog.write() as conn:
+                conn.execute(delete(retired_blobs).where(retired_blobs.c.id == row.id))
+        return deleted
 
     def _finish(self, queue_id: int) -> None:
         with self.catalog.write() as conn:
