@@ -34,7 +34,15 @@ from gateway.frontend import Frontend
 from gateway.sample import ct_series
 from tests.conftest import dcmtk, frontend_config, node_url, token
 from tests.peers.ports import free_port
-from tests.viewer_phantom import INSERT, MARKERS, SPACING, SQUARE, write_ct_phantom, write_volume_phantom
+from tests.viewer_phantom import (
+    INSERT,
+    MARKERS,
+    SPACING,
+    SQUARE,
+    write_ct_phantom,
+    write_pet_phantom,
+    write_volume_phantom,
+)
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 CHROMIUM_ARGS = [
@@ -59,6 +67,7 @@ class Studies:
     prior: str  # the same patient, another hospital and date (history comparison)
     rate: str  # a 512 x 512 CT series for the load rate
     jls: str  # the same, JPEG-LS lossless
+    fusion: str  # the volume phantom as CT + a PET phantom (PET-CT fusion)
     received: Path  # what the workstation (storescp) stored
 
 
@@ -99,12 +108,18 @@ def studies(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Studies]:
             dst = root / "jls" / f"{i:03d}.dcm"
             subprocess.run([dcmtk("dcmcjpls"), str(src), str(dst)], check=True)
             jls_paths.append(dst)
+        # PET-CT: the volume phantom as CT and a PET on the same grid and frame of reference
+        fusion, frame = generate_uid(), generate_uid()
+        paths += write_volume_phantom(root / "fct", fusion, frame)
+        paths += write_pet_phantom(root / "fpt", fusion, frame)
         for p in paths + rate_paths + jls_paths:
             fe.ingest.accept_file(p, source="TEST")
         rate = dcmread_study(rate_paths[0])
         jls = dcmread_study(jls_paths[0])
         assert dcmread(jls_paths[0], stop_before_pixels=True).file_meta.TransferSyntaxUID == JPEGLSLossless
-        yield Studies(fe, node_url(fe), token(fe, "qido wado api:send"), phantom, prior, rate, jls, received)
+        yield Studies(
+            fe, node_url(fe), token(fe, "qido wado api:send"), phantom, prior, rate, jls, fusion, received
+        )
     finally:
         fe.stop()
         storescp.terminate()
@@ -587,6 +602,30 @@ def test_mpr_shows_the_sphere_sagittally_and_mip_brings_it_axially(page: Page, s
     shot(page, "mip")
     page.click("#btn-stack")
     page.wait_for_function("document.querySelectorAll('.cell').length === 1")
+
+
+def test_pet_ct_fusion_shows_the_hot_spot_in_colour(page: Page, studies: Studies) -> None:
+    """PET over CT: the PET hot sphere (central axial plane, patient's left) in colour over the
+    grey CT; PET opacity 0 takes the colour away."""
+    open_viewer(page, studies, studies.fusion)
+    page.click("#btn-fusion")
+    page.wait_for_function("document.body.dataset.fusionReady === '1'", timeout=60_000)
+    page.wait_for_timeout(500)
+    rgb = pixels(page, 0)
+    shot(page, "fusion")
+    colour = np.abs(rgb[..., 0] - rgb[..., 2]) > 60
+    hot = blobs(colour.astype(float) * 255, 250, close=2)
+    assert hot and hot[0][2] > 100, hot
+    assert hot[0][1] > rgb.shape[1] / 2, hot  # image right = patient's left
+    grey = ~colour & (rgb.mean(axis=2) > 50)
+    assert grey.sum() > 10 * colour.sum()  # the CT around it stays grey
+    page.evaluate("document.getElementById('pet-opacity').value = '0'")
+    page.dispatch_event("#pet-opacity", "input")
+    page.wait_for_function("document.body.dataset.fusion.endsWith(':0')")
+    page.wait_for_timeout(300)
+    rgb = pixels(page, 0)
+    assert (np.abs(rgb[..., 0] - rgb[..., 2]) > 60).sum() < 10
+    page.click("#btn-stack")
 
 
 # ---- history comparison and embedding ------------------------------------------------------------

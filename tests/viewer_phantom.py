@@ -23,7 +23,12 @@ from pathlib import Path
 import numpy as np
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    PositronEmissionTomographyImageStorage,
+    generate_uid,
+)
 
 SPACING = 0.5  # mm per pixel
 MARKERS = ((128, 28), (128, 228))  # (row, column) centres, 100.0 mm apart
@@ -116,7 +121,7 @@ def write_ct_phantom(
     return study, paths
 
 
-def write_volume_phantom(out: Path, study: str) -> list[Path]:
+def write_volume_phantom(out: Path, study: str, frame_of_reference: str | None = None) -> list[Path]:
     """Write the volume phantom as a second series of ``study``."""
     out.mkdir(parents=True, exist_ok=True)
     series = generate_uid()
@@ -126,7 +131,37 @@ def write_volume_phantom(out: Path, study: str) -> list[Path]:
         # ascending z = slice index, so the sphere's slice is known in patient space too
         ds = _dataset(study, series, k + 1, vol[k], float(k), 1.0, 1.0)
         ds.SeriesNumber, ds.SeriesDescription = 2, "volume phantom"
+        if frame_of_reference:
+            ds.FrameOfReferenceUID = frame_of_reference
         path = out / f"vol{k:03d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+PET_HOT = (24, 32, 48, 6)  # slice, row, column, radius of the PET hot sphere (volume grid)
+
+
+def write_pet_phantom(out: Path, study: str, frame_of_reference: str) -> list[Path]:
+    """A PET series on the volume phantom's grid and frame of reference: 100 counts everywhere, a
+    hot sphere (5000) at :data:`PET_HOT` — on the central axial plane, on the patient's left."""
+    out.mkdir(parents=True, exist_ok=True)
+    series = generate_uid()
+    zz, rr, cc = np.mgrid[0:48, 0:64, 0:64]
+    z, r, c, rad = PET_HOT
+    counts = np.full((48, 64, 64), 100, np.int32)
+    counts[(zz - z) ** 2 + (rr - r) ** 2 + (cc - c) ** 2 <= rad**2] = 5000
+    paths = []
+    for k in range(48):
+        ds = _dataset(study, series, k + 1, counts[k] - 1024, float(k), 1.0, 1.0)  # stored = counts
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = PositronEmissionTomographyImageStorage
+        ds.Modality, ds.SeriesNumber, ds.SeriesDescription = "PT", 3, "PET phantom"
+        ds.FrameOfReferenceUID = frame_of_reference
+        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+        del ds.RescaleType
+        ds.Units = "CNTS"
+        ds.WindowCenter, ds.WindowWidth = 2500, 5000
+        path = out / f"pet{k:03d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths

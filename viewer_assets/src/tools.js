@@ -343,6 +343,7 @@ function buildToolbar() {
     button('MPR', '多平面重建 MPR with crosshairs [Shift+M]', () => volumeMode('mpr'), { id: 'btn-mpr' }),
     button('MIP', '最大密度投影 MIP (MinIP/AvgIP in the MPR bar)', () => volumeMode('mip'), { id: 'btn-mip' }),
     button('3D', '容积再现 volume rendering', () => volumeMode('3d'), { id: 'btn-3d' }),
+    button('Fusion', 'PET-CT 融合 fusion', () => volumeMode('fusion'), { id: 'btn-fusion' }),
     button('Stack', 'back to the stack view [S]', () => volumeMode(null), { id: 'btn-stack' }),
     sep(),
     button('⇅ bar', 'toolbar top/bottom', toggleToolbarPosition, { id: 'btn-bar' }),

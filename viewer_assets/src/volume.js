@@ -73,23 +73,38 @@ function cells(state, specs) {
   return inputs.map((i) => i.viewportId);
 }
 
+const loaded = new Set();
+const done = new Map(); // volume id → promise resolved when all its slices are in
+
+/** The series as a streaming volume; body[data-volume-loaded] = '1' once all are loaded. */
 async function ensureVolume(series, status) {
   const ids = await imageIdsOf(series);
   const id = `cornerstoneStreamingImageVolume:ybyx-${series.uid}`;
-  if (volumeId !== id) {
+  if (!cache.getVolume(id)) {
     document.body.dataset.volumeLoaded = '';
     const onDone = (e) => {
       if (e.detail?.volumeId === id) {
+        loaded.add(id);
         document.body.dataset.volumeLoaded = '1';
         status(`volume of ${ids.length} slices loaded`);
         eventTarget.removeEventListener(Enums.Events.IMAGE_VOLUME_LOADING_COMPLETED, onDone);
       }
     };
     eventTarget.addEventListener(Enums.Events.IMAGE_VOLUME_LOADING_COMPLETED, onDone);
-    const volume = cache.getVolume(id) ?? (await volumeLoader.createAndCacheVolume(id, { imageIds: ids }));
-    volumeId = id;
+    done.set(id, new Promise((resolve) => {
+      const once = (e) => {
+        if (e.detail?.volumeId !== id) return;
+        eventTarget.removeEventListener(Enums.Events.IMAGE_VOLUME_LOADING_COMPLETED, once);
+        resolve();
+      };
+      eventTarget.addEventListener(Enums.Events.IMAGE_VOLUME_LOADING_COMPLETED, once);
+    }));
+    const volume = await volumeLoader.createAndCacheVolume(id, { imageIds: ids });
     volume.load();
+  } else if (loaded.has(id)) {
+    document.body.dataset.volumeLoaded = '1';
   }
+  volumeId = id;
   return id;
 }
 
@@ -147,6 +162,11 @@ export async function setMode(mode, { state, group, status, selectedSeries }) {
     current = null;
     return;
   }
+  if (mode === 'fusion') {
+    await fusion(state, status);
+    current = mode;
+    return;
+  }
   const candidates = [selectedSeries, ...state.series].filter((s) => s && s.count >= 3);
   const series = candidates.sort((a, b) => (b === selectedSeries) - (a === selectedSeries) || b.count - a.count)[0];
   if (!series) {
@@ -183,3 +203,70 @@ export async function setMode(mode, { state, group, status, selectedSeries }) {
 }
 
 export const currentMode = () => current;
+
+// ---- PET-CT fusion: CT in grey, PET over it in colour with adjustable opacity ----------------------
+
+async function fusion(state, status) {
+  const ct = state.series.filter((s) => s.modality === 'CT' && s.count >= 3).sort((a, b) => b.count - a.count)[0];
+  const pt = state.series.filter((s) => s.modality === 'PT' && s.count >= 3).sort((a, b) => b.count - a.count)[0];
+  if (!ct || !pt) {
+    status('fusion needs a CT and a PET series in this study', true);
+    return;
+  }
+  lastSeries = ct;
+  const ptId = await ensureVolume(pt, () => {});
+  const ctId = await ensureVolume(ct, status);
+  const O = Enums.OrientationAxis;
+  const ids = cells(state, [
+    { name: 'fusion axial', type: Enums.ViewportType.ORTHOGRAPHIC, orientation: O.AXIAL },
+    { name: 'fusion coronal', type: Enums.ViewportType.ORTHOGRAPHIC, orientation: O.CORONAL },
+  ]);
+  const petActor = ({ volumeActor }) => {
+    // opacity is per unit distance along the ray and an MPR slab is a fraction of a millimetre
+    // thick: without this the PET layer would be almost transparent whatever its opacity
+    volumeActor.getProperty().setScalarOpacityUnitDistance(0, 0.01);
+  };
+  await setVolumesForViewports(state.engine, [{ volumeId: ctId }, { volumeId: ptId, callback: petActor }], ids);
+  for (const v of ids) mprGroup.addViewport(v, state.engine.id);
+  const bar = $('#volume-bar');
+  bar.innerHTML = '';
+  const cmap = document.createElement('select');
+  cmap.id = 'pet-colormap';
+  cmap.title = 'PET colour map';
+  for (const c of ['Black-Body Radiation', 'hsv', 'jet', 'Rainbow Blended Grey']) cmap.append(new Option(c, c));
+  const opacity = Object.assign(document.createElement('input'), { type: 'range', id: 'pet-opacity', min: 0, max: 1, step: 0.05, value: 0.7 });
+  opacity.title = 'PET opacity';
+  const apply = () => {
+    for (const id of ids) {
+      const viewport = state.engine.getViewport(id);
+      // PET: SUV-like range from the volume's own values (SUV scaling from the header: not yet)
+      const pet = cache.getVolume(ptId);
+      const range = pet?.voxelManager?.getRange?.() ?? [0, 1];
+      if (!(range[1] > range[0])) continue; // not loaded yet: applied again when it is
+      // the hottest voxels in the middle of the map: coloured (red-orange), not near-white
+      const upper = range[0] + (range[1] - range[0]) * 1.8;
+      // low (background) uptake transparent, the rest at the chosen opacity
+      const knee = range[0] + (range[1] - range[0]) * 0.05;
+      const opacityMapping = [
+        { value: range[0], opacity: 0 },
+        { value: knee, opacity: 1 },
+        { value: upper, opacity: 1 },
+      ];
+      viewport.setProperties({ colormap: { name: cmap.value, opacityMapping, opacity: Number(opacity.value) }, voiRange: { lower: range[0], upper } }, ptId);
+      viewport.render();
+    }
+    document.body.dataset.fusion = `${cmap.value}:${opacity.value}`;
+  };
+  cmap.addEventListener('change', apply);
+  opacity.addEventListener('input', apply);
+  const lbl = Object.assign(document.createElement('label'), { textContent: 'PET opacity' });
+  lbl.append(opacity);
+  bar.append(cmap, lbl);
+  apply();
+  selectCell(0);
+  state.engine.render();
+  await Promise.all([done.get(ctId), done.get(ptId)]);
+  apply(); // the PET range is known now
+  document.body.dataset.fusionReady = '1';
+  status(`PET-CT fusion: CT series ${ct.number} + PET series ${pt.number}`);
+}
