@@ -33,6 +33,7 @@ VIEWER_SRC := $(VIEWER)/package.json $(VIEWER)/vite.config.js $(VIEWER)/index.ht
 viewer: $(VIEWER)/dist/.built
 
 $(VIEWER)/node_modules/.installed: $(VIEWER)/package-lock.json
+	@command -v npm >/dev/null || { echo "the viewer needs Node.js >= 20.19 with npm (Vite 8)" >&2; exit 1; }
 	cd $(VIEWER) && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
