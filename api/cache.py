@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from datetime import date
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
@@ -33,6 +34,7 @@ class FetchIn(BaseModel):
     study_uid: str = Field(max_length=64, pattern=r"^[0-9]+(\.[0-9]+)*$")
     person_key: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     visit: date | None = None
+    wait: Literal["all", "first"] = "all"
 
 
 def _service(request: Request) -> CacheService | None:
@@ -111,7 +113,7 @@ async def post_fetch(request: Request) -> Response:
     fetcher = svc.fetcher
     try:
         result = await run_in_threadpool(
-            lambda: fetcher.fetch(body.study_uid, visit=body.visit, person=body.person_key)
+            lambda: fetcher.fetch(body.study_uid, visit=body.visit, person=body.person_key, wait=body.wait)
         )
     except PeerError as exc:
         status = 404 if exc.status == 404 else 502

@@ -233,9 +233,12 @@ class DicomWebClient:
         sop: str | None = None,
         *,
         as_stored: bool = True,
+        on_part: Callable[[Path], None] | None = None,
     ) -> list[Path]:
         """WADO-RS retrieve into ``out`` (one file per instance), streamed: the response is parsed
         as it arrives and each part written to disk, so a study never sits in memory.
+        ``on_part`` is called with each file as soon as its part is complete (a cross-province
+        fetch stores the first instance while the rest is still arriving, issue 5).
 
         ``as_stored``: ask for ``transfer-syntax=*`` (the bytes as archived); else the server's
         default (Explicit VR Little Endian).
@@ -246,7 +249,7 @@ class DicomWebClient:
             + (f"/instances/{sop}" if sop else "")
         )
         accept = 'multipart/related; type="application/dicom"' + ("; transfer-syntax=*" if as_stored else "")
-        return self._multipart_to_files(f"{self.dicomweb}{path}", accept, out, ".dcm")
+        return self._multipart_to_files(f"{self.dicomweb}{path}", accept, out, ".dcm", on_part)
 
     def frames(
         self,
@@ -263,7 +266,9 @@ class DicomWebClient:
         url = f"{instance}/frames/{','.join(map(str, frames))}"
         return self._multipart_to_files(url, f'multipart/related; type="{media_type}"', out, ".frame")
 
-    def _multipart_to_files(self, url: str, accept: str, out: Path, suffix: str) -> list[Path]:
+    def _multipart_to_files(
+        self, url: str, accept: str, out: Path, suffix: str, on_part: Callable[[Path], None] | None = None
+    ) -> list[Path]:
         out.mkdir(parents=True, exist_ok=True)
         written: list[Path] = []
         with self.http.stream("GET", url, headers={"Accept": accept}) as response:
@@ -289,6 +294,8 @@ class DicomWebClient:
                         elif fh is not None:
                             fh.close()
                             fh = None
+                            if on_part is not None:
+                                on_part(written[-1])
                 parser.finish()
             finally:
                 if fh is not None:

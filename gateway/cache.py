@@ -24,6 +24,7 @@ import logging
 import shutil
 import tempfile
 import threading
+import time as monotonic_time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -317,6 +318,11 @@ class CacheArea:
         for key in keys:
             self.store.delete(key)
 
+    def busy(self, study_uid: str) -> bool:
+        """Whether a fetch of the study is under way here."""
+        with self._lock:
+            return study_uid in self._fetching
+
     @contextmanager
     def fetching(self, study_uid: str) -> Iterator[None]:
         with self._lock:
@@ -440,6 +446,7 @@ def fetch_into(
     *,
     who: str,
     keep: tuple[str, str, datetime],
+    first: threading.Event | None = None,
 ) -> int:
     """WADO-RS retrieve of a whole study from ``source`` into the local archive as a cache copy;
     the instances stored."""
@@ -449,7 +456,7 @@ def fetch_into(
     try:
         with area.fetching(study_uid):
             try:
-                stored = _fetch(ingest, source, study_uid, folder, who)
+                stored = _fetch(ingest, source, study_uid, folder, who, first)
                 area.remember(study_uid, *keep)  # marked while still "fetching": never forwarded
                 return stored
             except (PeerError, httpx.HTTPError):
@@ -462,15 +469,27 @@ def fetch_into(
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _fetch(ingest: Any, source: Any, study_uid: str, folder: Path, who: str) -> int:
-    files = source.retrieve(folder, study_uid)
-    if not files:
-        raise PeerError(f"{who} returned no instances of {study_uid}")
-    for f in files:
-        result = ingest.accept_file(f, source=who)
+def _fetch(
+    ingest: Any, source: Any, study_uid: str, folder: Path, who: str, first: threading.Event | None
+) -> int:
+    """Each instance is stored as soon as its part has arrived (the first is servable while the
+    rest of the study is still on the wire); ``first`` is set then."""
+    stored = 0
+
+    def store(path: Path) -> None:
+        nonlocal stored
+        result = ingest.accept_file(path, source=who)
         if isinstance(result, Refused):
             raise PeerError(f"an instance of {study_uid} from {who} was refused: {result.reason}")
-    return len(files)
+        path.unlink(missing_ok=True)
+        stored += 1
+        if first is not None:
+            first.set()
+
+    files = source.retrieve(folder, study_uid, on_part=store)
+    if not files:
+        raise PeerError(f"{who} returned no instances of {study_uid}")
+    return stored
 
 
 @dataclass
@@ -487,8 +506,22 @@ class CenterFetcher:
     policy: RetryPolicy = field(default_factory=RetryPolicy)
 
     def fetch(
-        self, study_uid: str, *, visit: date | None = None, person: str | None = None
+        self,
+        study_uid: str,
+        *,
+        visit: date | None = None,
+        person: str | None = None,
+        wait: str = "all",
     ) -> dict[str, Any]:
+        """Hold the study here; ``wait="first"`` answers once its first instance is stored (the
+        rest keeps arriving in the background: a viewer's first image need not wait for the
+        whole study, R-PF-1)."""
+        if self.area.busy(study_uid):
+            if wait == "first":
+                return {"study_uid": study_uid, "source": "fetching", "complete": False}
+            deadline = monotonic_time.monotonic() + 600  # a whole study: wait for the fetch under way
+            while self.area.busy(study_uid) and monotonic_time.monotonic() < deadline:
+                monotonic_time.sleep(0.05)
         if self.area.holds(study_uid):
             return {"study_uid": study_uid, "source": "local"}
         rec = call(self.index, "GET", f"/api/v1/index-records/{study_uid}")
@@ -504,8 +537,33 @@ class CenterFetcher:
             keep_until(day, "center", self.policy.extend_days),
         )
         who = f"center:{rec['province']}"
+        if wait == "first":
+            return self._first(source, study_uid, who, keep)
         stored = fetch_into(self.area, self.ingest, source, study_uid, self.spool, who=who, keep=keep)
         return {"study_uid": study_uid, "source": f"province:{rec['province']}", "instances": stored}
+
+    def _first(
+        self, source: Any, study_uid: str, who: str, keep: tuple[str, str, datetime]
+    ) -> dict[str, Any]:
+        first = threading.Event()
+        failed: list[str] = []
+
+        def run() -> None:
+            try:
+                fetch_into(
+                    self.area, self.ingest, source, study_uid, self.spool, who=who, keep=keep, first=first
+                )
+            except PeerError as exc:
+                log.error("background fetch of %s failed: %s", study_uid, exc)
+                failed.append(str(exc))
+            finally:
+                first.set()
+
+        threading.Thread(target=run, name="fetch-rest", daemon=True).start()
+        first.wait()
+        if failed:
+            raise PeerError(failed[0])
+        return {"study_uid": study_uid, "source": who.replace("center:", "province:"), "complete": False}
 
 
 class CacheJob:

@@ -253,8 +253,17 @@ def test_the_center_fetches_a_study_on_request_through_the_index(fed: Fed) -> No
     c52 = fed.start52()
     try:
         h = auth(fed.c50)
-        r = httpx.post(f"{fed.c50.url}/api/v1/fetches", json={"study_uid": STUDY}, headers=h)
-        assert r.status_code == 200 and r.json()["source"] == "province:52", r.text
+        first = {"study_uid": STUDY, "wait": "first"}  # answered once the first instance is here
+        r = httpx.post(f"{fed.c50.url}/api/v1/fetches", json=first, headers=h)
+        assert r.status_code == 200 and r.json() == {
+            "study_uid": STUDY,
+            "source": "province:52",
+            "complete": False,
+        }
+        assert fed.c50.archive.catalog.locate({"StudyInstanceUID": STUDY})  # servable already
+        whole = httpx.post(f"{fed.c50.url}/api/v1/fetches", json={"study_uid": STUDY}, headers=h)
+        assert whole.json()["source"] == "local"  # waited for the rest
+        assert len(fed.c50.archive.catalog.locate({"StudyInstanceUID": STUDY})) == 3
         again = httpx.post(f"{fed.c50.url}/api/v1/fetches", json={"study_uid": STUDY}, headers=h)
         assert again.json()["source"] == "local"
         unknown = httpx.post(f"{fed.c50.url}/api/v1/fetches", json={"study_uid": "1.2.3.4.5"}, headers=h)
