@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,11 +26,33 @@ from gateway.registration import IndexRegistrar, RegistrationPolicy
 from gateway.retrievals import RetrievalLog, RetrievalSender
 from gateway.security.credentials import ClientCredentials, read_secret
 from gateway.security.node import NodeSecurity, default_node_id
+from gateway.security.tls import client_context
 from gateway.web import HttpServer, build_app
 
 
+def peer_tls(cfg: CenterConfig) -> ssl.SSLContext | bool:
+    """How the certificates of the nodes a center calls are checked (issue 6 §6, R-SE-5): against
+    ``[security] peer_ca_file`` (else the system's trust store), presenting the center's own
+    ``[http.tls]`` certificate for mutual TLS when it has one."""
+    ca, tls = cfg.security.peer_ca_file, cfg.http.tls
+    if ca is None and tls is None:
+        return True
+    try:
+        if tls is None:
+            return client_context(ca)
+        return client_context(ca, cert_file=tls.cert_file, key_file=tls.key_file)
+    except (OSError, ValueError) as exc:
+        raise ArchiveUnavailable("security.peer_ca_file", f"cannot load the TLS files: {exc}") from exc
+
+
 def peer_client(
-    url: str, client_id: str, secret_file: Path, *, key: str, timeout: float = 30
+    url: str,
+    client_id: str,
+    secret_file: Path,
+    *,
+    key: str,
+    timeout: float = 30,
+    verify: ssl.SSLContext | bool = True,
 ) -> DicomWebClient:
     """A client of another node (the index, another center) with this node's credentials there;
     :class:`ArchiveUnavailable` names the config ``key`` of a secret that cannot be read."""
@@ -39,8 +62,9 @@ def peer_client(
         raise ArchiveUnavailable(key, f"{secret_file}: no such file") from None
     except (OSError, ValueError) as exc:
         raise ArchiveUnavailable(key, str(exc)) from exc
-    auth = ClientCredentials(f"{url.rstrip('/')}/oauth/token", client_id, secret, timeout=timeout)
-    return DicomWebClient(url, timeout=timeout, auth=auth)
+    token_url = f"{url.rstrip('/')}/oauth/token"
+    auth = ClientCredentials(token_url, client_id, secret, timeout=timeout, verify=verify)
+    return DicomWebClient(url, timeout=timeout, auth=auth, verify=verify)
 
 
 def center_peers(cfg: CenterConfig) -> Callable[[str, str], DicomWebClient]:
@@ -58,7 +82,11 @@ def center_peers(cfg: CenterConfig) -> Callable[[str, str], DicomWebClient]:
             if (province, url) not in made:
                 try:
                     made[(province, url)] = peer_client(
-                        url, peer.client_id, peer.client_secret_file, key="center_peers.client_secret_file"
+                        url,
+                        peer.client_id,
+                        peer.client_secret_file,
+                        key="center_peers.client_secret_file",
+                        verify=peer_tls(cfg),
                     )
                 except ArchiveUnavailable as exc:
                     raise PeerError(str(exc)) from exc
@@ -100,6 +128,7 @@ class Center:
                     cfg.index.client_secret_file,
                     key="index.client_secret_file",
                     timeout=cfg.index.timeout_seconds,
+                    verify=peer_tls(cfg),
                 )
             except ArchiveUnavailable:
                 core.close()

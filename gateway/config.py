@@ -327,6 +327,11 @@ class SecuritySection(Strict):
     )
     token_lifetime_seconds: int = Field(default=300, ge=30, le=3600)
     trusted_issuers: list[TrustedIssuer] = Field(default_factory=list)
+    peer_ca_file: Path | None = Field(
+        default=None,
+        description="CA the nodes this node calls (index, other centers) must chain to (issue 6 §6); "
+        "default: the system's trust store",
+    )
     users: UsersSection = UsersSection()
     limits: LimitsSection = LimitsSection()
 
@@ -616,6 +621,9 @@ def _tls_below(model: Any, base: Path, updates: dict[str, Any]) -> None:
         section = updates.get(name, getattr(model, name, None))
         if section is not None and getattr(section, "tls", None) is not None:
             updates[name] = section.model_copy(update={"tls": _tls_paths(section.tls, base)})
+    security = updates.get("security", getattr(model, "security", None))
+    if isinstance(security, SecuritySection) and security.peer_ca_file is not None:
+        updates["security"] = security.model_copy(update={"peer_ca_file": _join(base, security.peer_ca_file)})
     forward = updates.get("forward", getattr(model, "forward", None))
     if isinstance(forward, ForwardSection):
         keys = ("ca_file", "client_cert_file", "client_key_file")

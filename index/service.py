@@ -49,14 +49,15 @@ class NationalIndex:
             raise
         book = IndexBook(catalog)
         app = build_index_app(security, book, Directory(cfg.provinces), RetrievalLog(catalog), audit)
-        index = cls(cfg, catalog, security, audit, book, HttpServer(app, cfg.http.host, cfg.http.port))
+        http = HttpServer(app, cfg.http.host, cfg.http.port, tls=cfg.http.tls)  # issue 6 §6
+        index = cls(cfg, catalog, security, audit, book, http)
         index.http_port = index.http.start()
         return index
 
     @property
     def url(self) -> str:
         host = "127.0.0.1" if self.cfg.http.host in ("0.0.0.0", "::") else self.cfg.http.host
-        return f"http://{host}:{self.http_port}"
+        return f"{self.http.scheme}://{host}:{self.http_port}"
 
     def stop(self) -> None:
         self.http.stop()

@@ -302,3 +302,40 @@ def test_commitment_report_to_a_tls_peer_on_a_new_association(
     event_type, report = reports[0]
     assert event_type == 1 and report.TransactionUID == transaction
     assert len(report.ReferencedSOPSequence) == len(files)
+
+
+def test_a_center_verifies_the_index_it_calls_against_its_peer_ca(
+    tmp_path: Path, certs: DevCerts, other_ca: DevCerts
+) -> None:
+    """The index serves HTTPS ([http.tls]); the center's client there checks it against
+    ``[security] peer_ca_file`` and presents its own certificate."""
+    from gateway.center import peer_client, peer_tls
+    from gateway.forwarder import CenterUnavailable
+    from index.service import NationalIndex
+    from tests.federation import client_at, index_config
+
+    icfg = index_config(tmp_path / "index")
+    index = NationalIndex.start(
+        icfg.model_copy(update={"http": icfg.http.model_copy(update={"tls": http_tls(certs)})})
+    )
+    try:
+        assert index.url.startswith("https://")
+        client_id, secret = client_at(index, "center-50", "index:lookup", tmp_path)
+        ccfg = center_config(tmp_path / "center")
+
+        def center_with(ca: Path) -> Any:
+            security = ccfg.security.model_copy(update={"peer_ca_file": ca})
+            http = ccfg.http.model_copy(update={"tls": http_tls(certs)})
+            return ccfg.model_copy(update={"security": security, "http": http})
+
+        good = peer_client(index.url, client_id, secret, key="index", verify=peer_tls(center_with(certs.ca)))
+        assert good.call_json("GET", "/healthz")[0] == 200
+        good.close()
+        bad = peer_client(
+            index.url, client_id, secret, key="index", verify=peer_tls(center_with(other_ca.ca))
+        )
+        with pytest.raises(CenterUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+            bad.call_json("GET", "/healthz")
+        bad.close()
+    finally:
+        index.stop()
