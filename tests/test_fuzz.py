@@ -12,6 +12,7 @@ import io
 import json
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -260,3 +261,66 @@ def test_blob_keys_outside_the_store_are_refused(frontend: Frontend) -> None:
             store.put(key, io.BytesIO(b"x"))
         with pytest.raises(ValueError):
             store.read_range(key, 0, 1)
+
+
+# ---- JSON bodies (exam records from the RIS/HIS) --------------------------------------------------
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=12,
+)
+_EXAM_FIELDS = [
+    "hospital_code",
+    "hospital_level",
+    "accession_number",
+    "study_uid",
+    "id_type",
+    "id_number",
+    "patient_name",
+    "exam_item_code",
+    "report_time",
+    "visit_type",
+    "modality",
+    "diagnosis",
+]
+
+
+@st.composite
+def exam_request(draw: st.DrawFn) -> bytes:
+    """A well-formed exam record with some fields replaced by anything JSON can hold, or any JSON,
+    or bytes that are not JSON at all."""
+    from tests.test_exams import exam_body
+
+    kind = draw(st.sampled_from(["fields", "json", "bytes"]))
+    if kind == "bytes":
+        return draw(st.binary(max_size=300))
+    if kind == "json":
+        return json.dumps(draw(_JSON)).encode()
+    body = exam_body("1.2.826.0.1.3680043.9.7.1")
+    for name in draw(st.lists(st.sampled_from(_EXAM_FIELDS), min_size=1, max_size=4, unique=True)):
+        body[name] = draw(_JSON)
+    return json.dumps(body).encode()
+
+
+def test_fuzzed_exam_records_get_a_clear_answer(
+    start_frontend: Callable[..., Frontend], tmp_path: Path
+) -> None:
+    from gateway.identity import write_new_key
+
+    key = tmp_path / "pseudonym.key"
+    write_new_key(key)
+    fe = start_frontend(identity={"key_file": str(key)})
+    url = f"http://127.0.0.1:{fe.http_port}/api/v1/exams"
+    headers = {**auth(fe), "Content-Type": "application/json"}
+    with httpx.Client(timeout=30) as http:
+
+        @settings(FUZZ, max_examples=min(FUZZ.max_examples, 80))
+        @given(body=exam_request())
+        def check(body: bytes) -> None:
+            r = http.post(url, content=body, headers=headers)
+            assert r.status_code < 500, (r.status_code, r.text[:300])
+            if r.status_code >= 400:
+                assert r.text.strip() and "Traceback" not in r.text
+
+        check()
