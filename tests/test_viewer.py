@@ -604,6 +604,28 @@ def test_mpr_shows_the_sphere_sagittally_and_mip_brings_it_axially(page: Page, s
     page.wait_for_function("document.querySelectorAll('.cell').length === 1")
 
 
+def test_3d_volume_rendering_shows_the_sphere(page: Page, studies: Studies) -> None:
+    """3D with the CT-Bone preset: water transparent, the 1000 HU sphere opaque. A small window:
+    software WebGL pays per pixel (a full-size first frame takes over a minute here)."""
+    open_viewer(page, studies, studies.phantom)
+    page.locator("#series .series-item").nth(1).click()
+    page.wait_for_function("document.querySelector('.cell .corner.bl').textContent.includes('/48')")
+    page.set_viewport_size({"width": 700, "height": 450})
+    page.click("#btn-3d")
+    page.wait_for_function("document.body.dataset.volumeMode === '3d'")
+    page.wait_for_function("document.body.dataset.volumeLoaded === '1'", timeout=60_000)
+    found: list[tuple[float, float, int]] = []
+    for _ in range(40):
+        found = blobs(gray(page, 0), 80, close=3)
+        if found:
+            break
+        page.wait_for_timeout(500)
+    shot(page, "3d")
+    assert len(found) == 1 and found[0][2] > 50, found
+    assert page.eval_on_selector("#vr-preset", "s => s.value") == "CT-Bone"
+    assert page.locator("#vr-preset option").count() > 10
+
+
 def test_pet_ct_fusion_shows_the_hot_spot_in_colour(page: Page, studies: Studies) -> None:
     """PET over CT: the PET hot sphere (central axial plane, patient's left) in colour over the
     grey CT; PET opacity 0 takes the colour away."""
@@ -648,6 +670,14 @@ def test_history_comparison_side_by_side_with_synchronised_scrolling(page: Page,
         )
     finally:
         shot(page, "compare")
+    # past the end of the shorter prior: it stays on its nearest slice, the main one is not
+    # pulled back
+    page.mouse.wheel(0, 120)
+    page.mouse.wheel(0, 120)
+    page.wait_for_function("document.querySelectorAll('.cell .corner.bl')[0].textContent.includes('Im: 5/6')")
+    page.wait_for_timeout(500)
+    bl = page.locator(".cell .corner.bl").all_inner_texts()
+    assert "Im: 5/6" in bl[0] and "Im: 4/4" in bl[1], bl
 
 
 def test_embedding_by_postmessage(page: Page, studies: Studies) -> None:

@@ -463,12 +463,16 @@ function sliceLocation(imageId) {
 }
 
 function linkScrolling(a, b) {
-  let busy = false;
+  // a move we made in the partner is not followed back (it would bounce between unequal stacks)
+  const expected = new Map();
   const follow = (from, to) => () => {
-    if (busy) return;
     const src = viewportOf(from);
     const dst = viewportOf(to);
     if (!src || !dst) return;
+    if (expected.get(from) === src.getCurrentImageIdIndex()) {
+      expected.delete(from);
+      return;
+    }
     const loc = sliceLocation(src.getCurrentImageId());
     const ids = dst.getImageIds();
     let target = src.getCurrentImageIdIndex();
@@ -477,8 +481,8 @@ function linkScrolling(a, b) {
     }
     target = Math.max(0, Math.min(ids.length - 1, target));
     if (target === dst.getCurrentImageIdIndex()) return;
-    busy = true;
-    dst.setImageIdIndex(target).finally(() => { busy = false; });
+    expected.set(to, target);
+    dst.setImageIdIndex(target);
   };
   const fa = follow(a, b);
   const fb = follow(b, a);
