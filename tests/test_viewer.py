@@ -699,6 +699,19 @@ def test_embedding_by_postmessage(page: Page, studies: Studies) -> None:
     frame = page.frame_locator("#v")
     assert "VIEWER^PHANTOM" in frame.locator(".cell .corner.tl").inner_text()
     shot(page, "embedded")
+    # a refused token: the viewer asks the page for a new one
+    page.evaluate(
+        f"""document.getElementById('v').contentWindow.postMessage(
+             {{type: 'ybyx.open', study: '{studies.prior}', token: 'expired'}}, '{studies.base}')"""
+    )
+    page.wait_for_function("window.events.includes('ybyx.unauthorized')")
+    # the page sends a good token and opens another study in the same viewer
+    page.evaluate(
+        f"""document.getElementById('v').contentWindow.postMessage(
+             {{type: 'ybyx.open', study: '{studies.prior}', token: '{studies.token}'}}, '{studies.base}')"""
+    )
+    page.wait_for_function("window.events.filter(e => e === 'ybyx.opened').length === 2")
+    assert "OTHER_HOSPITAL" in frame.locator(".cell .corner.tr").inner_text()
 
 
 def test_the_viewer_without_a_token_shows_why(page: Page, studies: Studies) -> None:

@@ -1,5 +1,5 @@
 // The node's own DICOMweb routes (same origin), always with the session's credentials.
-import { authHeaders } from './session.js';
+import { authHeaders, unauthorized } from './session.js';
 
 export const ROOT = `${window.location.origin}/dicom-web`;
 
@@ -7,6 +7,7 @@ async function get(path, accept = 'application/dicom+json') {
   const r = await fetch(`${ROOT}${path}`, { headers: { Accept: accept, ...authHeaders() } });
   if (!r.ok) {
     const text = await r.text().catch(() => '');
+    if (r.status === 401) unauthorized(`401 for ${path}`);
     throw new Error(`${r.status} ${r.statusText} for ${path}${text ? `: ${text.slice(0, 200)}` : ''}`);
   }
   return r;

@@ -4,7 +4,7 @@
 // painted (R-PF-1: first image fast).
 import { init as coreInit, RenderingEngine, Enums, eventTarget, imageLoader, cache } from '@cornerstonejs/core';
 import { init as loaderInit } from '@cornerstonejs/dicom-image-loader';
-import { startSession, tokenReady, authHeaders, notifyParent } from './session.js';
+import { startSession, tokenReady, authHeaders, notifyParent, unauthorized } from './session.js';
 import { loadSettings } from './settings.js';
 import { loadSeriesList, imageIdsOf } from './study.js';
 import { thumbnailUrl, studyInfo, value } from './dicomweb.js';
@@ -167,6 +167,8 @@ async function prefetch(ids) {
 async function open({ study, compare }) {
   state.study = study;
   state.compare = compare;
+  state.compareSeries = [];
+  if (state.tools && state.cells.length !== 1) buildGrid(1, 1);
   $('#series').innerHTML = '';
   status(`opening study ${study}`);
   const [list] = await Promise.all([loadSeriesList(study), coreReady]);
@@ -179,11 +181,14 @@ async function open({ study, compare }) {
   notifyParent({ type: 'ybyx.opened', study });
   // after the first image: thumbnails, the rest of the stack, the tools
   loadThumbnails(list);
-  const tools = import('./tools.js').then(async (m) => {
-    state.tools = m;
-    await m.setupTools(state);
-    mark('toolsReady');
-  });
+  // once per page: a second study (ybyx.open from the HIS) reuses the tools
+  const tools = state.tools
+    ? Promise.resolve()
+    : import('./tools.js').then(async (m) => {
+        state.tools = m;
+        await m.setupTools(state);
+        mark('toolsReady');
+      });
   await prefetch(ids);
   await tools;
   for (const uid of compare) {
@@ -237,7 +242,10 @@ async function boot() {
 }
 
 eventTarget.addEventListener(Enums.Events.IMAGE_LOAD_ERROR, (e) => {
-  status(`image load error: ${e.detail?.error?.message ?? e.detail?.error ?? ''}`, true);
+  const error = e.detail?.error;
+  const code = error?.status ?? error?.request?.status;
+  if (code === 401) unauthorized('401 for an image');
+  status(`image load error: ${code ?? ''} ${error?.message ?? ''}`, true);
 });
 
 boot();

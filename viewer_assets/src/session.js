@@ -7,8 +7,9 @@
 //   2. a postMessage from the embedding HIS page (iframe), see docs/viewer.md:
 //        { type: "ybyx.open", token: "JWT", study: "UID", compare: ["UID", ...] }  → open a study
 //        { type: "ybyx.token", token: "JWT" }                                       → renew token
-//      the viewer answers { type: "ybyx.ready" } on load, { type: "ybyx.opened", study } and
-//      { type: "ybyx.error", message } to window.parent.
+//      the viewer answers { type: "ybyx.ready" } on load, { type: "ybyx.opened", study },
+//      { type: "ybyx.error", message } and { type: "ybyx.unauthorized", message } (send a new
+//      token) to window.parent.
 // When user sessions (cookies) arrive, only this module changes: authHeaders() returns {} and
 // requests go with credentials: 'same-origin'.
 
@@ -60,6 +61,12 @@ export function tokenReady() {
 
 export function authHeaders() {
   return token ? { Authorization: `Bearer ${token}` } : {};
+}
+
+/** The node refused our token (expired, revoked, lacking a scope): ask the embedding page for a
+ * new one ({ type: "ybyx.token" }); standalone, the status line says so. */
+export function unauthorized(what) {
+  notifyParent({ type: 'ybyx.unauthorized', message: what });
 }
 
 /** Tell the embedding page something (no-op when standalone). */
