@@ -214,6 +214,10 @@ class YbyxServer:
                     'url = "sqlite:///catalog.db"',
                     "[ingest]",
                     'quarantine = "quarantine"',
+                    # like for like with Orthanc, which neither compresses nor grades: the
+                    # post-ingest stages have their own benches (bench/codec.py, bench/qc.py)
+                    "[compression]",
+                    'transfer_syntax = "none"',
                     "",
                 ]
             ),

@@ -31,6 +31,7 @@ import hashlib
 import io
 import logging
 import multiprocessing
+import signal
 import threading
 import time
 from collections import Counter
@@ -391,4 +392,12 @@ class CompressionStage:
 def _new_pool(workers: int) -> ProcessPoolExecutor:
     # spawn: children never inherit the parent's threads, sockets or database connections (and,
     # unlike forkserver, need no socket in the temp folder, which the DICOM server moves to its spool)
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    return ProcessPoolExecutor(
+        max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_sigint
+    )
+
+
+def _ignore_sigint() -> None:
+    # Ctrl-C reaches the whole process group: the node stops its pool itself, so a child must not
+    # die on SIGINT mid-task (and print a KeyboardInterrupt traceback over the node's shutdown)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import multiprocessing
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -169,6 +170,9 @@ _child_engine: QcEngine | None = None
 
 def _init_child(rules: QcRules) -> None:
     global _child_engine
+    # Ctrl-C reaches the whole process group: the node stops its pool itself, so a child must not
+    # die on SIGINT mid-task (and print a KeyboardInterrupt traceback over the node's shutdown)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _child_engine = QcEngine(rules)
 
 
