@@ -3,12 +3,21 @@
 The N-ACTION is answered at once; the N-EVENT-REPORT follows from a worker thread, on the same
 association while the modality keeps it open, else on a new association to the address configured
 for that peer (we propose the SCP role there, PS3.4 J.3.3).
+
+The worker is started from inside the N-ACTION handler, where pynetdicom marks the reactor as
+paused (``Association._is_paused``, so a handler may call ``send_*`` itself) although it has yet
+to send the N-ACTION response. A report sent then went out interleaved with that response (its
+command, the response, its data set: the modality could decode neither and lost the report, about
+one run in seven of ``test_commitment``). So the worker first waits for the N-ACTION service to
+return, and reports on one association are sent one at a time.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+import weakref
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -60,6 +69,9 @@ class CommitmentReporter:
         self.catalog = catalog
         self.cfg = cfg
         self._threads: list[threading.Thread] = []
+        # one sender at a time per association (pynetdicom does not serialise send_* calls)
+        self._senders: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
+        self._senders_lock = threading.Lock()
 
     def schedule(self, assoc: Any, transaction: str, refs: list[tuple[str, str]]) -> None:
         t = threading.Thread(
@@ -73,9 +85,30 @@ class CommitmentReporter:
         for t in self._threads:
             t.join(timeout)
 
+    def _sender(self, assoc: Any) -> threading.Lock:
+        with self._senders_lock:
+            lock = self._senders.get(assoc)
+            if lock is None:
+                lock = self._senders[assoc] = threading.Lock()
+            return lock
+
     def _report(self, assoc: Any, transaction: str, refs: list[tuple[str, str]]) -> None:
         event_type, info = commitment_report(self.catalog, transaction, refs)
         calling = assoc.requestor.ae_title
+        with self._sender(assoc):
+            if self._same_association(assoc, transaction, calling, event_type, info):
+                return
+        self._report_new_association(calling, transaction, event_type, info)
+
+    def _same_association(
+        self, assoc: Any, transaction: str, calling: str, event_type: int, info: Dataset
+    ) -> bool:
+        """Report on the modality's own association if it is still open; True if it answered."""
+        # pynetdicom sets _is_paused while a handler's service runs (the N-ACTION's, which started
+        # us) and clears it once the service, response sent, returns: wait for that first
+        deadline = time.monotonic() + SAME_ASSOCIATION_WAIT
+        while assoc._is_paused and assoc.is_established and time.monotonic() < deadline:
+            time.sleep(0.001)
         if assoc.is_established:
             # A modality that releases right after the N-ACTION response ignores a report that
             # crosses its release request; don't wait the full DIMSE timeout to find out.
@@ -88,10 +121,10 @@ class CommitmentReporter:
                     log.info(
                         "storage commitment %s reported to %s (event %d)", transaction, calling, event_type
                     )
-                    return
+                    return True
             except (RuntimeError, ValueError) as exc:
                 log.info("could not report on the same association: %s", exc)
-        self._report_new_association(calling, transaction, event_type, info)
+        return False
 
     def _report_new_association(self, calling: str, transaction: str, event_type: int, info: Dataset) -> None:
         peer = next((p for p in self.cfg.peers if p.ae_title == calling), None)
