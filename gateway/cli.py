@@ -16,7 +16,15 @@ from typing import TypeVar
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from gateway.config import CenterConfig, ConfigError, DemoConfig, FrontendConfig, IndexConfig, load_config
+from gateway.config import (
+    DEMO_TABLES,
+    CenterConfig,
+    ConfigError,
+    DemoConfig,
+    FrontendConfig,
+    IndexConfig,
+    load_config,
+)
 from gateway.qc.rules import qc_rules_role
 
 _C = TypeVar("_C")
@@ -250,8 +258,8 @@ def _node_catalog(args: argparse.Namespace) -> tuple[str, str]:
     cfg = load_config(args.config)
     if isinstance(cfg, DemoConfig):
         if args.role is None:
-            raise ConfigError([f"{args.config}: role: a demo config holds two nodes: give --role"])
-        cfg = cfg.frontend if args.role == "frontend" else cfg.center
+            raise ConfigError([f"{args.config}: role: a demo config holds several nodes: give --role"])
+        cfg = cfg.node(args.role)
     if not isinstance(cfg, FrontendConfig | CenterConfig | IndexConfig):
         raise ConfigError(
             [f"{args.config}: role: clients live on a front-end, center or index, not {cfg.role!r}"]
@@ -316,24 +324,25 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.center import Center
-    from gateway.demo import run_demo
+    from gateway.demo import Starters, run_demo
     from gateway.frontend import Frontend
+    from index.service import NationalIndex
 
     cfg = load_config(args.config)
     if not isinstance(cfg, DemoConfig):
         raise ConfigError([f'{args.config}: role: this command needs role = "demo" (got {cfg.role!r})'])
-    key_file = cfg.frontend.identity.key_file
-    if key_file is not None and not key_file.exists():
-        from gateway.identity import write_new_key
+    for fe in (cfg.frontend, cfg.frontend_b):
+        key_file = fe.identity.key_file if fe is not None else None
+        if key_file is not None and not key_file.exists():
+            from gateway.identity import write_new_key
 
-        write_new_key(key_file)  # each demo install gets its own key: no shared default secret
-    return run_demo(
-        cfg,
-        start_center=lambda: _start(Center.start, cfg.center, args.config),
-        start_frontend=lambda: _start(Frontend.start, cfg.frontend, args.config),
-        wait=_stop_on_signal(),
-        config_path=args.config,
+            write_new_key(key_file)  # each demo install gets its own key: no shared default secret
+    starters = Starters(
+        index=lambda c: _start(NationalIndex.start, c, args.config),
+        center=lambda c: _start(Center.start, c, args.config),
+        frontend=lambda c: _start(Frontend.start, c, args.config),
     )
+    return run_demo(cfg, start=starters, wait=_stop_on_signal(), config_path=args.config)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -403,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         c = clsub.add_parser(name, help=text)
         c.add_argument("-c", "--config", required=True, help="the node's TOML file")
-        c.add_argument("--role", choices=["frontend", "center"], help="which node of a demo config")
+        c.add_argument("--role", choices=list(DEMO_TABLES), help="which node of a demo config")
         if name == "add":
             c.add_argument("name")
             c.add_argument("--scopes", required=True, help='space-separated, e.g. "stow api:inventory"')

@@ -578,11 +578,34 @@ class IndexConfig(Strict):
 @dataclass(frozen=True)
 class DemoConfig:
     """``ybyx demo``: the roles of the one-machine demo, each a full role config (``[frontend]``,
-    ``[center]``), validated like their own files; key paths name the table (``frontend.dicom.port``)."""
+    ``[center]``), validated like their own files; key paths name the table (``frontend.dicom.port``).
+    With ``[index]``, ``[center_b]`` and ``[frontend_b]`` (all three or none, issue 5 §9) the demo
+    is a federation: the national index and a second province."""
 
     frontend: FrontendConfig
     center: CenterConfig
     role: Literal["demo"] = "demo"
+    index: IndexConfig | None = None
+    center_b: CenterConfig | None = None
+    frontend_b: FrontendConfig | None = None
+
+    def node(self, table: str) -> FrontendConfig | CenterConfig | IndexConfig:
+        """The config of the node in ``[table]`` (``frontend``, ``center``, ``index``, ``center_b``…)."""
+        cfg = getattr(self, table, None) if table in DEMO_TABLES else None
+        if cfg is None:
+            raise ConfigError([f"demo: {table}: no such node in this demo config"])
+        assert isinstance(cfg, FrontendConfig | CenterConfig | IndexConfig)
+        return cfg
+
+
+# the tables of a demo config and the role each holds; the last three form the federation
+DEMO_TABLES: dict[str, str] = {
+    "center": "center",
+    "frontend": "frontend",
+    "index": "index",
+    "center_b": "center",
+    "frontend_b": "frontend",
+}
 
 
 RoleConfig = FrontendConfig | CenterConfig | IndexConfig | DemoConfig
@@ -742,27 +765,37 @@ def parse_config(data: dict[str, Any], source: str = "<config>", base: Path | No
 
 def _parse_demo(data: dict[str, Any], source: str, base: Path | None) -> DemoConfig:
     problems: list[str] = []
-    unknown = sorted(set(data) - {"role", "frontend", "center"})
+    unknown = sorted(set(data) - {"role", *DEMO_TABLES})
     problems += [f"{source}: {key}: unknown key" for key in unknown]
+    federation = [name for name in ("index", "center_b", "frontend_b") if name in data]
+    if federation and len(federation) < 3:
+        missing = next(n for n in ("index", "center_b", "frontend_b") if n not in data)
+        problems.append(
+            f"{source}: {missing}: a federation demo needs all of [index], [center_b] and [frontend_b]"
+        )
     parsed: dict[str, Any] = {}
-    for name in ("frontend", "center"):
+    for name, role in DEMO_TABLES.items():
         table = data.get(name)
+        if table is None and name not in ("frontend", "center"):
+            continue
         if not isinstance(table, dict):
             problems.append(f"{source}: {name}: a [{name}] table is required")
             continue
         try:
-            parsed[name] = parse_config({**table, "role": name}, f"{source}: {name}", base)
+            parsed[name] = parse_config({**table, "role": role}, f"{source}: {name}", base)
         except ConfigError as exc:
             problems += [p.replace(f"{source}: {name}: ", f"{source}: {name}.", 1) for p in exc.problems]
-    keys = {parsed[n].security.signing_key_file for n in parsed}
-    if len(parsed) == 2 and len(keys) == 1:
-        problems.append(  # two nodes, one token-signing key: each node must have its own (issue 6 §1)
-            f"{source}: frontend.security.signing_key_file: the same file as the center's; "
-            "give each node its own key"
-        )
+    seen: dict[Path, str] = {}
+    for name, node in parsed.items():
+        other = seen.setdefault(node.security.signing_key_file, name)
+        if other != name:  # two nodes, one token-signing key: each node must have its own (issue 6 §1)
+            problems.append(
+                f"{source}: {name}.security.signing_key_file: the same file as the {other}'s; "
+                "give each node its own key"
+            )
     if problems:
         raise ConfigError(problems)
-    return DemoConfig(frontend=parsed["frontend"], center=parsed["center"])
+    return DemoConfig(**parsed)
 
 
 def load_config(path: Path | str) -> RoleConfig:

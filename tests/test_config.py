@@ -40,6 +40,27 @@ def test_example_configs_are_valid(name: str, model: type) -> None:
     assert isinstance(load_config(ROOT / "config" / name), model)
 
 
+def test_a_federation_demo_needs_index_center_b_and_frontend_b_each_with_its_own_key(tmp_path: Path) -> None:
+    """Issue 5 §9: the demo's federation tables come together; every node signs with its own key."""
+    demo = (ROOT / "config" / "demo.toml").read_text(encoding="utf-8")
+    cfg = load_config(ROOT / "config" / "demo.toml")
+    assert isinstance(cfg, DemoConfig) and cfg.index is not None and cfg.frontend_b is not None
+    assert cfg.node("center_b").role == "center"
+    assert cfg.frontend.identity.key_file == cfg.frontend_b.identity.key_file  # one national key
+    cut = demo[: demo.index("\n[center_b]\n")]  # [index] without province B
+    path = tmp_path / "demo.toml"
+    path.write_text(cut, encoding="utf-8")
+    assert problems(path) == [
+        f"{path}: center_b: a federation demo needs all of [index], [center_b] and [frontend_b]"
+    ]
+    same = demo.replace("../var/demo/frontend-b/signing-key.pem", "../var/demo/index/signing-key.pem")
+    path.write_text(same, encoding="utf-8")
+    assert problems(path) == [
+        f"{path}: frontend_b.security.signing_key_file: the same file as the index's; "
+        "give each node its own key"
+    ]
+
+
 def test_unknown_key_is_named_with_its_section(tmp_path: Path) -> None:
     path = write(tmp_path, 'role = "frontend"\ninstitution = "H1"\n[dicom]\nae_tittle = "X"\n')
     assert problems(path) == [f"{path}: dicom.ae_tittle: unknown key"]
