@@ -32,6 +32,7 @@ from api import viewer as viewer_module
 from api.viewer import SETTINGS
 from gateway.frontend import Frontend
 from gateway.sample import ct_series
+from gateway.security.permissions import Role
 from tests.conftest import dcmtk, frontend_config, node_url, token
 from tests.peers.ports import free_port
 from tests.viewer_phantom import (
@@ -712,6 +713,22 @@ def test_embedding_by_postmessage(page: Page, studies: Studies) -> None:
     )
     page.wait_for_function("window.events.filter(e => e === 'ybyx.opened').length === 2")
     assert "OTHER_HOSPITAL" in frame.locator(".cell .corner.tr").inner_text()
+
+
+def test_a_logged_in_user_needs_no_token(page: Page, studies: Studies) -> None:
+    """Issue 6 §2 sessions: after /auth/login the session cookie carries the viewer's requests."""
+    assert studies.fe.security.logins is not None
+    studies.fe.security.logins.users.create(
+        "dr.viewer", Role.DOCTOR, "Kx8#vmQ2-tRw9p", institution="TEST_HOSPITAL"
+    )
+    r = page.request.post(
+        f"{studies.base}/auth/login", data={"username": "dr.viewer", "password": "Kx8#vmQ2-tRw9p"}
+    )
+    assert r.status == 200, r.text()
+    page.goto(f"{studies.base}/viewer/?study={studies.phantom}")
+    page.wait_for_function("document.body.dataset.ready || document.body.dataset.error", timeout=60_000)
+    assert page.evaluate("document.body.dataset.error") is None, page.inner_text("#status")
+    assert "VIEWER^PHANTOM" in page.inner_text(".cell .corner.tl")
 
 
 def test_the_viewer_without_a_token_shows_why(page: Page, studies: Studies) -> None:

@@ -4,7 +4,7 @@
 // painted (R-PF-1: first image fast).
 import { init as coreInit, RenderingEngine, Enums, eventTarget, imageLoader, cache } from '@cornerstonejs/core';
 import { init as loaderInit } from '@cornerstonejs/dicom-image-loader';
-import { startSession, tokenReady, authHeaders, notifyParent, unauthorized } from './session.js';
+import { startSession, authHeaders, notifyParent, unauthorized } from './session.js';
 import { loadSettings } from './settings.js';
 import { loadSeriesList, imageIdsOf } from './study.js';
 import { thumbnailUrl, studyInfo, value } from './dicomweb.js';
@@ -225,15 +225,15 @@ async function boot() {
   const run = (req) =>
     open(req).catch((e) => {
       console.error(e);
-      status(`error: ${e.message}`, true);
+      const hint = /^401/.test(e.message) ? ' — log in, or open with #token=…' : '';
+      status(`error: ${e.message}${hint}`, true);
       document.body.dataset.error = e.message;
       notifyParent({ type: 'ybyx.error', message: e.message });
     });
-  startSession((req) => tokenReady().then(() => run(req)));
+  startSession((req) => run(req)); // a message's token, if any, is set before this runs
   const study = params.get('study');
   if (study) {
-    status('waiting for credentials');
-    await tokenReady();
+    // with #token=… the bearer token; without, the user's session cookie (401 says to log in)
     const compare = (params.get('compare') ?? '').split(',').filter(Boolean);
     await run({ study, compare });
   } else {

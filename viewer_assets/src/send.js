@@ -1,13 +1,13 @@
 // One-click send (R-VW-1 u): the current series or study to a workstation configured in
 // viewer.toml [send.targets], by C-STORE from the node (POST /api/v1/send), with progress.
-import { authHeaders } from './session.js';
+import { authHeaders, writeHeaders } from './session.js';
 
 const API = `${window.location.origin}/api/v1/send`;
 
 export async function sendToWorkstation({ study, series, target }, onProgress) {
   const r = await fetch(API, {
     method: 'POST',
-    headers: { 'Content-Type': 'application/json', ...authHeaders() },
+    headers: { 'Content-Type': 'application/json', ...writeHeaders() },
     body: JSON.stringify(series ? { study, series, target } : { study, target }),
   });
   let job = await r.json().catch(() => ({}));

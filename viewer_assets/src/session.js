@@ -10,8 +10,8 @@
 //      the viewer answers { type: "ybyx.ready" } on load, { type: "ybyx.opened", study },
 //      { type: "ybyx.error", message } and { type: "ybyx.unauthorized", message } (send a new
 //      token) to window.parent.
-// When user sessions (cookies) arrive, only this module changes: authHeaders() returns {} and
-// requests go with credentials: 'same-origin'.
+//   3. a logged-in user's session (issue 6 §2): no token at all — the HttpOnly session cookie goes
+//      with every same-origin request, writes add the CSRF token from the __Host-ybyx_csrf cookie.
 
 let token = null;
 const waiters = [];
@@ -59,9 +59,20 @@ export function tokenReady() {
   return token ? Promise.resolve(token) : new Promise((resolve) => waiters.push(resolve));
 }
 
+/** Headers for a read (GET): the bearer token if we have one; else nothing — a logged-in user's
+ * session cookie (HttpOnly, same origin) goes with the request by itself. */
 export function authHeaders() {
   return token ? { Authorization: `Bearer ${token}` } : {};
 }
+
+/** Headers for a write (POST): with a cookie session the CSRF token from its readable cookie. */
+export function writeHeaders() {
+  if (token) return authHeaders();
+  const m = document.cookie.match(/(?:^|;\s*)__Host-ybyx_csrf=([^;]+)/);
+  return m ? { 'X-CSRF-Token': decodeURIComponent(m[1]) } : {};
+}
+
+export const hasToken = () => Boolean(token);
 
 /** The node refused our token (expired, revoked, lacking a scope): ask the embedding page for a
  * new one ({ type: "ybyx.token" }); standalone, the status line says so. */
