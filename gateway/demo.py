@@ -444,6 +444,11 @@ def _cross_summary(x: CrossProvince, fe_b: Frontend) -> list[str]:
         f"{x.history['to']}",
         f"  fetch at front-end B: source {x.fetch['source']} in {x.fetch_seconds:.2f} s; front-end B now "
         f"holds {x.instances_b} instances of {x.study}",
+        *(
+            ["  (held since an earlier run: delete var/demo to see the fetch through the index again)"]
+            if x.fetch["source"] == "local"
+            else []
+        ),
         f"  retrieval record at the index: {r['action']} {r['result']} by {r['institution']} / "
         f"{r['doctor']}, grant {r['grant_id']}, node {r['node']}",
     ]
