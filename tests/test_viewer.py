@@ -307,6 +307,8 @@ def test_first_image_overlay_thumbnails_and_load_rate(page: Page, studies: Studi
     (ARTIFACTS / "viewer-timings.json").write_text(json.dumps(record, indent=2))
     print("viewer timings", record)
     assert rate_timings["firstImage"] < 3000, record
+    # the sample patient's name in both forms (Alphabetic=Ideographic)
+    assert "Zhang^San 张^三" in page.inner_text(".cell .corner.tl")
     assert rate_timings["stackRate"] >= 10, record  # R-PF-1: >= 10 CT images/s
     assert jls_timings["firstImage"] < 3000 and jls_timings["stackRate"] >= 10, record
     shot(page, "ct512")

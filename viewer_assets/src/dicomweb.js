@@ -34,7 +34,10 @@ export function value(ds, tag) {
   const v = ds?.[tag]?.Value;
   if (!v || !v.length) return undefined;
   const first = v[0];
-  if (first && typeof first === 'object' && 'Alphabetic' in first) return first.Alphabetic;
+  if (first && typeof first === 'object' && ('Alphabetic' in first || 'Ideographic' in first || 'Phonetic' in first)) {
+    // person names: both forms where both exist (张三 = Zhang^San), whichever one otherwise
+    return [first.Alphabetic, first.Ideographic].filter(Boolean).join(' ') || first.Phonetic || '';
+  }
   return first;
 }
 
