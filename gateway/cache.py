@@ -292,29 +292,20 @@ class CacheArea:
     store: BlobStore
     clock: Clock
     _fetching: set[str] = field(default_factory=set)
-    _cached: set[str] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def __post_init__(self) -> None:
-        # A cache copy is not this node's upload: drop the forward job that ingest (or a later
-        # rewrite, e.g. lossless compression) queues for it, in the instance's own transaction —
-        # a front-end must never send another province's study up as its own.
-        with self.catalog.engine.connect() as conn:
-            self._cached = set(conn.scalars(select(cached_studies.c.study_uid)))
-        self.catalog.write_hooks.append(self._not_forwarded)
-
-    def _not_forwarded(self, conn: Any, rec: Any, _outcome: Any) -> None:
-        with self._lock:
-            copy = rec.study_uid in self._fetching or rec.study_uid in self._cached
-        if copy:
-            conn.execute(delete(forward_jobs).where(forward_jobs.c.study_uid == rec.study_uid))
+    # A cache copy is not this node's upload: ``Catalog.queue_forward`` never queues a study marked
+    # in ``cached_studies`` (ingest of a fetched instance, or a later rewrite such as lossless
+    # compression), and a fetch marks the study before its first instance arrives (fetch_into).
 
     def discard(self, study_uid: str) -> None:
-        """Remove what a failed fetch stored of a study this node did not hold before."""
+        """Remove what a failed fetch stored of a study this node did not hold before, and its
+        cache mark."""
         keys: list[str] = []
         with self.catalog.write() as conn:
             if not self.is_original(conn, study_uid):
                 keys = self._delete_study(conn, study_uid)
+                conn.execute(delete(cached_studies).where(cached_studies.c.study_uid == study_uid))
         for key in keys:
             self.store.delete(key)
 
@@ -340,8 +331,6 @@ class CacheArea:
             )
 
     def remember(self, study_uid: str, person: str, source: str, until: datetime) -> None:
-        with self._lock:
-            self._cached.add(study_uid)
         c = cached_studies.c
         with self.catalog.write() as conn:
             found = conn.execute(select(c.id, c.keep_until).where(c.study_uid == study_uid)).first()
@@ -401,8 +390,6 @@ class CacheArea:
                 else:
                     keys = self._delete_study(conn, study_uid)
                 conn.execute(delete(cached_studies).where(c.study_uid == study_uid))
-            with self._lock:
-                self._cached.discard(study_uid)
             for key in keys:
                 self.store.delete(key)
             deleted.append(study_uid)
@@ -456,8 +443,12 @@ def fetch_into(
     try:
         with area.fetching(study_uid):
             try:
+                if not held_before:
+                    # marked before the first instance: never forwarded, never taken for this
+                    # node's own study (shown to a user only through a patient's grant, R-RT-4)
+                    area.remember(study_uid, *keep)
                 stored = _fetch(ingest, source, study_uid, folder, who, first)
-                area.remember(study_uid, *keep)  # marked while still "fetching": never forwarded
+                area.remember(study_uid, *keep)
                 return stored
             except (PeerError, httpx.HTTPError):
                 if not held_before:

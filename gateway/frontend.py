@@ -26,6 +26,7 @@ from gateway.ingest import Ingest
 from gateway.node import NodeCore
 from gateway.qc.service import QcService
 from gateway.security.credentials import ClientCredentials, read_secret
+from gateway.security.grant_policy import GrantPolicy
 from gateway.security.node import NodeSecurity, default_node_id
 from gateway.security.tls import client_context
 from gateway.web import HttpServer, build_app
@@ -100,6 +101,23 @@ def _compression_stage(cfg: FrontendConfig, archive: Archive) -> CompressionStag
     )
     stage.install()
     return stage
+
+
+def _grant_policy(core: NodeCore, workstation: Workstation, node_id: str) -> None:
+    """Cache copies are shown to a hospital's users only through a patient's grant, and their
+    WADO-RS reads are recorded for the national index (R-RT-4, R-CQ-5; security/grant_policy.py)."""
+    access = core.security.study_access
+    if access is None:
+        return
+    policy = GrantPolicy(
+        core.archive.catalog,
+        clock=lambda: workstation.clock(),  # the workstation's one clock, even when a test moves it
+        retrievals=workstation.retrievals,
+        node=node_id,
+        on_record=lambda: workstation.on_record(),
+    )
+    access.policies.append(policy)
+    access.observers.append(policy)
 
 
 @dataclass
@@ -191,6 +209,7 @@ class Frontend:
         except ArchiveUnavailable:
             core.close()
             raise
+        _grant_policy(core, workstation, node_id)
         server = DicomServer(cfg.dicom, ingest, archive.catalog, archive.store, spool, audit=audit)
         app = build_app(
             "frontend",

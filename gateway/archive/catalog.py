@@ -39,6 +39,7 @@ from gateway.archive import query
 from gateway.archive.query import Level
 from gateway.archive.record import InstanceRecord, fold_name
 from gateway.archive.schema import (
+    cached_studies,
     forward_jobs,
     instance_versions,
     instances,
@@ -457,8 +458,18 @@ class Catalog:
         A job being sent is left alone: the forwarder looks for unsent instances when it finishes.
         Finished jobs go back to ``queued``; ``next_attempt_at`` is pushed to now, and the
         forwarder waits for the study to settle (``forward.settle_seconds`` since the last change).
+
+        A cache copy (``cached_studies``: another institution's study fetched here, R-CE-7) is
+        never queued, whoever asks — ingest of a fetched instance, a rewrite such as lossless
+        compression: a front-end must never send another province's study up as its own. The one
+        place of that rule; a fetch marks the study before its first instance is stored.
         """
         if not self.outbox:
+            return
+        copy = conn.execute(
+            select(cached_studies.c.id).where(cached_studies.c.study_uid == study_uid).limit(1)
+        ).first()
+        if copy is not None:
             return
         ins = self._insert(forward_jobs).values(
             study_uid=study_uid,

@@ -17,10 +17,17 @@ visible — exactly as for a study that does not exist, so nobody learns what ex
 The center knows institutions from exam records only: a study whose record has not arrived yet is
 visible to no institution-bound user there (fail closed), only to roles that reach every study.
 
+**Cache copies are nobody's here.** A study in ``cached_studies`` (another institution's study
+fetched into this node's cache, issue 5 R-CE-7) belongs to no institution of this node, whatever
+its instances' source or records say: a doctor sees it only through a live patient grant
+(R-RT-4, R-CQ-5) — ``gateway/security/grant_policy.py``, registered as a :class:`ResourcePolicy`.
+
 **Reach** (``permissions.Reach``): ``all`` — no condition; ``institution`` — the user's
 institution, OR any extra :class:`ResourcePolicy` (the hook for patients' retrieval grants,
 issue 5 ``RetrievalGrant``: a policy returning "studies granted to this doctor"); ``own`` — a
 patient's own studies: those whose exam records carry the patient's pseudonym (``person_key``).
+A :class:`StudyReadObserver` hears every single-study check of an institution-bound user (the
+grant policy records retrievals of cache copies for the national index, R-RT-4).
 """
 
 from __future__ import annotations
@@ -29,10 +36,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from sqlalchemy import ColumnElement, exists, false, or_, select
+from sqlalchemy import ColumnElement, and_, exists, false, or_, select
 
 from gateway.archive.catalog import Catalog
-from gateway.archive.schema import exams, instances, series, studies
+from gateway.archive.schema import cached_studies, exams, instances, series, studies
 from gateway.security.permissions import Reach, permission
 
 
@@ -58,6 +65,13 @@ class ResourcePolicy(Protocol):
     """
 
     def visible_studies(self, viewer: Viewer) -> ColumnElement[bool] | None: ...
+
+
+class StudyReadObserver(Protocol):
+    """Told of every single-study check (``may_see``) of an institution-bound user, with its
+    outcome: e.g. to record a retrieval of a cache copy for the national index (R-RT-4)."""
+
+    def study_checked(self, viewer: Viewer, action: str, study_uid: str, visible: bool) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -86,7 +100,9 @@ class StudyOwnership:
                 if source is not None:
                     where.append(source)
                 conditions.append(exists().where(*where))
-        return or_(*conditions)
+        # a cache copy is another institution's study, never ours (R-RT-4: only a grant shows it)
+        copy = studies.c.study_uid.in_(select(cached_studies.c.study_uid))
+        return and_(or_(*conditions), ~copy)
 
 
 def own_studies(person_key: str) -> ColumnElement[bool]:
@@ -104,6 +120,7 @@ class StudyAccess:
         self.catalog = catalog
         self.ownership = ownership
         self.policies = list(policies)  # the grants hook: append a ResourcePolicy
+        self.observers: list[StudyReadObserver] = []  # told of each single-study check
         # The built-in conditions, per institution / pseudonym: building one costs ~1 ms (aliases,
         # subqueries), more than running it; the same object also lets SQLAlchemy reuse its
         # compiled statement. (Policies are asked every time: theirs may change with time.)
@@ -145,4 +162,8 @@ class StudyAccess:
         if condition is not None:
             query = query.where(condition)
         with self.catalog.engine.connect() as conn:
-            return conn.execute(query.limit(1)).first() is not None
+            visible = conn.execute(query.limit(1)).first() is not None
+        if self.observers and condition is not None:  # not for reach "all"
+            for observer in self.observers:
+                observer.study_checked(viewer, action, study_uid, visible)
+        return visible
