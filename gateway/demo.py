@@ -10,8 +10,10 @@ B → index lookup → center A by WADO-RS (R-CE-7); the retrieval record reache
 
 Every credential between the nodes is generated here (issue 6 §1): each link's client is
 registered in the callee's client registry and its secret written to the file the caller's config
-names (mode 600), on first run; the HIS, doctor and viewer clients get a new secret on every run,
-printed once. A demo config without ``[index]`` runs province A alone.
+names (mode 600), on first run; the HIS, doctor, viewer and index clients get a new secret on
+every run, printed once, and so does the demo doctor account at front-end B (a user of its
+institution whom the grant names: its viewer link carries that user's token). A demo config
+without ``[index]`` runs province A alone.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ from gateway.identity import IdType, load_key, person_key, resident_id_check
 from gateway.sample import ZHANG_SAN, write_samples
 from gateway.security.clients import ClientRegistry
 from gateway.security.credentials import ClientCredentials, write_secret
+from gateway.security.passwords import generate as generate_password
+from gateway.security.permissions import Role
+from gateway.security.users import UserStore
 from index.service import NationalIndex
 
 console = Console()
@@ -147,6 +152,26 @@ class Caller:
         if not r.is_success:
             raise RuntimeError(f"{method} {self.base}{path}: {r.status_code} {r.text[:300]}")
         return r.json()
+
+
+def demo_doctor(fe: Frontend, username: str) -> str:
+    """The demo doctor's account at ``fe`` (its institution; R-SE-1): made on first run, a new
+    generated password on every run — returned to be printed once, stored only as a hash."""
+    store = UserStore(fe.archive.catalog)
+    password = generate_password()
+    if store.get(username) is None:
+        store.create(username, Role.DOCTOR, password, institution=fe.cfg.institution)
+    else:
+        store.set_password(username, password)
+    return password
+
+
+def login(base: str, username: str, password: str) -> str:
+    """``POST /auth/login`` (from loopback: an internal network, no TOTP); the user's token."""
+    r = httpx.post(f"{base}/auth/login", json={"username": username, "password": password}, timeout=30)
+    if not r.is_success:
+        raise RuntimeError(f"POST {base}/auth/login as {username}: {r.status_code} {r.text[:300]}")
+    return str(r.json()["access_token"])
 
 
 def sample_patient_id() -> str:
@@ -373,9 +398,15 @@ def run_demo(
             )
             x = cross_province(reader, his_b, doctor, fe_b, platform, person, study)
             lines += _cross_summary(x, fe_b)
-            views.append(
-                f"  front-end B, fetched from A: {web_b}/viewer/?study={study}#token={doctor.token()}"
-            )
+            password = demo_doctor(fe_b, DOCTOR)
+            views += [
+                f"  front-end B, fetched from A: {web_b}/viewer/?study={study}"
+                f"#token={login(web_b, DOCTOR, password)}",
+                f"  (signed in as the demo doctor {DOCTOR}, whom the patient's grant names; password "
+                f"{password} — new on each run, shown only here;",
+                f"   a new token: curl -s -H 'Content-Type: application/json' "
+                f'-d \'{{"username": "{DOCTOR}", "password": "{password}"}}\' {web_b}/auth/login)',
+            ]
             today = datetime.now(CST).date().isoformat()
             tries += [
                 "The national index and province B's doctor (the grant above is valid for an hour):",

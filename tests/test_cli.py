@@ -202,6 +202,7 @@ insurance_qr_public_keys = ["insurance-platform.pub"]
     ]
     fe_b = re.search(r"front-end B, fetched from A: (http://127\.0\.0\.1:\d+)/viewer/\S+#token=(\S+)", text)
     assert fe_b is not None, text[-3000:]
+    assert "signed in as the demo doctor DR-B-001" in text  # a user token: the grant policy applies
     series = httpx.get(
         f"{fe_b[1]}/dicom-web/studies/{study[1]}/series", headers={"Authorization": f"Bearer {fe_b[2]}"}
     )
