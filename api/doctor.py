@@ -3,6 +3,8 @@ patient's data, the patient's authorization (``gateway.grants.check_grant``, R-R
 
 * ``POST /api/v1/grants`` (``api:grants``): evidence of a patient authorization (method + token,
   e.g. the insurance QR payload) → the verified grant.
+* ``DELETE /api/v1/grants/{grant_id}`` (``api:grants``): the patient withdraws a grant (the HIS on
+  their behalf); it allows nothing from then on, on the doctor API and on DICOMweb.
 * ``GET /api/v1/patients/{person}/history?visit=DATE[&doctor=]`` (``api:doctor``): R-RT-1, R-RT-3.
 * ``GET /api/v1/patients/{person}/same-exams?order=ITEM&date=DATE[&doctor=]`` (``api:doctor``): R-RT-2.
 * ``POST /api/v1/citations`` (``api:doctor``): R-VW-3.
@@ -107,6 +109,22 @@ async def post_grant(request: Request) -> Response:
         request, EventType.SHARE, resource=f"grant:{grant.grant_id}", detail={"method": grant.method.value}
     )
     return JSONResponse(grant.as_json(), status_code=201)
+
+
+async def revoke_grant(request: Request) -> Response:
+    ws = _ws(request)
+    if ws is None:
+        return _not_configured()
+    grant_id = str(request.path_params["grant"])
+    if not re.fullmatch(r"[0-9a-f\-]{36}", grant_id):
+        return unprocessable("grant_id: a grant's UUID")
+    grant = await run_in_threadpool(ws.grants.revoke, grant_id)
+    if grant is None:
+        return JSONResponse({"error": "not_found", "error_description": "no such grant"}, status_code=404)
+    await record_request(
+        request, EventType.SHARE, resource=f"grant:{grant.grant_id}", detail={"revoked": True}
+    )
+    return JSONResponse(grant.as_json())
 
 
 async def history(request: Request) -> Response:
@@ -233,6 +251,7 @@ async def code_maps(request: Request) -> Response:
 
 routes = [
     Route("/grants", post_grant, methods=["POST"]),
+    Route("/grants/{grant}", revoke_grant, methods=["DELETE"]),
     Route("/patients/{person}/history", history, methods=["GET"]),
     Route("/patients/{person}/same-exams", same_exams, methods=["GET"]),
     Route("/patients/{person}/studies/{study}/fetch", retrieve, methods=["POST"]),

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from gateway.archive.catalog import Catalog
 from gateway.archive.schema import retrieval_grants
@@ -66,6 +66,7 @@ class RetrievalGrant:
     window_to: date | None = None
     studies: frozenset[str] | None = None  # None: every study in the window
     grant_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    revoked_at: datetime | None = None  # the patient withdrew it (GrantBook.revoke)
 
     def covers(self, study_uid: str | None, study_date: date | None) -> bool:
         """Whether a study (or, with neither given, the window as a whole) is in scope."""
@@ -90,6 +91,7 @@ class RetrievalGrant:
             "issued_at": self.issued_at.isoformat(),
             "expires_at": self.expires_at.isoformat(),
             "method": self.method.value,
+            "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None,
         }
 
 
@@ -240,16 +242,20 @@ def check_grant(
     study_date: date | None = None,
 ) -> RetrievalGrant:
     """The grant allowing this retrieval, or :class:`GrantDenied` naming the first reason in the
-    order a person would ask: is there any, for us, still valid, for this doctor, for this study."""
+    order a person would ask: is there any, for us, not revoked, still valid, for this doctor, for
+    this study."""
     mine = [g for g in grants if g.person_key == person_key]
     if not mine:
         raise GrantDenied("no authorization from the patient for retrieval")
     here = [g for g in mine if g.institution == institution]
     if not here:
         raise GrantDenied("the patient's authorization is for another institution")
-    valid = [g for g in here if g.issued_at - timedelta(minutes=5) <= now < g.expires_at]
+    kept = [g for g in here if g.revoked_at is None]
+    if not kept:
+        raise GrantDenied("the patient revoked the authorization")
+    valid = [g for g in kept if g.issued_at - timedelta(minutes=5) <= now < g.expires_at]
     if not valid:
-        last = max(g.expires_at for g in here)
+        last = max(g.expires_at for g in kept)
         raise GrantDenied(f"the patient's authorization expired at {last.isoformat()}")
     for_doctor = [g for g in valid if g.doctor is None or g.doctor == doctor]
     if not for_doctor:
@@ -307,6 +313,19 @@ class GrantBook:
             )
         return grant
 
+    def revoke(self, grant_id: str) -> RetrievalGrant | None:
+        """The patient withdraws a grant (R-RT-4, R-SE-7): from now on it allows nothing, here
+        (the doctor API) and on DICOMweb (``security/grant_policy.py``). Revoking twice keeps the
+        first time. None: no such grant."""
+        c = retrieval_grants.c
+        with self.catalog.write() as conn:
+            conn.execute(
+                update(retrieval_grants)
+                .where(c.grant_id == grant_id, c.revoked_at.is_(None))
+                .values(revoked_at=self.clock())
+            )
+            return next(iter(self._rows(conn, c.grant_id == grant_id)), None)
+
     def for_person(self, person_key: str) -> list[RetrievalGrant]:
         with self.catalog.engine.connect() as conn:
             return list(self._rows(conn, retrieval_grants.c.person_key == person_key))
@@ -326,4 +345,5 @@ class GrantBook:
                 window_to=_day(r.window_to),
                 studies=frozenset(json.loads(r.studies)) if r.studies is not None else None,
                 grant_id=r.grant_id,
+                revoked_at=_aware(r.revoked_at) if r.revoked_at is not None else None,
             )

@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from datetime import date, timedelta
+from dataclasses import dataclass, replace
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from gateway.archive.schema import audit_log, forward_jobs
 from gateway.center import Center
 from gateway.clock import NodeClock
 from gateway.frontend import Frontend
-from gateway.grants import GrantMethod, RetrievalGrant
+from gateway.grants import GrantDenied, GrantMethod, RetrievalGrant, check_grant
 from gateway.identity import IdType, person_key
 from gateway.security.permissions import Role
 from index.service import NationalIndex
@@ -77,8 +77,9 @@ class Site:
         ws = self.fe.workstation
         assert ws is not None
         now = self.clock()
+        evidence = kw.pop("evidence", f"scan:{kw}")
         g = RetrievalGrant(
-            PERSON, institution, now, now + timedelta(hours=1), GrantMethod.WRITTEN, f"scan:{kw}", **kw
+            PERSON, institution, now, now + timedelta(hours=1), GrantMethod.WRITTEN, evidence, **kw
         )
         return ws.grants.add(g)
 
@@ -138,8 +139,15 @@ def test_a_cache_copy_is_seen_by_a_doctor_only_through_a_live_grant_of_their_ins
     fed.grant(HOSPITAL, studies=frozenset({"1.2.52.9999"}))  # another listed study
     hidden(fe, doctor, fed.own)
 
-    fed.grant(HOSPITAL, doctor="dr.a", studies=frozenset({CACHED}))  # this doctor, this study
+    mine = fed.grant(HOSPITAL, doctor="dr.a", studies=frozenset({CACHED}))  # this doctor, this study
     assert found_studies(fe, doctor) == {fed.own, CACHED}
+    # the patient withdraws it (the HIS on their behalf): hidden at once; a new grant shows it again
+    url = f"http://127.0.0.1:{fe.http_port}/api/v1/grants"
+    r = httpx.delete(f"{url}/{mine.grant_id}", headers=auth(fe))
+    assert r.status_code == 200 and r.json()["revoked_at"], r.text
+    assert httpx.delete(f"{url}/{'0' * 8}-0000-0000-0000-{'0' * 12}", headers=auth(fe)).status_code == 404
+    hidden(fe, doctor, fed.own)
+    fed.grant(HOSPITAL, doctor="dr.a", studies=frozenset({CACHED}), evidence="scan:again")
     for level in ("series", "instances"):
         assert CACHED in found_studies(fe, doctor, level)
     for path in study_paths(uids(fe, CACHED)):
@@ -230,3 +238,16 @@ def test_a_cache_copy_is_never_forwarded_even_after_compression(
     for sop, inst in held.items():
         assert inst.transfer_syntax == ExplicitVRLittleEndian
         assert center.archive.catalog.versions(sop) == []
+
+
+def test_a_revoked_grant_allows_nothing_and_says_so() -> None:
+    """R-RT-4: ``check_grant`` names revocation before expiry; another live grant still allows."""
+    now = datetime(2025, 11, 20, 2, tzinfo=UTC)
+    g = RetrievalGrant(PERSON, HOSPITAL, now, now + timedelta(hours=1), GrantMethod.WRITTEN, "doc:1")
+    kw: dict[str, Any] = {"person_key": PERSON, "institution": HOSPITAL, "doctor": None, "now": now}
+    assert check_grant([g], **kw) is g
+    revoked = replace(g, revoked_at=now)
+    with pytest.raises(GrantDenied, match="revoked"):
+        check_grant([revoked], **kw)
+    other = replace(g, grant_id="other")
+    assert check_grant([revoked, other], **kw) is other

@@ -442,6 +442,7 @@ retrieval_grants = Table(
     Column("method", String(32), nullable=False),
     Column("evidence", String(256), nullable=False),
     Column("recorded_at", DateTime(timezone=True), nullable=False),
+    Column("revoked_at", DateTime(timezone=True)),  # the patient withdrew it before its expiry
 )
 Index("ix_retrieval_grants_person", retrieval_grants.c.person_key, retrieval_grants.c.institution)
 

@@ -6,8 +6,8 @@ to a user only while a grant on record (``retrieval_grants``) allows it:
 
 * the grant is the patient's (its ``person_key`` is the cache copy's),
 * granted to the user's institution, and, if it names a doctor, to this user (username),
-* live: issued (5 minutes' clock skew allowed, as :func:`gateway.grants.check_grant`) and not
-  expired by the node's one clock,
+* live: not revoked, issued (5 minutes' clock skew allowed, as :func:`gateway.grants.check_grant`)
+  and not expired by the node's one clock,
 * in scope: a listed study, or — for a window grant — a study whose date is in the window (a
   study without a date is outside any window: fail closed).
 
@@ -83,6 +83,7 @@ class GrantPolicy:
             or_(g.c.doctor.is_(None), g.c.doctor == viewer.id),
             g.c.issued_at <= now + SKEW,
             g.c.expires_at > now,
+            g.c.revoked_at.is_(None),
             or_(g.c.studies.is_(None), listed),
             or_(g.c.window_from.is_(None), studies.c.study_date >= g.c.window_from),
             or_(g.c.window_to.is_(None), studies.c.study_date <= g.c.window_to),

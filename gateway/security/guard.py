@@ -134,6 +134,7 @@ RULES: tuple[Rule, ...] = (
     Rule("GET", "/api/v1/cache-requests", "api:cache-requests"),
     # Patient authorizations and the doctor workstation (api/doctor.py, front-end):
     Rule("POST", "/api/v1/grants", "api:grants"),
+    Rule("DELETE", "/api/v1/grants/*", "api:grants"),
     Rule("GET", "/api/v1/patients/*/history", "api:doctor"),
     Rule("GET", "/api/v1/patients/*/same-exams", "api:doctor"),
     Rule("POST", "/api/v1/patients/*/studies/*/fetch", "api:doctor"),
