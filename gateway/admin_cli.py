@@ -16,15 +16,17 @@ import getpass
 import sys
 from typing import Any
 
-from gateway.config import CenterConfig, ConfigError, DemoConfig, FrontendConfig, load_config
+from gateway.config import DEMO_NODES, CenterConfig, ConfigError, DemoConfig, FrontendConfig, load_config
 
 
 def _role_config(path: str, role: str | None) -> FrontendConfig | CenterConfig:
     cfg = load_config(path)
     if isinstance(cfg, DemoConfig):
         if role is None:
-            raise ConfigError([f"{path}: role: a demo config holds two nodes: give --node frontend|center"])
-        cfg = cfg.frontend if role == "frontend" else cfg.center
+            raise ConfigError(
+                [f"{path}: role: a demo config holds several nodes: give --node " + "|".join(DEMO_NODES)]
+            )
+        cfg = cfg.node(role)
     if not isinstance(cfg, FrontendConfig | CenterConfig):
         raise ConfigError([f"{path}: role: users live on a front-end or center, not {cfg.role!r}"])
     return cfg
@@ -155,7 +157,7 @@ def add_parser(sub: Any) -> None:
     ):
         c = asub.add_parser(name, help=text)
         c.add_argument("-c", "--config", required=True, help="the node's TOML file")
-        c.add_argument("--node", choices=["frontend", "center"], help="which node of a demo config")
+        c.add_argument("--node", choices=DEMO_NODES, help="which node of a demo config")
         if name != "list-users":
             c.add_argument("username")
         if name == "create-user":

@@ -12,15 +12,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gateway.config import CenterConfig, ConfigError, DemoConfig, FrontendConfig, load_config
+from gateway.config import DEMO_NODES, CenterConfig, ConfigError, DemoConfig, FrontendConfig, load_config
 
 
 def _role_config(path: str, role: str | None = None) -> FrontendConfig | CenterConfig:
     cfg = load_config(path)
     if isinstance(cfg, DemoConfig):
         if role is None:
-            raise ConfigError([f"{path}: role: a demo config holds two roles: give --role frontend|center"])
-        cfg = cfg.frontend if role == "frontend" else cfg.center
+            raise ConfigError(
+                [f"{path}: role: a demo config holds several nodes: give --role " + "|".join(DEMO_NODES)]
+            )
+        cfg = cfg.node(role)
     if not isinstance(cfg, FrontendConfig | CenterConfig):
         raise ConfigError(
             [f"{path}: role: audit commands need a frontend or center config (got {cfg.role!r})"]
@@ -90,7 +92,7 @@ def add_parser(sub: Any) -> None:
         "verify", help="walk the hash chain and checkpoints; exit 1 naming the first bad record"
     )
     v.add_argument("-c", "--config", required=True, help="front-end or center TOML file")
-    v.add_argument("--role", choices=["frontend", "center"], help="which role of a demo config")
+    v.add_argument("--role", choices=DEMO_NODES, help="which role of a demo config")
     v.add_argument(
         "--public-key",
         action="append",
@@ -100,7 +102,7 @@ def add_parser(sub: Any) -> None:
     v.set_defaults(func=cmd_verify)
     e = asub.add_parser("export", help="write the records as DICOM audit messages, one XML file each")
     e.add_argument("-c", "--config", required=True, help="front-end or center TOML file")
-    e.add_argument("--role", choices=["frontend", "center"], help="which role of a demo config")
+    e.add_argument("--role", choices=DEMO_NODES, help="which role of a demo config")
     e.add_argument("--format", choices=["dicom"], default="dicom", help="PS3.15 A.5 audit messages")
     e.add_argument("--out", required=True, help="folder for audit-<seq>.xml files")
     e.add_argument("--from-seq", type=int, default=1)

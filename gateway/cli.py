@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from gateway.config import (
+    DEMO_NODES,
     DEMO_TABLES,
     CenterConfig,
     ConfigError,
@@ -393,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     k = ksub.add_parser("generate", help="a new pseudonym key file (--out) or a node's first KEK (-c)")
     k.add_argument("--out", help="write a new random pseudonym key file (mode 600)")
     k.add_argument("-c", "--config", help="make the key file of this node's [encryption] KMS")
-    k.add_argument("--role", choices=["frontend", "center"], help="which node of a demo config")
+    k.add_argument("--role", choices=DEMO_NODES, help="which node of a demo config")
     k.set_defaults(func=cmd_keys_generate)
     k = ksub.add_parser("generate-signing", help="write a new Ed25519 token-signing key (PEM, mode 600)")
     k.add_argument("--out", required=True)

@@ -606,6 +606,7 @@ DEMO_TABLES: dict[str, str] = {
     "center_b": "center",
     "frontend_b": "frontend",
 }
+DEMO_NODES = ["frontend", "center", "frontend_b", "center_b"]  # the demo's nodes with an archive
 
 
 RoleConfig = FrontendConfig | CenterConfig | IndexConfig | DemoConfig

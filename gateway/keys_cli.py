@@ -21,7 +21,7 @@ from typing import Any
 
 from rich.console import Console
 
-from gateway.config import CenterConfig, FrontendConfig
+from gateway.config import DEMO_NODES, CenterConfig, FrontendConfig
 
 console = Console(stderr=True)
 
@@ -204,7 +204,7 @@ def add_parsers(ksub: Any) -> None:
     ):
         k = ksub.add_parser(name, help=text)
         k.add_argument("-c", "--config", required=True, help="the node's TOML file ([encryption])")
-        k.add_argument("--role", choices=["frontend", "center"], help="which node of a demo config")
+        k.add_argument("--role", choices=DEMO_NODES, help="which node of a demo config")
         if name == "destroy":
             k.add_argument("key_id")
             k.add_argument("--yes", action="store_true", help="also when stored objects depend on it")
