@@ -57,6 +57,11 @@ def _stop_on_signal() -> Callable[[], None]:
     (``Event.set()`` inside ``Event.wait()`` deadlocks now and then: a demo that ignored Ctrl-C).
     Installed before anything is printed, so a Ctrl-C right after "Press Ctrl-C" is not lost.
     """
+    return _signals()[0]
+
+
+def _signals() -> tuple[Callable[[], None], Callable[[], bool]]:
+    """:func:`_stop_on_signal`'s wait, and a check whether a signal came (for long start-ups)."""
     stopped: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, _frame: stopped.append(signum))
@@ -65,7 +70,7 @@ def _stop_on_signal() -> Callable[[], None]:
         while not stopped:
             time.sleep(0.2)
 
-    return wait
+    return wait, lambda: bool(stopped)
 
 
 def _wait_for_signal() -> None:
@@ -343,7 +348,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         center=lambda c: _start(Center.start, c, args.config),
         frontend=lambda c: _start(Frontend.start, c, args.config),
     )
-    return run_demo(cfg, start=starters, wait=_stop_on_signal(), config_path=args.config)
+    wait, stopping = _signals()
+    return run_demo(cfg, start=starters, wait=wait, stopping=stopping, config_path=args.config)
 
 
 def build_parser() -> argparse.ArgumentParser:

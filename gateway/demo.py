@@ -63,11 +63,23 @@ def load_samples(fe: Frontend, folder: Path) -> int:
     return len(report.sent)
 
 
-def wait_forwarded(fe: Frontend, timeout: float = 120) -> dict[str, float]:
+class Stopped(Exception):
+    """Ctrl-C (or SIGTERM) came during the start-up: stop every node started so far."""
+
+
+def _never() -> bool:
+    return False
+
+
+def wait_forwarded(
+    fe: Frontend, timeout: float = 120, stopping: Callable[[], bool] = _never
+) -> dict[str, float]:
     """Wait until the front-end's outbox is confirmed (or the timeout); the outbox metrics."""
     assert fe.forwarder is not None
     deadline = time.monotonic() + timeout
     while True:
+        if stopping():
+            raise Stopped
         m = fe.forwarder.metrics()
         if m["queued"] + m["sending"] + m["sent"] == 0 or time.monotonic() > deadline:
             return m
@@ -210,9 +222,13 @@ def post_exam_record(his: Caller, fe: FrontendConfig, ct_file: Path) -> str:
     return str(ds.StudyInstanceUID)
 
 
-def _until(what: str, probe: Callable[[], Any], timeout: float = 60) -> Any:
+def _until(
+    what: str, probe: Callable[[], Any], timeout: float = 60, stopping: Callable[[], bool] = _never
+) -> Any:
     deadline = time.monotonic() + timeout
     while True:
+        if stopping():
+            raise Stopped
         got = probe()
         if got:
             return got
@@ -255,11 +271,13 @@ def cross_province(
     platform: Ed25519PrivateKey,
     person: str,
     study: str,
+    stopping: Callable[[], bool] = _never,
 ) -> CrossProvince:
     """Province B's doctor: grant → history → fetch the study held in province A (issue 5 §9)."""
     records = _until(
         "the index record of the sample CT (center A registers it once the images and exam record are in)",
         lambda: index_reader.ok("GET", "/api/v1/index-records", params={"person": person}),
+        stopping=stopping,
     )
     now = int(time.time())
     claims = {"person": person, "institution": fe_b.cfg.institution, "doctor": DOCTOR}
@@ -288,7 +306,7 @@ def cross_province(
             None,
         )
 
-    retrieval = _until("the retrieval record at the index", retrieved, timeout=30)
+    retrieval = _until("the retrieval record at the index", retrieved, timeout=30, stopping=stopping)
     held = len(fe_b.archive.catalog.locate({"StudyInstanceUID": study}))
     # a fresh QR for the user's own curl (the key stays in memory: valid until it expires)
     user_qr = sign_qr(platform, {"jti": f"demo-{uuid.uuid4()}", "iat": now - 5, "exp": now + 3600, **claims})
@@ -315,149 +333,179 @@ def _token_line(var: str, caller: Caller) -> str:
 
 
 def run_demo(
-    cfg: DemoConfig, *, start: Starters, wait: Callable[[], None], config_path: str = "config/demo.toml"
+    cfg: DemoConfig,
+    *,
+    start: Starters,
+    wait: Callable[[], None],
+    stopping: Callable[[], bool] = _never,
+    config_path: str = "config/demo.toml",
 ) -> int:
     """Start the nodes (index, centers, front-ends), load the samples, show the cross-province
-    retrieval, print what to try, wait for Ctrl-C; every node is stopped on the way out."""
+    retrieval, print what to try, wait for Ctrl-C; every node is stopped on the way out, also
+    when Ctrl-C comes during the start-up (``stopping`` says so; checked between the steps)."""
     with ExitStack() as nodes:
         nodes.callback(lambda: console.print("demo stopped"))
-        index = None
-        if cfg.index is not None:
-            index = start.index(cfg.index)
-            nodes.callback(index.stop)
-            for c in (cfg.center, cfg.center_b):
-                if c is not None:
-                    _index_client(index, c)
-        center = start.center(cfg.center)
-        nodes.callback(center.stop)
-        _forward_client(center, cfg.frontend, FRONTEND_AT_CENTER)
-        center_b = fe_b = platform = None
-        if cfg.center_b is not None and cfg.frontend_b is not None:
-            for peer in cfg.center_b.center_peers:
-                if peer.province == cfg.center.province:  # B fetches A's studies as A's client
-                    link_client(
-                        center.security.clients, peer.client_id, peer.client_secret_file, CENTER_AT_CENTER
-                    )
-            center_b = start.center(cfg.center_b)
-            nodes.callback(center_b.stop)
-            _forward_client(center_b, cfg.frontend_b, FRONTEND_AT_CENTER)
-            platform = insurance_platform(cfg.frontend_b)
-        fe = start.frontend(cfg.frontend)
-        nodes.callback(fe.stop)
-        if cfg.frontend_b is not None:
-            fe_b = start.frontend(cfg.frontend_b)
-            nodes.callback(fe_b.stop)
-
-        web = _fe_url(fe)
-        his = Caller(web, "demo-his", demo_client(fe.security.clients, "demo-his", HIS_SCOPES))
-        viewer = Caller(web, "demo-viewer", demo_client(fe.security.clients, "demo-viewer", VIEWER_SCOPES))
-        samples = cfg.frontend.storage.path.parent.parent / "samples"
-        if not any(samples.rglob("*.dcm")):
-            write_samples(samples)
-        study = post_exam_record(his, cfg.frontend, min((samples / "01_CT_chest").glob("*.dcm")))
-        n = load_samples(fe, samples)
-        m = wait_forwarded(fe)
-        held = center.archive.catalog.counts()
-        lines = [
-            "",
-            "ybyx demo is running" + (" — the national index and two provinces" if index else ""),
-        ]
-        if index is not None:
-            lines.append(f"  national index     {index.url}")
-        lines += [
-            f"  province {cfg.center.province} (A)   center {center.url}; front-end "
-            f"{cfg.frontend.institution}: HTTP {web}, DICOM AE {fe.cfg.dicom.ae_title} "
-            f"127.0.0.1:{fe.dicom_port}",
-        ]
-        if center_b is not None and fe_b is not None:
-            lines.append(
-                f"  province {center_b.cfg.province} (B)   center {center_b.url}; front-end "
-                f"{fe_b.cfg.institution}: HTTP {_fe_url(fe_b)}, DICOM AE {fe_b.cfg.dicom.ae_title} "
-                f"127.0.0.1:{fe_b.dicom_port}"
-            )
-        lines += [
-            f"sent {n} sample instances to front-end A; forwarded studies confirmed: {m['confirmed']:g}, "
-            f"failed: {m['failed']:g};",
-            f"the center holds {held['studies']} studies, {held['instances']} instances.",
-        ]
-        tries: list[str] = []
-        views = [f"  front-end A, the sample CT:  {web}/viewer/?study={study}#token={viewer.token()}"]
-        if index is not None and fe_b is not None and platform is not None:
-            key_file = cfg.frontend.identity.key_file
-            assert key_file is not None
-            person = person_key(IdType.RESIDENT_ID, sample_patient_id(), load_key(key_file))
-            web_b = _fe_url(fe_b)
-            reader = Caller(
-                index.url,
-                "demo-index",
-                demo_client(index.security.clients, "demo-index", INDEX_READER_SCOPES),
-            )
-            his_b = Caller(web_b, "demo-his", demo_client(fe_b.security.clients, "demo-his", HIS_SCOPES))
-            doctor = Caller(
-                web_b, "demo-doctor", demo_client(fe_b.security.clients, "demo-doctor", DOCTOR_SCOPES)
-            )
-            x = cross_province(reader, his_b, doctor, fe_b, platform, person, study)
-            lines += _cross_summary(x, fe_b)
-            password = demo_doctor(fe_b, DOCTOR)
-            views += [
-                f"  front-end B, fetched from A: {web_b}/viewer/?study={study}"
-                f"#token={login(web_b, DOCTOR, password)}",
-                f"  (signed in as the demo doctor {DOCTOR}, whom the patient's grant names; password "
-                f"{password} — new on each run, shown only here;",
-                f"   a new token: curl -s -H 'Content-Type: application/json' "
-                f'-d \'{{"username": "{DOCTOR}", "password": "{password}"}}\' {web_b}/auth/login)',
-            ]
-            today = datetime.now(CST).date().isoformat()
-            tries += [
-                "The national index and province B's doctor (the grant above is valid for an hour):",
-                _token_line("INDEX", reader),
-                f'  curl -H "Authorization: Bearer $INDEX" \\\n'
-                f"       '{index.url}/api/v1/index-records?person={person}'",
-                f"  curl -H \"Authorization: Bearer $INDEX\" '{index.url}/api/v1/retrievals?result=allowed'",
-                _token_line("DOCTOR", doctor),
-                f'  curl -H "Authorization: Bearer $DOCTOR" \\\n'
-                f"       '{web_b}/api/v1/patients/{person}/history?visit={today}&doctor={DOCTOR}'",
-                f'  curl -X POST -H "Authorization: Bearer $DOCTOR" \\\n'
-                f"       '{web_b}/api/v1/patients/{person}/studies/{study}/fetch?doctor={DOCTOR}'",
-                f"  curl -H \"Authorization: Bearer $DOCTOR\" '{web_b}/dicom-web/studies/{study}/series'",
-                "  a fresh patient grant (another QR code, signed by this run's demo insurance key):",
-                _token_line("HIS_B", his_b),
-                f"  curl -H \"Authorization: Bearer $HIS_B\" -H 'Content-Type: application/json' \\\n"
-                f'       -d \'{{"method": "insurance-qr", "evidence": "{x.qr}"}}\' {web_b}/api/v1/grants',
-            ]
-        ae, port = fe.cfg.dicom.ae_title, fe.dicom_port
-        lifetime = cfg.frontend.security.token_lifetime_seconds
-        lines += [
-            "",
-            f"Open in a browser (the tokens in the links last {lifetime // 60} minutes; "
-            "the curl lines below get new ones):",
-            *views,
-            "",
-            "Try (dcmtk, front-end A):",
-            f"  echoscu -aec {ae} 127.0.0.1 {port}",
-            f"  storescu -aec {ae} -aet MYSCU +sd +r 127.0.0.1 {port} {samples}",
-            f"  findscu -S -aec {ae} -k QueryRetrieveLevel=STUDY -k PatientName= -k StudyDate= \\",
-            f"          -k StudyInstanceUID= 127.0.0.1 {port}",
-            f"  getscu -S -aec {ae} -od /tmp/ybyx-get -k QueryRetrieveLevel=STUDY \\",
-            f"          -k PatientID={ZHANG_SAN.patient_id} 127.0.0.1 {port}",
-            "DICOMweb and the APIs (curl) with OAuth 2.0 client-credentials tokens (every route but",
-            "/healthz needs one; these demo secrets are new on each run and shown only here):",
-            _token_line("VIEWER", viewer),
-            f'  curl -H "Authorization: Bearer $VIEWER" \\\n'
-            f"       '{web}/dicom-web/studies?PatientName=zhang&fuzzymatching=true'",
-            _token_line("HIS", his),
-            f"  curl -H \"Authorization: Bearer $HIS\" '{web}/api/v1/forwarding'",
-            f"  curl -H \"Authorization: Bearer $HIS\" '{web}/metrics'",
-            *tries,
-            f'  ybyx clients add NAME --scopes "qido wado" -c {config_path} --role frontend  # more',
-            "Or with ybyx itself:",
-            f"  ybyx send {samples} --to {ae}@127.0.0.1:{port}",
-            "",
-            "Press Ctrl-C to stop.",
-        ]
-        print("\n".join(lines), flush=True)
-        wait()
+        try:
+            _run(cfg, nodes, start, wait, stopping, config_path)
+        except Stopped:
+            console.print("interrupted during the start-up")
     return 0
+
+
+def _run(
+    cfg: DemoConfig,
+    nodes: ExitStack,
+    start: Starters,
+    wait: Callable[[], None],
+    stopping: Callable[[], bool],
+    config_path: str,
+) -> None:
+    def step() -> None:
+        if stopping():
+            raise Stopped
+
+    index = None
+    if cfg.index is not None:
+        index = start.index(cfg.index)
+        nodes.callback(index.stop)
+        step()
+        for c in (cfg.center, cfg.center_b):
+            if c is not None:
+                _index_client(index, c)
+    center = start.center(cfg.center)
+    nodes.callback(center.stop)
+    step()
+    _forward_client(center, cfg.frontend, FRONTEND_AT_CENTER)
+    center_b = fe_b = platform = None
+    if cfg.center_b is not None and cfg.frontend_b is not None:
+        for peer in cfg.center_b.center_peers:
+            if peer.province == cfg.center.province:  # B fetches A's studies as A's client
+                link_client(
+                    center.security.clients, peer.client_id, peer.client_secret_file, CENTER_AT_CENTER
+                )
+        center_b = start.center(cfg.center_b)
+        nodes.callback(center_b.stop)
+        step()
+        _forward_client(center_b, cfg.frontend_b, FRONTEND_AT_CENTER)
+        platform = insurance_platform(cfg.frontend_b)
+    fe = start.frontend(cfg.frontend)
+    nodes.callback(fe.stop)
+    step()
+    if cfg.frontend_b is not None:
+        fe_b = start.frontend(cfg.frontend_b)
+        nodes.callback(fe_b.stop)
+        step()
+
+    web = _fe_url(fe)
+    his = Caller(web, "demo-his", demo_client(fe.security.clients, "demo-his", HIS_SCOPES))
+    viewer = Caller(web, "demo-viewer", demo_client(fe.security.clients, "demo-viewer", VIEWER_SCOPES))
+    samples = cfg.frontend.storage.path.parent.parent / "samples"
+    if not any(samples.rglob("*.dcm")):
+        write_samples(samples)
+    study = post_exam_record(his, cfg.frontend, min((samples / "01_CT_chest").glob("*.dcm")))
+    n = load_samples(fe, samples)
+    step()
+    m = wait_forwarded(fe, stopping=stopping)
+    held = center.archive.catalog.counts()
+    lines = [
+        "",
+        "ybyx demo is running" + (" — the national index and two provinces" if index else ""),
+    ]
+    if index is not None:
+        lines.append(f"  national index     {index.url}")
+    lines += [
+        f"  province {cfg.center.province} (A)   center {center.url}; front-end "
+        f"{cfg.frontend.institution}: HTTP {web}, DICOM AE {fe.cfg.dicom.ae_title} "
+        f"127.0.0.1:{fe.dicom_port}",
+    ]
+    if center_b is not None and fe_b is not None:
+        lines.append(
+            f"  province {center_b.cfg.province} (B)   center {center_b.url}; front-end "
+            f"{fe_b.cfg.institution}: HTTP {_fe_url(fe_b)}, DICOM AE {fe_b.cfg.dicom.ae_title} "
+            f"127.0.0.1:{fe_b.dicom_port}"
+        )
+    lines += [
+        f"sent {n} sample instances to front-end A; forwarded studies confirmed: {m['confirmed']:g}, "
+        f"failed: {m['failed']:g};",
+        f"the center holds {held['studies']} studies, {held['instances']} instances.",
+    ]
+    tries: list[str] = []
+    views = [f"  front-end A, the sample CT:  {web}/viewer/?study={study}#token={viewer.token()}"]
+    if index is not None and fe_b is not None and platform is not None:
+        key_file = cfg.frontend.identity.key_file
+        assert key_file is not None
+        person = person_key(IdType.RESIDENT_ID, sample_patient_id(), load_key(key_file))
+        web_b = _fe_url(fe_b)
+        reader = Caller(
+            index.url,
+            "demo-index",
+            demo_client(index.security.clients, "demo-index", INDEX_READER_SCOPES),
+        )
+        his_b = Caller(web_b, "demo-his", demo_client(fe_b.security.clients, "demo-his", HIS_SCOPES))
+        doctor = Caller(
+            web_b, "demo-doctor", demo_client(fe_b.security.clients, "demo-doctor", DOCTOR_SCOPES)
+        )
+        x = cross_province(reader, his_b, doctor, fe_b, platform, person, study, stopping)
+        lines += _cross_summary(x, fe_b)
+        password = demo_doctor(fe_b, DOCTOR)
+        views += [
+            f"  front-end B, fetched from A: {web_b}/viewer/?study={study}"
+            f"#token={login(web_b, DOCTOR, password)}",
+            f"  (signed in as the demo doctor {DOCTOR}, whom the patient's grant names; password "
+            f"{password} — new on each run, shown only here;",
+            f"   a new token: curl -s -H 'Content-Type: application/json' "
+            f'-d \'{{"username": "{DOCTOR}", "password": "{password}"}}\' {web_b}/auth/login)',
+        ]
+        today = datetime.now(CST).date().isoformat()
+        tries += [
+            "The national index and province B's doctor (the grant above is valid for an hour):",
+            _token_line("INDEX", reader),
+            f'  curl -H "Authorization: Bearer $INDEX" \\\n'
+            f"       '{index.url}/api/v1/index-records?person={person}'",
+            f"  curl -H \"Authorization: Bearer $INDEX\" '{index.url}/api/v1/retrievals?result=allowed'",
+            _token_line("DOCTOR", doctor),
+            f'  curl -H "Authorization: Bearer $DOCTOR" \\\n'
+            f"       '{web_b}/api/v1/patients/{person}/history?visit={today}&doctor={DOCTOR}'",
+            f'  curl -X POST -H "Authorization: Bearer $DOCTOR" \\\n'
+            f"       '{web_b}/api/v1/patients/{person}/studies/{study}/fetch?doctor={DOCTOR}'",
+            f"  curl -H \"Authorization: Bearer $DOCTOR\" '{web_b}/dicom-web/studies/{study}/series'",
+            "  a fresh patient grant (another QR code, signed by this run's demo insurance key):",
+            _token_line("HIS_B", his_b),
+            f"  curl -H \"Authorization: Bearer $HIS_B\" -H 'Content-Type: application/json' \\\n"
+            f'       -d \'{{"method": "insurance-qr", "evidence": "{x.qr}"}}\' {web_b}/api/v1/grants',
+        ]
+    ae, port = fe.cfg.dicom.ae_title, fe.dicom_port
+    lifetime = cfg.frontend.security.token_lifetime_seconds
+    lines += [
+        "",
+        f"Open in a browser (the tokens in the links last {lifetime // 60} minutes; "
+        "the curl lines below get new ones):",
+        *views,
+        "",
+        "Try (dcmtk, front-end A):",
+        f"  echoscu -aec {ae} 127.0.0.1 {port}",
+        f"  storescu -aec {ae} -aet MYSCU +sd +r 127.0.0.1 {port} {samples}",
+        f"  findscu -S -aec {ae} -k QueryRetrieveLevel=STUDY -k PatientName= -k StudyDate= \\",
+        f"          -k StudyInstanceUID= 127.0.0.1 {port}",
+        f"  getscu -S -aec {ae} -od /tmp/ybyx-get -k QueryRetrieveLevel=STUDY \\",
+        f"          -k PatientID={ZHANG_SAN.patient_id} 127.0.0.1 {port}",
+        "DICOMweb and the APIs (curl) with OAuth 2.0 client-credentials tokens (every route but",
+        "/healthz needs one; these demo secrets are new on each run and shown only here):",
+        _token_line("VIEWER", viewer),
+        f'  curl -H "Authorization: Bearer $VIEWER" \\\n'
+        f"       '{web}/dicom-web/studies?PatientName=zhang&fuzzymatching=true'",
+        _token_line("HIS", his),
+        f"  curl -H \"Authorization: Bearer $HIS\" '{web}/api/v1/forwarding'",
+        f"  curl -H \"Authorization: Bearer $HIS\" '{web}/metrics'",
+        *tries,
+        f'  ybyx clients add NAME --scopes "qido wado" -c {config_path} --role frontend  # more',
+        "Or with ybyx itself:",
+        f"  ybyx send {samples} --to {ae}@127.0.0.1:{port}",
+        "",
+        "Press Ctrl-C to stop.",
+    ]
+    print("\n".join(lines), flush=True)
+    wait()
 
 
 def _cross_summary(x: CrossProvince, fe_b: Frontend) -> list[str]:
