@@ -146,7 +146,6 @@ class Caller:
     def __post_init__(self) -> None:
         auth = ClientCredentials(f"{self.base}/oauth/token", self.client_id, self.secret)
         self.http = httpx.Client(base_url=self.base, auth=auth, timeout=60)
-        self.auth = auth
 
     def token(self) -> str:
         """A fresh access token (for the viewer's ``#token=``)."""
