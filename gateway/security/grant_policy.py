@@ -104,6 +104,21 @@ class GrantPolicy:
             last = self._recorded.get(key)
             if last is not None and now - last < self.every:
                 return
+            if len(self._recorded) > 10_000:  # bounded: a debounce, not a log
+                self._recorded.clear()
+            self._recorded[key] = now  # claimed: a viewer's parallel requests make one record
+        try:
+            if not self._record(viewer, study_uid, visible, now):
+                with self._lock:
+                    self._recorded.pop(key, None)  # not a cache copy (yet): ask again next time
+        except Exception:
+            with self._lock:
+                self._recorded.pop(key, None)
+            raise
+
+    def _record(self, viewer: Viewer, study_uid: str, visible: bool, now: datetime) -> bool:
+        """Record a user's read of a cache copy; False if the study is not a cache copy."""
+        assert self.retrievals is not None
         with self.catalog.engine.connect() as conn:
             row = conn.execute(
                 select(cached_studies.c.person_key, studies.c.study_date)
@@ -111,7 +126,7 @@ class GrantPolicy:
                 .where(cached_studies.c.study_uid == study_uid)
             ).first()
         if row is None:
-            return  # not a cache copy: the institution rule decided, nothing to record
+            return False  # not a cache copy: the institution rule decided, nothing to record
         grant_id, reason = None, ""
         try:
             grant = check_grant(
@@ -143,11 +158,8 @@ class GrantPolicy:
             }
         )
         self.retrievals.record(rec)
-        with self._lock:
-            if len(self._recorded) > 10_000:  # bounded: a debounce, not a log
-                self._recorded.clear()
-            self._recorded[key] = now
         self.on_record()
+        return True
 
 
 def _dated(window_from: ColumnElement[str], window_to: ColumnElement[str]) -> ColumnElement[bool]:
