@@ -11,9 +11,12 @@ private spool folder first (the store may be S3) and removed afterwards. Jobs li
 they are user actions watched from the viewer, not durable work (a restart loses the progress
 report, never data).
 
-Not yet: choosing targets by the user's institution (users arrive with issue 6 §2; today every
-configured target is offered, each carrying its ``institution`` for that filter) and the
-``weasis://`` launch link.
+Targets per institution: ``GET /api/v1/send/targets`` lists, and ``POST /api/v1/send`` accepts,
+only the targets whose ``institution`` is the calling user's (a user of no institution, or a
+target naming none, gets nothing: fail closed); a node client (OAuth client token) sees every
+target. A target of another institution is refused as ``unknown_target``, exactly as a name that
+does not exist (no oracle for other hospitals' workstations). The ``weasis://`` launch link is
+the viewer's (viewer_assets/src/weasis.js).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -37,6 +41,7 @@ from api.errors import BadRequest, parse
 from api.viewer import ViewerSettingsError, load_settings
 from dimse.scu import send
 from gateway.archive import Archive
+from gateway.security.guard import Principal
 
 log = logging.getLogger(__name__)
 UID_PATTERN = r"^[0-9]+(\.[0-9]+)*$"
@@ -50,6 +55,12 @@ class Target:
     port: int
     institution: str = ""
     description: str = ""
+
+    def offered_to(self, principal: Principal | None) -> bool:
+        """Whether this caller may see and use the target: a user only their institution's."""
+        if principal is None or principal.kind != "user":
+            return True  # a node client, or a node run with security disabled
+        return bool(principal.institution) and principal.institution == self.institution
 
 
 def targets_from(settings: dict[str, Any], where: str = "viewer.toml") -> dict[str, Target]:
@@ -114,12 +125,15 @@ class Sender:
         self.jobs: dict[str, Job] = {}
         self._ids = itertools.count(1)
 
-    def start(self, req: SendRequest) -> Job:
+    def offered(self, principal: Principal | None) -> list[Target]:
+        """The targets this caller may send to (R-VW-1 u, per institution)."""
+        return [t for t in self.targets.values() if t.offered_to(principal)]
+
+    def start(self, req: SendRequest, principal: Principal | None = None) -> Job:
         target = self.targets.get(req.target)
-        if target is None:
-            raise LookupError(
-                f"no send target {req.target!r} (configured: {', '.join(self.targets) or 'none'})"
-            )
+        if target is None or not target.offered_to(principal):
+            names = ", ".join(t.name for t in self.offered(principal)) or "none"
+            raise LookupError(f"no send target {req.target!r} (offered to you: {names})")
         criteria = {"StudyInstanceUID": req.study}
         if req.series:
             criteria["SeriesInstanceUID"] = req.series
@@ -186,13 +200,37 @@ async def start_send(request: Request) -> JSONResponse:
         req = await parse(request, SendRequest)
     except BadRequest as bad:
         return bad.response
+    principal = _principal(request)
+    if principal is not None and principal.kind == "user":
+        # a user sends only a study they may read (institution scoping, as for WADO-RS): another
+        # institution's study is "not found", as on the DICOMweb routes
+        access = request.app.state.security.study_access
+        if access is not None and not await run_in_threadpool(access.may_see, principal, "wado", req.study):
+            why = f"no instances of study {req.study}"
+            return JSONResponse({"error": "not_found", "error_description": why}, 404)
     try:
-        job = _sender(request).start(req)
+        job = _sender(request).start(req, principal)
     except LookupError as exc:
         return JSONResponse({"error": "unknown_target", "error_description": str(exc)}, 422)
     except FileNotFoundError as exc:
         return JSONResponse({"error": "not_found", "error_description": str(exc)}, 404)
     return JSONResponse(job.view(), 202, headers={"Location": f"/api/v1/send/{job.id}"})
+
+
+def _principal(request: Request) -> Principal | None:
+    principal = getattr(request.state, "principal", None)
+    return principal if isinstance(principal, Principal) else None
+
+
+async def list_targets(request: Request) -> JSONResponse:
+    """The targets offered to this caller: names and descriptions, never addresses."""
+    offered = _sender(request).offered(_principal(request))
+    body = {
+        "targets": [
+            {"name": t.name, "description": t.description, "institution": t.institution} for t in offered
+        ]
+    }
+    return JSONResponse(body, headers={"Cache-Control": "no-store"})
 
 
 async def send_status(request: Request) -> JSONResponse:
@@ -204,5 +242,6 @@ async def send_status(request: Request) -> JSONResponse:
 
 routes = [
     Route("/send", start_send, methods=["POST"]),
+    Route("/send/targets", list_targets, methods=["GET"]),  # before /send/{job}
     Route("/send/{job}", send_status, methods=["GET"]),
 ]

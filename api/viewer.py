@@ -40,6 +40,10 @@ _TYPES = {
 }
 
 
+#: ``[weasis]`` (R-VW-1 u): ``enabled`` shows the toolbar's weasis:// launch link (off by default).
+WEASIS_KEYS = ("enabled",)
+
+
 class ViewerSettingsError(ValueError):
     """config/viewer.toml is unreadable or malformed; the message names the file and key."""
 
@@ -70,21 +74,23 @@ def load_settings(path: Path = SETTINGS) -> dict[str, Any]:
         raise ViewerSettingsError(
             f"{path}: embed.origins: must be a list of origins like 'https://his.example'"
         )
+    weasis = data.get("weasis", {})
+    if not isinstance(weasis, dict):
+        raise ViewerSettingsError(f"{path}: weasis: must be a table")
+    for key, value in weasis.items():
+        if key not in WEASIS_KEYS:
+            raise ViewerSettingsError(f"{path}: weasis.{key}: unknown key (known: {', '.join(WEASIS_KEYS)})")
+        if not isinstance(value, bool):
+            raise ViewerSettingsError(f"{path}: weasis.{key}: must be true or false")
     json.dumps(data)  # TOML dates have no JSON form: fail here, not per request
     return data
 
 
 def public_settings(data: dict[str, Any]) -> dict[str, Any]:
-    """What browsers see: everything but the send targets' network addresses (names only)."""
+    """What browsers see: everything but the send targets (whether any is configured only; the
+    viewer asks ``GET /api/v1/send/targets`` for those offered to its user, R-VW-1 u)."""
     out = {k: v for k, v in data.items() if k != "send"}
-    targets = data.get("send", {}).get("targets", {})
-    out["send"] = {
-        "targets": [
-            {"name": name, "description": t.get("description", ""), "institution": t.get("institution", "")}
-            for name, t in targets.items()
-            if isinstance(t, dict)
-        ]
-    }
+    out["send"] = {"configured": bool(data.get("send", {}).get("targets"))}
     return out
 
 

@@ -15,6 +15,7 @@ import json
 import math
 import re
 import subprocess
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +89,8 @@ def studies(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Studies]:
     settings.write_text(
         SETTINGS.read_text(encoding="utf-8")
         + f'\n[send.targets.RAD_WS1]\nae_title = "RAD_WS1"\nhost = "127.0.0.1"\nport = {ws_port}\n'
-        + 'description = "reading room"\n',
+        + 'description = "reading room"\n'
+        + "[weasis]\nenabled = true\n",  # the launch link (R-VW-1 u); off by default
         encoding="utf-8",
     )
     patch = pytest.MonkeyPatch()
@@ -762,3 +764,30 @@ def test_one_click_send_delivers_the_series_to_the_workstation(page: Page, studi
         if i.series_uid == page.evaluate("window.__ybyx.state.cells[0].series.uid")
     }
     assert len(series) == 6 and got == series and got < mine
+
+
+# ---- Weasis launch link --------------------------------------------------------------------------
+
+
+def test_weasis_link_opens_this_study_over_dicomweb_and_is_absent_when_off(page: Page, studies: Studies) -> None:
+    """R-VW-1 u: with [weasis] enabled the toolbar link is weasis://? + the URL-encoded
+    $dicom:rs command for the open study on this node, with the viewer's bearer token."""
+    open_viewer(page, studies, studies.phantom)
+    page.wait_for_function(f"document.getElementById('btn-weasis')?.dataset.study === '{studies.phantom}'")
+    href = page.get_attribute("#btn-weasis", "href")
+    assert href is not None and href.startswith("weasis://?"), href
+    expected = (
+        f'$dicom:rs --url "{studies.base}/dicom-web" -r "studyUID={studies.phantom}"'
+        f' -H "Authorization: Bearer {studies.token}"'
+    )
+    assert urllib.parse.unquote(href.removeprefix("weasis://?")) == expected
+    # the same site with the option off: no link
+    def without_weasis(route: Any) -> None:
+        cfg = route.fetch().json()
+        cfg["weasis"] = {"enabled": False}
+        route.fulfill(json=cfg)
+
+    page.route("**/viewer/config.json", without_weasis)
+    open_viewer(page, studies, studies.prior)
+    assert page.locator("#btn-weasis").count() == 0
+    assert page.locator("#btn-fusion").count() == 1  # (the toolbar itself is there)

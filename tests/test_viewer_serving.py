@@ -9,11 +9,14 @@ through it, that the guard's public prefix covers exactly GET under ``/viewer``,
 from __future__ import annotations
 
 import re
+import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
+from pydicom import dcmread
 
 from api.viewer import DIST, SETTINGS, ViewerSettingsError, load_settings, public_settings
 from gateway.center import Center
@@ -90,6 +93,8 @@ def test_viewer_settings_errors_name_the_key(tmp_path: Path) -> None:
         '[presets.CT]\nlung = { window = "wide", level = 1 }': "presets.CT.lung",
         'embed = { origins = "https://his" }': "embed.origins",
         "toolbar = [": "viewer.toml",
+        "[weasis]\nenable = true": "weasis.enable",  # unknown key (R-VW-1 u)
+        '[weasis]\nenabled = "yes"': "weasis.enabled",
     }
     for text, key in bad.items():
         path = tmp_path / "viewer.toml"
@@ -130,3 +135,74 @@ def test_send_targets_are_validated_with_the_key_named() -> None:
     ):
         with pytest.raises(ViewerSettingsError, match=re.escape(key)):
             targets_from({"send": {"targets": {"WS": bad}}})
+
+
+def test_send_targets_per_institution(
+    start_frontend: Callable[..., Frontend], samples: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """R-VW-1 u per institution: a doctor is offered, and may use, only their institution's
+    workstations (and only for studies they may read); a node client sees every target."""
+    from api import viewer as viewer_module
+    from dimse.scu import send
+    from gateway.security.permissions import Role
+    from tests.conftest import dcmtk
+    from tests.peers.ports import free_port
+    from tests.test_authz import OTHER, PEERS, user_token
+
+    received = tmp_path / "ws_a"
+    received.mkdir()
+    port = free_port()
+    storescp = subprocess.Popen(
+        [dcmtk("storescp"), "-aet", "WS_A", "-od", str(received), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        settings = tmp_path / "viewer.toml"
+        settings.write_text(
+            f'[send.targets.WS_A]\nae_title = "WS_A"\nhost = "127.0.0.1"\nport = {port}\n'
+            'institution = "TEST_HOSPITAL"\ndescription = "A reading room"\n'
+            '[send.targets.WS_B]\nae_title = "WS_B"\nhost = "127.0.0.1"\nport = 9\ninstitution = "H_B"\n'
+            '[send.targets.WS_SHARED]\nae_title = "WS_S"\nhost = "127.0.0.1"\nport = 9\n',
+            encoding="utf-8",
+        )
+        monkeypatch.setattr(viewer_module, "SETTINGS", settings)
+        fe = start_frontend(peers=PEERS)
+        files = sorted((samples / "03_DX_chest").iterdir())
+        assert send(files, "127.0.0.1", fe.dicom_port, "YBYX", calling_ae="MOD_A").ok
+        study = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        base = f"{node_url(fe)}/api/v1/send"
+        doctor_a = {"Authorization": f"Bearer {user_token(fe, 'dr.a', Role.DOCTOR, 'TEST_HOSPITAL')}"}
+        doctor_b = {"Authorization": f"Bearer {user_token(fe, 'dr.b', Role.DOCTOR, OTHER)}"}
+        with httpx.Client(timeout=30) as http:
+            def names(h: dict[str, str]) -> list[str]:
+                return [t["name"] for t in http.get(f"{base}/targets", headers=h).json()["targets"]]
+
+            assert names(doctor_a) == ["WS_A"]
+            assert names(doctor_b) == ["WS_B"]
+            assert names(auth(fe, "api:send")) == ["WS_A", "WS_B", "WS_SHARED"]
+            assert "host" not in http.get(f"{base}/targets", headers=doctor_a).text
+            cfg = http.get(f"{node_url(fe)}/viewer/config.json").json()
+            assert cfg["send"] == {"configured": True}  # no names of anyone's workstations in public
+            # another institution's (or no institution's) target: refused as if it did not exist
+            for other in ("WS_B", "WS_SHARED"):
+                r = http.post(base, json={"study": study, "target": other}, headers=doctor_a)
+                assert r.status_code == 422 and r.json()["error"] == "unknown_target", r.text
+                assert r.json()["error_description"].endswith("(offered to you: WS_A)")
+            # B's doctor cannot send A's study even to B's own workstation (not visible: 404)
+            r = http.post(base, json={"study": study, "target": "WS_B"}, headers=doctor_b)
+            assert r.status_code == 404, r.text
+            # A's doctor sends A's study to A's workstation: delivered
+            r = http.post(base, json={"study": study, "target": "WS_A"}, headers=doctor_a)
+            assert r.status_code == 202, r.text
+            job = r.json()
+            for _ in range(100):
+                job = http.get(f"{base}/{job['job']}", headers=doctor_a).json()
+                if job["state"] != "running":
+                    break
+                time.sleep(0.1)
+            assert job["state"] == "done" and job["sent"] == len(files), job
+        assert len(list(received.iterdir())) == len(files)
+    finally:
+        storescp.terminate()
+        storescp.wait(10)

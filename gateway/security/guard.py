@@ -41,7 +41,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.security import sensitivity
-from gateway.security.permissions import SELF, Reach, permission
+from gateway.security.permissions import SELF, Kind, Reach, permission
 from gateway.security.sessions import COOKIE, CSRF_HEADER, SAFE_METHODS
 from gateway.security.tokens import Claims, TokenError, UnknownKey
 
@@ -337,7 +337,7 @@ class Guard:
             granted = permission(principal.role, needed)
             if granted is None or not sensitivity.may(principal.role, needed):
                 return False
-            if granted.reach is Reach.INSTITUTION and needed not in STUDY_ACTIONS:
+            if granted.reach is Reach.INSTITUTION and granted.kind is not Kind.STUDY:
                 # operations of a front-end are its own hospital's: only that institution's admins
                 return bool(principal.institution) and principal.institution == self.security.home_institution
             return True

@@ -68,6 +68,7 @@ ACTION_KINDS: dict[str, Kind] = {
     "api:forwarding": Kind.OPERATIONS,
     "api:monitoring": Kind.OPERATIONS,
     "metrics": Kind.OPERATIONS,
+    "api:send": Kind.STUDY,  # one-click send of a study the user may read (api/send.py checks it)
     "api:inventory": Kind.NODE,
     "api:manifest": Kind.NODE,
     AUDIT_READ: Kind.AUDIT,
@@ -94,6 +95,8 @@ PERMISSIONS: tuple[Permission, ...] = (
     *_p(_R.SYSTEM_ADMIN, Reach.ALL, "metrics", "api:forwarding", "api:monitoring"),
     *_p(_R.INSTITUTION_ADMIN, Reach.INSTITUTION, "api:forwarding", "api:monitoring"),
     *_p(_R.DOCTOR, Reach.INSTITUTION, "qido", "wado"),
+    # one-click send (R-VW-1 u): to their institution's workstations, of studies they may read
+    *_p(_R.DOCTOR, Reach.INSTITUTION, "api:send"),
     *_p(_R.PATIENT, Reach.OWN, "qido", "wado"),
     *_p(_R.AUDITOR, Reach.ALL, AUDIT_READ),
     *(p for role in Role for p in _p(role, Reach.OWN, SELF)),

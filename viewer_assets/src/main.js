@@ -191,6 +191,7 @@ async function open({ study, compare }) {
       });
   await prefetch(ids);
   await tools;
+  state.tools.studyOpened?.(study);
   for (const uid of compare) {
     const other = await loadSeriesList(uid);
     other.forEach((s) => (s.compare = true));

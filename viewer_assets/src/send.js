@@ -4,6 +4,13 @@ import { authHeaders, writeHeaders } from './session.js';
 
 const API = `${window.location.origin}/api/v1/send`;
 
+/** The targets the node offers this caller (a user: their institution's only). */
+export async function sendTargets() {
+  const r = await fetch(`${API}/targets`, { headers: authHeaders() });
+  if (!r.ok) return []; // e.g. 403: this token or user may not send
+  return (await r.json()).targets ?? [];
+}
+
 export async function sendToWorkstation({ study, series, target }, onProgress) {
   const r = await fetch(API, {
     method: 'POST',

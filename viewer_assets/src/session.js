@@ -74,6 +74,9 @@ export function writeHeaders() {
 
 export const hasToken = () => Boolean(token);
 
+/** The bearer token itself, or null (a cookie session): only for the Weasis launch link. */
+export const currentToken = () => token;
+
 /** The node refused our token (expired, revoked, lacking a scope): ask the embedding page for a
  * new one ({ type: "ybyx.token" }); standalone, the status line says so. */
 export function unauthorized(what) {

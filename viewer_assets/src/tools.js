@@ -13,7 +13,8 @@ import { instanceOf } from './study.js';
 import { value } from './dicomweb.js';
 import { updateOverlay } from './overlay.js';
 import { HUProbeTool, CardiothoracicRatioTool, updateCardiothoracicRatios } from './customTools.js';
-import { sendToWorkstation } from './send.js';
+import { sendToWorkstation, sendTargets } from './send.js';
+import { weasisLink, updateWeasisLink } from './weasis.js';
 
 const { MouseBindings } = TEnums;
 const GROUP = 'stack';
@@ -351,7 +352,18 @@ function buildToolbar() {
   const mode = document.createElement('span');
   mode.id = 'volume-bar';
   tb.append(mode);
-  const targets = getSettings().send?.targets ?? [];
+  if (getSettings().weasis?.enabled) tb.append(sep(), weasisLink());
+  if (getSettings().send?.configured) addSendControls(tb);
+}
+
+// One-click send: only the targets the node offers this user (their institution's, R-VW-1 u).
+async function addSendControls(tb) {
+  let targets = [];
+  try {
+    targets = await sendTargets();
+  } catch (e) {
+    console.warn('send targets not loaded', e);
+  }
   if (targets.length) {
     const target = document.createElement('select');
     target.id = 'send-target';
@@ -363,6 +375,7 @@ function buildToolbar() {
     const bar = Object.assign(document.createElement('progress'), { id: 'send-progress', max: 1, value: 0 });
     tb.append(sep(), target, what, button('Send', '一键发送 send to the workstation [Shift+S]', () => sendCurrent(), { id: 'btn-send' }), bar);
   }
+  document.body.dataset.sendTargets = String(targets.length);
 }
 
 export async function sendCurrent() {
@@ -517,11 +530,17 @@ export function attachViewports() {
 
 export function onSelect() {
   showTags();
+  updateWeasisLink(selectedCell()?.series?.study);
+}
+
+export function studyOpened(study) {
+  updateWeasisLink(study);
 }
 
 export function afterShow() {
   updateMeasurements();
   showTags();
+  updateWeasisLink(selectedCell()?.series?.study);
 }
 
 export async function setupTools() {
