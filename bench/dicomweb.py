@@ -1069,7 +1069,7 @@ def _wrk(
     )
     threads = min(2, connections)
     out = subprocess.run(
-        [tool("wrk"), f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "-s", str(script), base],
+        [tool("wrk"), f"-t{threads}", f"-c{connections}", f"-d{round(seconds)}s", "-s", str(script), base],
         capture_output=True,
         text=True,
         timeout=seconds + 60,
