@@ -9,6 +9,11 @@ patient's data, the patient's authorization (``gateway.grants.check_grant``, R-R
 * ``GET /api/v1/patients/{person}/same-exams?order=ITEM&date=DATE[&doctor=]`` (``api:doctor``): R-RT-2.
 * ``POST /api/v1/citations`` (``api:doctor``): R-VW-3.
 * ``GET /api/v1/code-maps`` (``api:codes``): the maps and the unmapped codes met (R-CE-4).
+* ``GET /api/v1/code-maps/unmapped`` (``api:codes``): codes met in orders, index results and
+  exam records without a mapping (R-CE-4).
+* ``PUT``/``DELETE /api/v1/code-maps/{hospital}/{code}`` (``api:codes:write``): map, re-map or
+  unmap one exam-item code, written back to the hospital's TOML file (``gateway/codes.py``) and
+  audited with before/after (R-CE-4, R-SE-4).
 
 A denial is 403 ``{"error": "forbidden", "reason": …}``, audited with the reason and recorded as
 a denied retrieval that goes to the national index.
@@ -31,6 +36,7 @@ from api.errors import BadRequest, parse
 from api.federation import unprocessable
 from dicomweb.audit_hook import record_request
 from gateway.audit import EventType, Result
+from gateway.codes import CODE, UnknownHospital
 from gateway.federation import PeerError
 from gateway.grants import GrantDenied, GrantRejected, RetrievalGrant
 from gateway.identity import PERSON_KEY
@@ -50,6 +56,13 @@ class CitationIn(BaseModel):
     section: Literal["findings", "impression"]
     text: str = Field(min_length=1, max_length=20000)
     doctor: str = Field(min_length=1, max_length=64)
+
+
+class CodeMapIn(BaseModel):
+    """One mapping: the hospital's code (in the path) = this insurance exam-item code (R-CE-4)."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    insurance_code: str = Field(pattern=CODE.pattern, description="医保检查项目编码, e.g. 250301001")
 
 
 def _ws(request: Request) -> Workstation | None:
@@ -246,7 +259,64 @@ async def code_maps(request: Request) -> Response:
     ws = _ws(request)
     if ws is None:
         return _not_configured()
-    return JSONResponse({"maps": ws.codes.maps, "unmapped": ws.codes.unmapped()})
+    unmapped = await run_in_threadpool(ws.unmapped_codes)
+    return JSONResponse({"maps": ws.codes.snapshot(), "unmapped": unmapped})
+
+
+async def unmapped_codes(request: Request) -> Response:
+    ws = _ws(request)
+    if ws is None:
+        return _not_configured()
+    return JSONResponse({"unmapped": await run_in_threadpool(ws.unmapped_codes)})
+
+
+def _code_path(request: Request) -> tuple[str, str]:
+    hospital, code = request.path_params["hospital"], request.path_params["code"]
+    for name, value in (("hospital_code", hospital), ("item_code", code)):
+        if not CODE.match(value):
+            raise ValueError(f"{name}: letters, digits, '.', '_' or '-', at most 64, got {value[:70]!r}")
+    return str(hospital), str(code)
+
+
+async def edit_code(request: Request) -> Response:
+    """PUT (map / re-map) or DELETE (unmap) one code; the same-exam reminder uses it at once."""
+    ws = _ws(request)
+    if ws is None:
+        return _not_configured()
+    try:
+        hospital, code = _code_path(request)
+    except ValueError as exc:
+        return unprocessable(str(exc))
+    insurance: str | None = None
+    if request.method == "PUT":
+        try:
+            insurance = (await parse(request, CodeMapIn)).insurance_code
+        except BadRequest as bad:
+            return bad.response
+    try:
+        if insurance is None:
+            before = await run_in_threadpool(lambda: ws.codes.delete(hospital, code, own=ws.institution))
+        else:
+            before = await run_in_threadpool(
+                lambda: ws.codes.put(hospital, code, insurance, own=ws.institution)
+            )
+    except UnknownHospital:
+        return unprocessable(f"hospital_code: no code map for hospital {hospital} on this front-end")
+    except OSError as exc:  # nothing changed: the file was not replaced
+        return JSONResponse({"error": f"the code map could not be written: {exc}"}, status_code=503)
+    if insurance is None and before is None:
+        return JSONResponse({"error": "not_found", "error_description": "no such mapping"}, status_code=404)
+    entry = {"hospital": hospital, "code": code, "insurance_code": insurance}
+    if before != insurance:
+        await record_request(  # R-SE-4: who changed which mapping, from what to what
+            request,
+            EventType.CONFIG_CHANGE,
+            resource=f"code-map:{hospital}/{code}",
+            detail={"before": before, "after": insurance},
+        )
+    if insurance is None:
+        return JSONResponse({**entry, "before": before})
+    return JSONResponse({**entry, "before": before}, status_code=201 if before is None else 200)
 
 
 routes = [
@@ -257,5 +327,7 @@ routes = [
     Route("/patients/{person}/studies/{study}/fetch", retrieve, methods=["POST"]),
     Route("/citations", post_citation, methods=["POST"]),
     Route("/code-maps", code_maps, methods=["GET"]),
+    Route("/code-maps/unmapped", unmapped_codes, methods=["GET"]),
+    Route("/code-maps/{hospital}/{code}", edit_code, methods=["PUT", "DELETE"]),
     *cache_api,  # the HIS's cache requests (api/cache.py)
 ]

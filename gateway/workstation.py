@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 
 from gateway.archive.catalog import Catalog
-from gateway.archive.schema import citations, studies
+from gateway.archive.schema import citations, exams, studies
 from gateway.cache import CacheService, open_frontend_cache
 from gateway.clock import NodeClock
 from gateway.codes import CodeMap
@@ -208,6 +208,14 @@ class Workstation:
 
     def insurance_code(self, order: str) -> str | None:
         return self.codes.insurance(self.institution, order)
+
+    def unmapped_codes(self) -> list[dict[str, str]]:
+        """R-CE-4: codes met in orders and index results, and those of this front-end's exam
+        records, that have no insurance code (the map as edited now)."""
+        with self.catalog.engine.connect() as conn:
+            rows = conn.execute(select(exams.c.hospital_code, exams.c.exam_item_code).distinct())
+            seen = {(str(h), str(c)) for h, c in rows}
+        return self.codes.unmapped(seen)
 
     def same_exams(
         self, person_key: str, target: str, order_date: date, grant: RetrievalGrant

@@ -168,8 +168,9 @@ def test_every_route_for_a_user_of_every_role(
         if isinstance(node, Frontend):
             assert {"qido", "wado", SELF} <= seen[Role.DOCTOR]
             assert not seen[Role.DOCTOR] & {"metrics", "api:forwarding", "stow", "api:exams"}
-            assert seen[Role.SYSTEM_ADMIN] == {"metrics", "api:forwarding", "api:monitoring", SELF}
-            assert seen[Role.INSTITUTION_ADMIN] == {"api:forwarding", "api:monitoring", SELF}
+            codes = {"api:codes", "api:codes:write"}  # the code maps (R-CE-4)
+            assert seen[Role.SYSTEM_ADMIN] == {"metrics", "api:forwarding", "api:monitoring", SELF} | codes
+            assert seen[Role.INSTITUTION_ADMIN] == {"api:forwarding", "api:monitoring", SELF} | codes
         # a client token, even with every scope, is not a user: the session routes refuse it
         assert call(node, "GET", "/auth/whoami", auth(node)).status_code == 403
 

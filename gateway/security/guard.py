@@ -140,6 +140,10 @@ RULES: tuple[Rule, ...] = (
     Rule("POST", "/api/v1/patients/*/studies/*/fetch", "api:doctor"),
     Rule("POST", "/api/v1/citations", "api:doctor"),
     Rule("GET", "/api/v1/code-maps", "api:codes"),
+    Rule("GET", "/api/v1/code-maps/unmapped", "api:codes"),
+    # editing the code map is its own action, apart from reading it (R-CE-4)
+    Rule("PUT", "/api/v1/code-maps/*/*", "api:codes:write"),
+    Rule("DELETE", "/api/v1/code-maps/*/*", "api:codes:write"),
     # Cross-province fetch at a center (api/cache.py):
     Rule("POST", "/api/v1/fetches", "api:fetch"),
     # Image QC (api/qc.py, issue 4, R-QC-1, R-CE-5): a front-end's rejects; a study's QC (both roles)
@@ -166,7 +170,7 @@ PUBLIC_STATIC_PREFIX = "/viewer"
 # The scopes each role's routes use (what `ybyx clients add` may grant there).
 ROLE_SCOPES: dict[str, frozenset[str]] = {
     "frontend": frozenset({STOW, QIDO, WADO, "api:forwarding", "api:exams", "api:monitoring", "metrics"})
-    | {"api:cache-requests", "api:grants", "api:doctor", "api:codes", "api:qc"},
+    | {"api:cache-requests", "api:grants", "api:doctor", "api:codes", "api:codes:write", "api:qc"},
     "center": frozenset({STOW, QIDO, WADO, "api:inventory", "api:manifest", "api:exams", "api:monitoring"})
     | {"index:lookup", "index:retrievals", "api:cache-requests", "api:fetch", "api:qc"},
     "index": frozenset({"index:register", "index:lookup", "index:retrievals"}),

@@ -69,6 +69,8 @@ ACTION_KINDS: dict[str, Kind] = {
     "api:monitoring": Kind.OPERATIONS,
     "metrics": Kind.OPERATIONS,
     "api:send": Kind.STUDY,  # one-click send of a study the user may read (api/send.py checks it)
+    "api:codes": Kind.OPERATIONS,  # the exam-item code maps of a front-end (R-CE-4)
+    "api:codes:write": Kind.OPERATIONS,
     "api:inventory": Kind.NODE,
     "api:manifest": Kind.NODE,
     AUDIT_READ: Kind.AUDIT,
@@ -94,6 +96,9 @@ _R = Role
 PERMISSIONS: tuple[Permission, ...] = (
     *_p(_R.SYSTEM_ADMIN, Reach.ALL, "metrics", "api:forwarding", "api:monitoring"),
     *_p(_R.INSTITUTION_ADMIN, Reach.INSTITUTION, "api:forwarding", "api:monitoring"),
+    # the code maps (R-CE-4): the front-end's own institution's admins, and the system admin
+    *_p(_R.SYSTEM_ADMIN, Reach.ALL, "api:codes", "api:codes:write"),
+    *_p(_R.INSTITUTION_ADMIN, Reach.INSTITUTION, "api:codes", "api:codes:write"),
     *_p(_R.DOCTOR, Reach.INSTITUTION, "qido", "wado"),
     # one-click send (R-VW-1 u): to their institution's workstations, of studies they may read
     *_p(_R.DOCTOR, Reach.INSTITUTION, "api:send"),
