@@ -39,8 +39,10 @@ from tests.peers.ports import free_port
 from tests.viewer_phantom import (
     INSERT,
     MARKERS,
+    PET_HOT_BQML,
     SPACING,
     SQUARE,
+    suv_bw,
     write_ct_phantom,
     write_pet_phantom,
     write_volume_phantom,
@@ -70,6 +72,7 @@ class Studies:
     rate: str  # a 512 x 512 CT series for the load rate
     jls: str  # the same, JPEG-LS lossless
     fusion: str  # the volume phantom as CT + a PET phantom (PET-CT fusion)
+    fusion_no_weight: str  # the same, the PET's header without PatientWeight (no SUV)
     received: Path  # what the workstation (storescp) stored
 
 
@@ -115,13 +118,25 @@ def studies(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Studies]:
         fusion, frame = generate_uid(), generate_uid()
         paths += write_volume_phantom(root / "fct", fusion, frame)
         paths += write_pet_phantom(root / "fpt", fusion, frame)
+        no_weight, frame2 = generate_uid(), generate_uid()
+        paths += write_volume_phantom(root / "fct2", no_weight, frame2)
+        paths += write_pet_phantom(root / "fpt2", no_weight, frame2, weight=None)
         for p in paths + rate_paths + jls_paths:
             fe.ingest.accept_file(p, source="TEST")
         rate = dcmread_study(rate_paths[0])
         jls = dcmread_study(jls_paths[0])
         assert dcmread(jls_paths[0], stop_before_pixels=True).file_meta.TransferSyntaxUID == JPEGLSLossless
         yield Studies(
-            fe, node_url(fe), token(fe, "qido wado api:send"), phantom, prior, rate, jls, fusion, received
+            fe,
+            node_url(fe),
+            token(fe, "qido wado api:send"),
+            phantom,
+            prior,
+            rate,
+            jls,
+            fusion,
+            no_weight,
+            received,
         )
     finally:
         fe.stop()
@@ -655,6 +670,54 @@ def test_pet_ct_fusion_shows_the_hot_spot_in_colour(page: Page, studies: Studies
     page.click("#btn-stack")
 
 
+def open_fusion(page: Page, studies: Studies, study: str) -> tuple[float, float, float]:
+    """The fusion of ``study``; the page position of the PET hot sphere's centre in the axial view
+    and the painted size of one PET voxel (px)."""
+    open_viewer(page, studies, study)
+    page.click("#btn-fusion")
+    page.wait_for_function("document.body.dataset.fusionReady === '1'", timeout=60_000)
+    page.wait_for_timeout(500)
+    rgb = pixels(page, 0)
+    hot = blobs((np.abs(rgb[..., 0] - rgb[..., 2]) > 60).astype(float) * 255, 250, close=2)
+    assert hot and hot[0][2] > 100, hot
+    box = page.locator(".cell .vp").first.bounding_box()
+    assert box is not None
+    voxel = math.sqrt(hot[0][2] / (math.pi * 6**2))  # the sphere's central disc: radius 6 voxels
+    return box["x"] + hot[0][1], box["y"] + hot[0][0], voxel
+
+
+def test_suv_in_the_fusion_probe_and_roi(page: Page, studies: Studies) -> None:
+    """R-VW-1 SUV: the probe and an ellipse on the PET layer read SUVbw within 1% of the value
+    computed by hand from the phantom's header (activity, dose, half-life, times, weight)."""
+    x, y, voxel = open_fusion(page, studies, studies.fusion)
+    assert page.evaluate("document.body.dataset.suv") == "available"
+    expected = suv_bw(PET_HOT_BQML)
+    page.click("#btn-hu")
+    page.mouse.click(x, y)
+    text = measurement(page, "Probe PET:")
+    assert abs(number(text, r"([\d.]+) SUVbw") - expected) <= 0.01 * expected, (text, expected)
+    page.click("#btn-ellipse")
+    # (inside the hot sphere, radius 6 voxels, whether the drag spans the ellipse's box or its
+    # centre to a corner)
+    drag(page, (x - voxel, y - voxel), (x + 1.5 * voxel, y + 1.5 * voxel))
+    text = measurement(page, "Ellipse PET:")
+    shot(page, "fusion-suv")
+    assert number(text, r"(\d+) voxels") >= 4, text
+    assert abs(number(text, r"SUVbw mean ([\d.]+)") - expected) <= 0.01 * expected, (text, expected)
+    assert abs(number(text, r"max ([\d.]+)") - expected) <= 0.01 * expected, (text, expected)
+    page.click("#btn-stack")
+
+
+def test_a_pet_without_weight_says_suv_is_not_available(page: Page, studies: Studies) -> None:
+    x, y, _ = open_fusion(page, studies, studies.fusion_no_weight)
+    page.click("#btn-hu")
+    page.mouse.click(x, y)
+    text = measurement(page, "Probe PET:")
+    assert "SUV not available: PatientWeight" in text and "SUVbw" not in text, text
+    assert number(text, r"PET: ([\d.]+)") == PET_HOT_BQML  # the activity itself is still shown
+    page.click("#btn-stack")
+
+
 # ---- history comparison and embedding ------------------------------------------------------------
 
 
@@ -769,7 +832,9 @@ def test_one_click_send_delivers_the_series_to_the_workstation(page: Page, studi
 # ---- Weasis launch link --------------------------------------------------------------------------
 
 
-def test_weasis_link_opens_this_study_over_dicomweb_and_is_absent_when_off(page: Page, studies: Studies) -> None:
+def test_weasis_link_opens_this_study_over_dicomweb_and_is_absent_when_off(
+    page: Page, studies: Studies
+) -> None:
     """R-VW-1 u: with [weasis] enabled the toolbar link is weasis://? + the URL-encoded
     $dicom:rs command for the open study on this node, with the viewer's bearer token."""
     open_viewer(page, studies, studies.phantom)
@@ -781,6 +846,7 @@ def test_weasis_link_opens_this_study_over_dicomweb_and_is_absent_when_off(page:
         f' -H "Authorization: Bearer {studies.token}"'
     )
     assert urllib.parse.unquote(href.removeprefix("weasis://?")) == expected
+
     # the same site with the option off: no link
     def without_weasis(route: Any) -> None:
         cfg = route.fetch().json()

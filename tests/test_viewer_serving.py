@@ -175,6 +175,7 @@ def test_send_targets_per_institution(
         doctor_a = {"Authorization": f"Bearer {user_token(fe, 'dr.a', Role.DOCTOR, 'TEST_HOSPITAL')}"}
         doctor_b = {"Authorization": f"Bearer {user_token(fe, 'dr.b', Role.DOCTOR, OTHER)}"}
         with httpx.Client(timeout=30) as http:
+
             def names(h: dict[str, str]) -> list[str]:
                 return [t["name"] for t in http.get(f"{base}/targets", headers=h).json()["targets"]]
 

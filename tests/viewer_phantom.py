@@ -140,17 +140,34 @@ def write_volume_phantom(out: Path, study: str, frame_of_reference: str | None =
 
 
 PET_HOT = (24, 32, 48, 6)  # slice, row, column, radius of the PET hot sphere (volume grid)
+PET_HOT_BQML = 5000  # activity concentration in the hot sphere (Bq/ml; 100 elsewhere)
+# the SUV header (R-VW-1): 370 MBq of F-18 injected at 09:00, the series starts at 10:00, 75 kg
+PET_DOSE_BQ = 370e6
+PET_HALF_LIFE_S = 6586.2
+PET_DELAY_S = 3600.0
+PET_WEIGHT_KG = 75.0
 
 
-def write_pet_phantom(out: Path, study: str, frame_of_reference: str) -> list[Path]:
-    """A PET series on the volume phantom's grid and frame of reference: 100 counts everywhere, a
-    hot sphere (5000) at :data:`PET_HOT` — on the central axial plane, on the patient's left."""
+def suv_bw(bqml: float, weight_kg: float = PET_WEIGHT_KG) -> float:
+    """Body-weight SUV of ``bqml`` under the phantom's header (the viewer's formula, by hand)."""
+    decayed: float = PET_DOSE_BQ * 0.5 ** (PET_DELAY_S / PET_HALF_LIFE_S)
+    return bqml * weight_kg * 1000 / decayed
+
+
+def write_pet_phantom(
+    out: Path, study: str, frame_of_reference: str, weight: float | None = PET_WEIGHT_KG
+) -> list[Path]:
+    """A PET series on the volume phantom's grid and frame of reference: 100 Bq/ml everywhere, a
+    hot sphere (:data:`PET_HOT_BQML`) at :data:`PET_HOT` — on the central axial plane, on the
+    patient's left — with the header SUVbw needs (Units BQML, DecayCorrection START, the
+    radiopharmaceutical's dose, half-life and start, the series time and, unless ``weight`` is
+    None, PatientWeight)."""
     out.mkdir(parents=True, exist_ok=True)
     series = generate_uid()
     zz, rr, cc = np.mgrid[0:48, 0:64, 0:64]
     z, r, c, rad = PET_HOT
     counts = np.full((48, 64, 64), 100, np.int32)
-    counts[(zz - z) ** 2 + (rr - r) ** 2 + (cc - c) ** 2 <= rad**2] = 5000
+    counts[(zz - z) ** 2 + (rr - r) ** 2 + (cc - c) ** 2 <= rad**2] = PET_HOT_BQML
     paths = []
     for k in range(48):
         ds = _dataset(study, series, k + 1, counts[k] - 1024, float(k), 1.0, 1.0)  # stored = counts
@@ -159,7 +176,18 @@ def write_pet_phantom(out: Path, study: str, frame_of_reference: str) -> list[Pa
         ds.FrameOfReferenceUID = frame_of_reference
         ds.RescaleIntercept, ds.RescaleSlope = 0, 1
         del ds.RescaleType
-        ds.Units = "CNTS"
+        ds.Units, ds.DecayCorrection = "BQML", "START"
+        ds.SeriesDate = ds.AcquisitionDate = "20260101"
+        ds.SeriesTime = ds.AcquisitionTime = "100000"
+        drug = Dataset()
+        drug.Radiopharmaceutical = "Fluorodeoxyglucose"
+        drug.RadionuclideTotalDose = f"{PET_DOSE_BQ:.0f}"
+        drug.RadionuclideHalfLife = f"{PET_HALF_LIFE_S}"
+        drug.RadiopharmaceuticalStartTime = "090000"
+        drug.RadiopharmaceuticalStartDateTime = "20260101090000"
+        ds.RadiopharmaceuticalInformationSequence = [drug]
+        if weight is not None:
+            ds.PatientWeight = f"{weight}"
         ds.WindowCenter, ds.WindowWidth = 2500, 5000
         path = out / f"pet{k:03d}.dcm"
         ds.save_as(path, enforce_file_format=True)

@@ -1,11 +1,12 @@
 // Tools written here because Cornerstone3D 5.14.0 has none that fits (issue 7 §3):
-// - HUProbeTool: the CT value at a point. The built-in ProbeTool returns no value on a stack
+// - HUProbeTool: the CT value at a point (in the PET-CT fusion: the PET value and SUVbw, pet.js). The built-in ProbeTool returns no value on a stack
 //   viewport in 5.14.0, so the value is read here from the displayed image's own pixels
 //   (modality LUT applied: HU for CT).
 // - CardiothoracicRatioTool: two transverse diameters — the first line drawn on an image is the
 //   heart's, the second the thorax's — and their ratio (R-VW-1 "心胸比").
 import { ProbeTool, LengthTool, annotation as csAnnotation } from '@cornerstonejs/tools';
 import { utilities as csUtils } from '@cornerstonejs/core';
+import { fusionPet, petValueAt } from './pet.js';
 
 /** The modality value (HU for CT) of the displayed image at a world point, or null outside. */
 export function valueAt(viewport, worldPos) {
@@ -31,6 +32,26 @@ export class HUProbeTool extends ProbeTool {
   _calculateCachedStats(annotation, renderingEngine, enabledElement) {
     const { viewport } = enabledElement;
     const data = annotation.data;
+    const pet = fusionPet();
+    if (pet && !viewport.getCornerstoneImage) {
+      // the PET-CT fusion (a volume viewport): the PET layer's value, as SUVbw where the header
+      // allows (pet.js, suv.js); the measurement panel says why not otherwise
+      const found = petValueAt(data.handles.points[0]);
+      const targetId = this.getTargetId(viewport, data);
+      const x = found?.value ?? null;
+      const suv = x !== null && pet.suv.factor ? x * pet.suv.factor : undefined;
+      data.onPet = true;
+      data.cachedStats = {
+        [targetId]: {
+          value: suv ?? x ?? undefined,
+          petValue: x,
+          index: found?.index ?? null,
+          modalityUnit: suv !== undefined ? 'SUVbw' : 'Bq/ml',
+        },
+      };
+      annotation.invalidated = false;
+      return data.cachedStats;
+    }
     const imageId = viewport.getCurrentImageId?.();
     if (!imageId) return data.cachedStats;
     const targetId = `imageId:${imageId}`;

@@ -15,6 +15,7 @@ import { updateOverlay } from './overlay.js';
 import { HUProbeTool, CardiothoracicRatioTool, updateCardiothoracicRatios } from './customTools.js';
 import { sendToWorkstation, sendTargets } from './send.js';
 import { weasisLink, updateWeasisLink } from './weasis.js';
+import { fusionPet, petStatsIn, describeProbe, describeStats } from './pet.js';
 
 const { MouseBindings } = TEnums;
 const GROUP = 'stack';
@@ -222,6 +223,13 @@ const r1 = (x) => (typeof x === 'number' ? x.toFixed(1) : '?');
 function describe(a) {
   const stats = Object.values(a.data.cachedStats ?? {})[0] ?? {};
   const name = a.metadata.toolName;
+  // drawn on the PET-CT fusion (marked when added, below)
+  if (fusionPet() && a.data.onPet) {
+    const points = a.data.handles?.points;
+    if (name === HUProbeTool.toolName) return `Probe ${describeProbe(stats.petValue ?? null)}`;
+    if (name === EllipticalROITool.toolName) return `Ellipse ${describeStats(petStatsIn(points, true))}`;
+    if (name === RectangleROITool.toolName) return `Rectangle ${describeStats(petStatsIn(points, false))}`;
+  }
   const unitNote = (u) => (u === 'px' || u === 'px²' || u === 'px\xb2' ? ' (no PixelSpacing: pixels)' : '');
   switch (name) {
     case LengthTool.toolName:
@@ -577,6 +585,11 @@ export async function setupTools() {
     eventTarget.addEventListener(ev, refresh);
   }
   eventTarget.addEventListener(Enums.Events.STACK_NEW_IMAGE, () => showTags());
+  // a measurement added while the PET-CT fusion is shown is on its views: its PET reading (pet.js)
+  eventTarget.addEventListener(TEnums.Events.ANNOTATION_ADDED, (e) => {
+    const a = e.detail?.annotation;
+    if (a && fusionPet() && document.body.dataset.volumeMode === 'fusion') a.data.onPet = true;
+  });
   state.cells.forEach((c) => updateOverlay(c.el, viewportOf(c)));
   document.body.dataset.toolsReady = '1';
   return { cache, value, selectCell };

@@ -9,7 +9,8 @@ import {
   addTool, Enums as TEnums,
 } from '@cornerstonejs/tools';
 import { buildGrid, showSeries, selectCell } from './main.js';
-import { imageIdsOf } from './study.js';
+import { imageIdsOf, instanceOf } from './study.js';
+import { setFusionPet } from './pet.js';
 
 const { MouseBindings } = TEnums;
 const BLENDS = {
@@ -154,6 +155,7 @@ export async function setMode(mode, { state, group, status, selectedSeries }) {
   ensureGroups();
   for (const g of [mprGroup, vrGroup, group]) for (const id of g.getViewportIds()) g.removeViewports(state.engine.id, id);
   document.body.dataset.volumeMode = mode ?? '';
+  setFusionPet(null);
   $('#volume-bar').innerHTML = '';
   if (!mode) {
     buildGrid(1, 1);
@@ -227,7 +229,9 @@ async function fusion(state, status) {
     volumeActor.getProperty().setScalarOpacityUnitDistance(0, 0.01);
   };
   await setVolumesForViewports(state.engine, [{ volumeId: ctId }, { volumeId: ptId, callback: petActor }], ids);
-  for (const v of ids) mprGroup.addViewport(v, state.engine.id);
+  // the stack's tool group (probe, ROIs, W/L, zoom…): measurements read the PET layer (pet.js)
+  setFusionPet(ptId, instanceOf((await imageIdsOf(pt))[0]));
+  state.tools.attachViewports();
   const bar = $('#volume-bar');
   bar.innerHTML = '';
   const cmap = document.createElement('select');
@@ -239,7 +243,7 @@ async function fusion(state, status) {
   const apply = () => {
     for (const id of ids) {
       const viewport = state.engine.getViewport(id);
-      // PET: SUV-like range from the volume's own values (SUV scaling from the header: not yet)
+      // PET: the colour range from the volume's own values (SUV is read by the probe/ROIs, pet.js)
       const pet = cache.getVolume(ptId);
       const range = pet?.voxelManager?.getRange?.() ?? [0, 1];
       if (!(range[1] > range[0])) continue; // not loaded yet: applied again when it is
