@@ -133,6 +133,10 @@ def cmd_admin(args: argparse.Namespace) -> int:
 
     cfg = _role_config(args.config, args.node)
     catalog = Catalog.open(cfg.database.url)
+    if cfg.encryption.enabled:  # TOTP secrets are stored sealed (R-SE-10)
+        from gateway.archive import column_cipher
+
+        catalog.columns = column_cipher(catalog, cfg.encryption)
     try:
         return _run(args, cfg, catalog)
     except (UserError, WeakPassword) as exc:

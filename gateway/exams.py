@@ -21,11 +21,41 @@ from sqlalchemy import and_, select, update
 from gateway.archive.catalog import Catalog
 from gateway.archive.schema import exams, forward_jobs
 from gateway.identity import IdType, InvalidId, mask, normalise, person_key
+from gateway.security import columns
 
 CST = timezone(timedelta(hours=8), "CST")
 IMAGES_WITHIN = timedelta(hours=48)
 SETTLEMENT_WITHIN = timedelta(hours=24)
 UID_PATTERN = r"^[0-9]+(\.[0-9]+)*$"
+# Personal free text never matched in SQL: sealed when [encryption] is on (R-SE-10, issue 6 §5).
+# Everything lookups match on (person_key, hospital/accession, study UID, codes, times) stays plain.
+SEALED_FIELDS = ("patient_name", "id_masked", "description", "diagnosis")
+
+
+def exam_row_id(row: Any) -> str:
+    """The row identity a sealed exam field is bound to: its unique (hospital, accession)."""
+    return f"{row['hospital_code']}/{row['accession_number']}"
+
+
+def seal_exam(catalog: Catalog, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with :data:`SEALED_FIELDS` sealed (unchanged when encryption is off)."""
+    row = exam_row_id(values)
+    return values | {
+        f: columns.seal(catalog, values[f], table="exams", column=f, row=row)
+        for f in SEALED_FIELDS
+        if f in values
+    }
+
+
+def open_exam(catalog: Catalog, row: dict[str, Any]) -> dict[str, Any]:
+    """A stored exam row with its sealed fields opened (:class:`columns.ColumnSealError` when a
+    field cannot be: KEK destroyed, or the value was copied from another row)."""
+    ident = exam_row_id(row)
+    return row | {
+        f: columns.open_value(catalog, row[f], table="exams", column=f, row=ident)
+        for f in SEALED_FIELDS
+        if f in row and row[f] is not None
+    }
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -135,6 +165,7 @@ class ExamBook:
             if exam.settlement_id:
                 values |= {"settlement_id": exam.settlement_id, "settled_at": exam.settled_at}
         values["id_type"] = exam.id_type.value
+        values = seal_exam(self.catalog, values)
         where = and_(
             exams.c.hospital_code == exam.hospital_code, exams.c.accession_number == exam.accession_number
         )
@@ -149,7 +180,7 @@ class ExamBook:
                     .values(**values, updated_at=now, forwarded_at=None)
                 )
             row = conn.execute(select(exams).where(where)).one()
-        return dict(row._mapping)
+        return open_exam(self.catalog, dict(row._mapping))
 
     def settle(self, s: SettlementIn) -> bool:
         """Attach a settlement to its exam; False if the accession is unknown."""
@@ -182,7 +213,8 @@ class ExamBook:
             .limit(limit)
         )
         with self.catalog.engine.connect() as conn:
-            return [dict(r._mapping) for r in conn.execute(stmt)]
+            rows = [dict(r._mapping) for r in conn.execute(stmt)]
+        return [open_exam(self.catalog, r) for r in rows]
 
     def forwarded(self, exam_id: int, updated_at: datetime, *, at: datetime) -> None:
         """Mark a record forwarded, unless it changed since it was read."""

@@ -134,12 +134,14 @@ def cmd_destroy(args: argparse.Namespace) -> int:
 
 def cmd_seal_existing(args: argparse.Namespace) -> int:
     """``ybyx keys seal-existing -c CONFIG``: seal, in place, the objects stored before
-    ``[encryption]`` was switched on (each checked against its catalogued SHA-256)."""
+    ``[encryption]`` was switched on (each checked against its catalogued SHA-256), and the
+    sensitive column values stored plain until then (``gateway/security/columns.py``)."""
     from sqlalchemy import select
 
     from gateway.archive import Archive
     from gateway.archive.encrypted import EncryptedBlobStore
     from gateway.archive.schema import instance_versions, instances
+    from gateway.security.columns import seal_existing as seal_columns
 
     cfg = _node(args)
     if not cfg.encryption.enabled:
@@ -164,10 +166,11 @@ def cmd_seal_existing(args: argparse.Namespace) -> int:
             sealed += 1
             if done[1] != sha:
                 mismatched.append(key)
-        _audit(cfg, archive.catalog, "seal-existing", store.keys.kms.active(), sealed=sealed)
+        fields = seal_columns(archive.catalog)  # TOTP secrets, exam free text (R-SE-10)
+        _audit(cfg, archive.catalog, "seal-existing", store.keys.kms.active(), sealed=sealed, fields=fields)
     finally:
         archive.close()
-    print(f"sealed {sealed} objects in place, {skipped} were sealed already")
+    print(f"sealed {sealed} objects in place, {skipped} were sealed already; sealed {fields} column values")
     for key in mismatched:
         console.print(f"[red]{key}: its bytes did not match the catalogued SHA-256 before sealing[/red]")
     return 1 if mismatched else 0

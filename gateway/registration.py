@@ -24,6 +24,7 @@ from sqlalchemy import select, update
 
 from gateway.archive.catalog import Catalog
 from gateway.archive.schema import exams, index_registrations, series, studies, upload_monitoring
+from gateway.exams import open_exam
 from gateway.federation import JsonPeer, PeerError, call
 from gateway.identity import InvalidId, normalise_uscc
 
@@ -108,7 +109,7 @@ class IndexRegistrar:
             ).scalar()
         if row is None:
             return None
-        e = dict(row._mapping)
+        e = open_exam(self.catalog, dict(row._mapping))  # R-SE-10: sealed fields opened
         at = _aware(e["exam_time"]) or _aware(e["report_time"])
         assert at is not None
         try:

@@ -10,7 +10,8 @@ from gateway.archive.catalog import Catalog
 from gateway.config import DatabaseSection, EncryptionSection, StorageSection
 
 if TYPE_CHECKING:
-    from gateway.archive.encrypted import EncryptedBlobStore
+    from gateway.archive.encrypted import DataKeys, EncryptedBlobStore
+    from gateway.security.columns import ColumnCipher
     from gateway.security.kms import Kms
 
 
@@ -65,6 +66,15 @@ def sealed_store(store: BlobStore, catalog: Catalog, cfg: EncryptionSection) -> 
     return sealed
 
 
+def column_cipher(catalog: Catalog, cfg: EncryptionSection, keys: DataKeys | None = None) -> ColumnCipher:
+    """The sealed columns' cipher, on the same KMS and ``data_keys`` as the objects (R-SE-10); for
+    tools that open only the catalog (``ybyx admin``), set it as ``catalog.columns`` when enabled."""
+    from gateway.archive.encrypted import DataKeys
+    from gateway.security.columns import ColumnCipher
+
+    return ColumnCipher(keys or DataKeys(catalog, open_kms(cfg, catalog)), cache_seconds=cfg.cache_seconds)
+
+
 class ArchiveUnavailable(Exception):
     """The configured catalog or blob store cannot be used; ``key`` is the config key to fix."""
 
@@ -105,6 +115,7 @@ class Archive:
         if encryption is not None and encryption.enabled:
             try:
                 store = sealed_store(store, catalog, encryption)
+                catalog.columns = column_cipher(catalog, encryption, store.keys)
             except OSError as exc:
                 catalog.close()
                 raise ArchiveUnavailable("encryption.key_file", str(exc)) from exc

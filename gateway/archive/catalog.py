@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy import (
     ColumnElement,
@@ -47,6 +47,9 @@ from gateway.archive.schema import (
     series,
     studies,
 )
+
+if TYPE_CHECKING:
+    from gateway.security.columns import ColumnCipher
 
 ConflictPolicy = Literal["keep-newest", "keep-first"]
 
@@ -212,6 +215,8 @@ class Catalog:
         # Run in the transaction of every instance stored with new bytes (e.g. the codec queue,
         # gateway/codec/stage.py): what must happen to a stored instance is recorded with it.
         self.write_hooks: list[Callable[[Connection, InstanceRecord, AddOutcome], None]] = []
+        # Seals the sensitive columns (gateway/security/columns.py) when [encryption] is on.
+        self.columns: ColumnCipher | None = None
 
     @classmethod
     def open(cls, url: str, *, migrate_schema: bool = True, outbox: bool = False) -> Catalog:

@@ -222,8 +222,9 @@ exams = Table(
     Column("study_uid", UID, nullable=False),
     Column("id_type", String(32), nullable=False),
     Column("person_key", String(64), nullable=False),
-    Column("id_masked", String(32), nullable=False),
-    Column("patient_name", PN, nullable=False),
+    # id_masked, patient_name, description, diagnosis: sealed when [encryption] is on (R-SE-10)
+    Column("id_masked", String(128), nullable=False),
+    Column("patient_name", Text, nullable=False),
     Column("exam_item_code", String(64), nullable=False),
     Column("exam_item_name", String(200), nullable=False),
     Column("body_part", String(64), nullable=False),
@@ -520,7 +521,7 @@ users = Table(
     Column("person_key", String(64)),  # a patient's pseudonym (exams.person_key): their own studies
     Column("password_hash", String(255), nullable=False),
     Column("password_set_at", DateTime(timezone=True), nullable=False),
-    Column("totp_secret", String(64)),
+    Column("totp_secret", String(255)),  # sealed when [encryption] is on (security/columns.py)
     Column("totp_last_step", BigInteger),  # the last 30-s step a code was used for: no replay
     Column("failed_logins", Integer, nullable=False),
     Column("locked_until", DateTime(timezone=True)),

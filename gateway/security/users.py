@@ -14,6 +14,7 @@ password costs one argon2id check, and an unknown user name costs the same (timi
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -23,11 +24,12 @@ from sqlalchemy.exc import IntegrityError
 
 from gateway.archive.catalog import Catalog
 from gateway.archive.schema import users
-from gateway.security import passwords, totp
+from gateway.security import columns, passwords, totp
 from gateway.security.permissions import ADMIN_ROLES, INSTITUTION_ROLES, Role
 
 USERNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@\-]{2,63}$")
 INSTITUTION = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+log = logging.getLogger(__name__)
 
 
 class UserError(ValueError):
@@ -116,6 +118,7 @@ class UserStore:
         passwords.check_strength(password, username=username)
         secret = totp.new_secret() if (role in ADMIN_ROLES or with_totp) else None
         now = datetime.now(UTC)
+        stored = self._seal(secret, username)  # before the write: it may store the column key
         try:
             with self.catalog.write() as conn:
                 pk = conn.execute(
@@ -126,7 +129,7 @@ class UserStore:
                         person_key=person_key,
                         password_hash=passwords.hash_password(password),
                         password_set_at=now,
-                        totp_secret=secret,
+                        totp_secret=stored,
                         failed_logins=0,
                         created_at=now,
                     )
@@ -137,6 +140,12 @@ class UserStore:
         return User(
             int(pk[0]), username, role, institution, person_key, secret is not None, 0, None, False
         ), secret
+
+    def _seal(self, secret: str | None, username: str) -> str | None:
+        """The TOTP secret as stored: sealed to its user's row when encryption is on (R-SE-10)."""
+        if secret is None:
+            return None
+        return columns.seal(self.catalog, secret, table="users", column="totp_secret", row=username)
 
     def get(self, username: str) -> User | None:
         with self.catalog.engine.connect() as conn:
@@ -178,7 +187,15 @@ class UserStore:
             ).first()
             if row is None or row.totp_secret is None:
                 return False
-            step = totp.matching_step(row.totp_secret, code, last_step=row.totp_last_step)
+            try:
+                secret = columns.open_value(
+                    self.catalog, row.totp_secret, table="users", column="totp_secret", row=user.username
+                )
+            except columns.ColumnSealError as exc:
+                # R-SE-10: a shredded or moved secret refuses the login; it must not crash it
+                log.error("TOTP check for %s: %s", user.username, exc)
+                return False
+            step = totp.matching_step(secret, code, last_step=row.totp_last_step)
             if step is None:
                 return False
             conn.execute(update(users).where(users.c.id == user.id).values(totp_last_step=step))
@@ -229,11 +246,12 @@ class UserStore:
     def enroll_totp(self, username: str) -> str:
         """A new TOTP secret for the account (replacing any), to be shown once."""
         secret = totp.new_secret()
+        stored = self._seal(secret, username)
         with self.catalog.write() as conn:
             done = conn.execute(
                 update(users)
                 .where(users.c.username == username)
-                .values(totp_secret=secret, totp_last_step=None)
+                .values(totp_secret=stored, totp_last_step=None)
             ).rowcount
         if not done:
             raise UserError(f"no user {username!r}")
