@@ -6,6 +6,7 @@ match on stays plain.
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,6 +30,7 @@ from gateway.security.login import Logins, Outcome
 from gateway.security.permissions import Role
 from tests.conftest import auth
 from tests.test_exams import exam_body
+from tests.test_users import Ran, ybyx
 
 GOOD = "Kx8#vmQ2-tRw9p"
 PSEUDONYM_KEY = secrets.token_bytes(32)
@@ -184,3 +186,47 @@ def test_exam_api_on_a_sealed_postgresql_front_end(
     assert masked not in db["id_masked"] and body["id_number"] not in str(db)
     out = ExamBook(catalog).unforwarded()[0]
     assert out["diagnosis"] == body["diagnosis"] and out["id_masked"] == masked
+
+
+def test_admin_and_keys_cli_seal_rotate_and_shred_the_totp_secret(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The operator's path: ``ybyx admin create-user`` stores the secret sealed; ``ybyx keys rotate``
+    keeps it usable; ``ybyx keys destroy`` of the KEK wrapping it refuses TOTP logins."""
+
+    def run(*args: str, stdin: str = "") -> Ran:
+        return ybyx(capsys, monkeypatch, *args, stdin=stdin)
+
+    config = tmp_path / "center.toml"
+    key_file = tmp_path / "kek.json"
+    config.write_text(
+        f'role = "center"\nprovince = "50"\n[storage]\npath = "{tmp_path / "blobs"}"\n'
+        f'[database]\nurl = "sqlite:///{tmp_path / "c.db"}"\n'
+        f'[encryption]\nenabled = true\nkey_file = "{key_file}"\n',
+        encoding="utf-8",
+    )
+    made = run(
+        "admin", "create-user", "root", "--role", "system-admin", "--password-stdin", "-c", str(config),
+        stdin=GOOD + "\n",
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    found = re.search(r"^totp\s+([A-Z2-7]{32})$", made.stdout, re.M)
+    assert found
+    secret = found.group(1)
+    assert secret.encode() not in b"".join(p.read_bytes() for p in tmp_path.glob("c.db*"))
+
+    catalog = Catalog.open(f"sqlite:///{tmp_path / 'c.db'}")
+    seal_on(catalog, key_file)
+    logins = Logins(catalog, UsersSection(internal_networks=["10.0.0.0/8"]))
+    assert raw(catalog, users, users.c.username == "root")["totp_secret"].startswith(PREFIX)
+    first = LocalKms(key_file).active()
+    rotated = run("keys", "rotate", "-c", str(config))
+    assert rotated.returncode == 0 and "re-wrapped 1 data keys" in rotated.stdout, rotated.stderr
+    assert run("keys", "destroy", first, "-c", str(config)).returncode == 0  # nothing depends on it now
+    assert logins.login("root", GOOD, pyotp.TOTP(secret).now(), "10.1.2.3").outcome is Outcome.OK
+    second = LocalKms(key_file).active()
+    refused = run("keys", "destroy", second, "-c", str(config))
+    assert refused.returncode == 2 and "1 stored objects" in refused.stderr  # the column key counts
+    assert run("keys", "destroy", second, "-c", str(config), "--yes").returncode == 0
+    assert logins.login("root", GOOD, pyotp.TOTP(secret).now(), "10.1.2.3").outcome is Outcome.FAILED
+    catalog.close()
