@@ -85,6 +85,13 @@ export function describeProbe(x) {
   return pet.suv.factor ? `PET: ${f2(x * pet.suv.factor)} SUVbw (${f1(x)} Bq/ml)` : `PET: ${f1(x)} — ${notAvailable(pet.suv)}`;
 }
 
+/** The PET lines an ROI shows on the image. */
+export function petTextLines(s) {
+  if (!s) return ['PET: outside'];
+  if (pet.suv.factor) return [`SUVbw mean ${f2(s.mean * pet.suv.factor)}`, `SUVbw max ${f2(s.max * pet.suv.factor)}`];
+  return [`PET mean ${f1(s.mean)} Bq/ml`, notAvailable(pet.suv)];
+}
+
 /** The panel's PET text for ROI statistics. */
 export function describeStats(s) {
   if (!s) return 'PET: outside the PET volume';

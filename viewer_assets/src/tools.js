@@ -15,7 +15,7 @@ import { updateOverlay } from './overlay.js';
 import { HUProbeTool, CardiothoracicRatioTool, updateCardiothoracicRatios } from './customTools.js';
 import { sendToWorkstation, sendTargets } from './send.js';
 import { weasisLink, updateWeasisLink } from './weasis.js';
-import { fusionPet, petStatsIn, describeProbe, describeStats } from './pet.js';
+import { fusionPet, petStatsIn, describeProbe, describeStats, petTextLines } from './pet.js';
 
 const { MouseBindings } = TEnums;
 const GROUP = 'stack';
@@ -560,6 +560,16 @@ export async function setupTools() {
   for (const T of [ZoomTool, PanTool, WindowLevelTool, StackScrollTool, LengthTool, RectangleROITool, EllipticalROITool,
     AngleTool, CobbAngleTool, PlanarFreehandROITool, MagnifyTool, ReferenceLinesTool, HUProbeTool, CardiothoracicRatioTool]) {
     group.addTool(T.toolName);
+  }
+  // in the PET-CT fusion an ellipse/rectangle labels itself with the PET layer's SUV (pet.js), not
+  // with Cornerstone's statistics of the CT volume
+  for (const [T, ellipse] of [[EllipticalROITool, true], [RectangleROITool, false]]) {
+    const ownLines = group.getToolInstance(T.toolName).configuration.getTextLines;
+    group.setToolConfiguration(T.toolName, {
+      getTextLines: (data, targetId) => (data.onPet && fusionPet()
+        ? petTextLines(petStatsIn(data.handles?.points, ellipse))
+        : ownLines(data, targetId)),
+    });
   }
   group.addTool(ArrowAnnotateTool.toolName, {
     getTextCallback: (done) => done(window.prompt('标注文字 annotation text') ?? ''),
