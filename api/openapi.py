@@ -34,9 +34,11 @@ from gateway.cache import CacheRequestForwarded, CacheRequestIn
 from gateway.exams import ExamForwarded, ExamIn, SettlementIn
 from gateway.retrievals import RetrievalRecord
 from gateway.security.guard import PUBLIC, required_scope
+from index.records import IndexRecordIn
 
-ROLES = ("frontend", "center")
-FE, CE, BOTH = frozenset({"frontend"}), frozenset({"center"}), frozenset(ROLES)
+ROLES = ("frontend", "center", "index")
+FE, CE, IX = frozenset({"frontend"}), frozenset({"center"}), frozenset({"index"})
+BOTH, ALL = FE | CE, frozenset(ROLES)  # the index serves no DICOMweb, sessions or send
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "openapi"
 UID = r"^[0-9]+(\.[0-9]+)*$"
 JSON = "application/json"
@@ -95,16 +97,16 @@ BODY_ERRORS = (400, 415, 422)
 
 OPERATIONS: tuple[Op, ...] = (
     # ---- node identity and sessions (gateway/security/node.py, api/auth.py) -----------------------
-    Op("GET", "/healthz", BOTH, "Liveness: the role", tag="node"),
+    Op("GET", "/healthz", ALL, "Liveness: the role", tag="node"),
     Op(
         "POST",
         "/oauth/token",
-        BOTH,
+        ALL,
         "Client credentials → bearer JWT (RFC 6749 §4.4)",
         tag="auth",
         errors=(400, 401, 503),
     ),
-    Op("GET", "/.well-known/jwks.json", BOTH, "The node's public signing keys", tag="auth"),
+    Op("GET", "/.well-known/jwks.json", ALL, "The node's public signing keys", tag="auth"),
     Op(
         "POST",
         "/auth/login",
@@ -306,7 +308,7 @@ OPERATIONS: tuple[Op, ...] = (
     Op(
         "POST",
         "/api/v1/retrievals",
-        CE,
+        CE | IX,
         "A retrieval record (R-RT-4)",
         RetrievalRecord,
         201,
@@ -316,7 +318,7 @@ OPERATIONS: tuple[Op, ...] = (
     Op(
         "GET",
         "/api/v1/retrievals",
-        CE,
+        CE | IX,
         "Retrieval records, newest first",
         params=(
             _q("person", "pseudonym"),
@@ -346,6 +348,42 @@ OPERATIONS: tuple[Op, ...] = (
         FetchIn,
         errors=(*BODY_ERRORS, 404, 502, 503),
     ),
+    # ---- the national index (index/app.py, issue 5) ----------------------------------------------
+    Op(
+        "POST",
+        "/api/v1/index-records",
+        IX,
+        "A center registers a study (idempotent)",
+        IndexRecordIn,
+        201,
+        errors=(*BODY_ERRORS, 409),
+        also=(200,),
+    ),
+    Op(
+        "GET",
+        "/api/v1/index-records",
+        IX,
+        "A patient's studies across the country",
+        params=(
+            _q("person", "pseudonym or person management code", required=True),
+            _q("from", "exam date from", DAY),
+            _q("to", "exam date to", DAY),
+            _q("modality", ""),
+            _q("body_part", ""),
+            _q("exam_item", "insurance exam-item code"),
+            _q("limit", "1-10000 (default 1000)", {"type": "integer", "minimum": 1, "maximum": 10000}),
+        ),
+        errors=(422,),
+    ),
+    Op(
+        "GET",
+        "/api/v1/index-records/{key}",
+        IX,
+        "One record by Study Instance UID or record key",
+        params=(_p("key", "Study Instance UID or record key"),),
+        errors=(404, 422),
+    ),
+    Op("GET", "/api/v1/provinces", IX, "The directory of provincial centers"),
     # ---- both ----------------------------------------------------------------------------------------
     Op(
         "GET",
@@ -450,6 +488,7 @@ _WHY = {
     401: "No valid bearer token (``WWW-Authenticate: Bearer``)",
     403: "The token lacks the scope the guard's table names, or the patient's grant denies it",
     404: "Not found, or not configured on this node",
+    409: "The study is registered by another province already",
     415: "Content-Type must be application/json",
     422: "Invalid input: each bad field named with why",
     429: "Rate limited (``Retry-After``)",
@@ -558,7 +597,7 @@ def spec(role: str) -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for op in ops:
         paths.setdefault(op.path, {})[op.method.lower()] = _operation(op, refs)
-    for method, path, kind in _DICOMWEB:
+    for method, path, kind in _DICOMWEB if role in BOTH else ():
         paths.setdefault(path, {})[method.lower()] = _dicomweb(method, path, kind)
     return {
         "openapi": "3.1.0",
