@@ -39,6 +39,26 @@ def classify(method: str, path: str, status: int) -> EventType | None:
     return EventType.ACCESS_DENIED if status == 405 else None
 
 
+#: Per-instance reads a viewer makes by the hundred: frames, rendered images, thumbnails, bulk data.
+_GROUPED_KINDS = ("frames", "rendered", "thumbnail", "bulkdata")
+
+
+def _grouped_read(event: EventType, status: int, path: str, params: Any) -> tuple[str, str] | None:
+    """For a successful per-instance read of :data:`_GROUPED_KINDS`: the series-level resource its
+    record is grouped under and the item (instance, and frame list) it adds; else None. Failures
+    are never grouped: each refused or failed read keeps its own record."""
+    if event is not EventType.RETRIEVAL or status >= 400 or not params.get("sop"):
+        return None
+    segments = path.rstrip("/").split("/")
+    kind = next((k for k in _GROUPED_KINDS if k in segments[-2:]), None)
+    if kind is None or not params.get("study") or not params.get("series"):
+        return None
+    cut = path.index("/studies/")
+    resource = f"{path[:cut]}/studies/{params['study']}/series/{params['series']}/instances/*/{kind}"
+    item = str(params["sop"]) + (f"/frames/{params['frames']}" if params.get("frames") else "")
+    return resource, item
+
+
 class AuditHook:
     """ASGI middleware recording DICOMweb requests and denied requests in the audit trail."""
 
@@ -91,6 +111,18 @@ class AuditHook:
         ):
             if params.get(key):
                 detail[name] = str(params[key])
+        grouped = _grouped_read(event, status, path, params)
+        if grouped is not None:  # one record per transfer, not per frame (R-SE-4)
+            resource, item = grouped
+            audit.submit_grouped(
+                who,
+                event,
+                resource=resource,
+                result=Result.SUCCESS,
+                item=f"{item}?{query}" if query else item,
+                detail=detail,
+            )
+            return
         audit.submit(
             who,
             event,

@@ -476,6 +476,41 @@ class FolderExport:
 # ---- the log -------------------------------------------------------------------------------------
 
 
+
+#: How many distinct items one grouped record lists (requests for others: ``items_not_listed``).
+GROUP_ITEMS_MAX = 500
+
+
+@dataclass
+class _Group:
+    """Reads being gathered into one record by :meth:`AuditLog.submit_grouped`."""
+
+    detail: dict[str, Any]
+    first: str
+    started: float  # monotonic, for the window
+    last: str = ""
+    requests: int = 0
+    items: dict[str, None] = field(default_factory=dict)  # insertion-ordered set
+    not_listed: int = 0
+
+    def add(self, item: str, now: str) -> None:
+        self.requests += 1
+        self.last = now
+        if item in self.items:
+            return
+        if len(self.items) < GROUP_ITEMS_MAX:
+            self.items[item] = None
+        else:
+            self.not_listed += 1
+
+    def detail_out(self) -> dict[str, Any]:
+        out = {**self.detail, "requests": self.requests, "items": list(self.items)}
+        out.update(first=self.first, last=self.last or self.first)
+        if self.not_listed:
+            out["items_not_listed"] = self.not_listed
+        return out
+
+
 class AuditLog:
     """The audit trail of one role, in its catalog database (see the module docstring)."""
 
@@ -490,6 +525,7 @@ class AuditLog:
         checkpoint_every_records: int = 1000,
         checkpoint_every_seconds: float = 300.0,
         batch_max: int = 500,
+        group_seconds: float = 1.0,
     ) -> None:
         self.catalog = catalog
         self.engine: Engine = catalog.engine
@@ -510,6 +546,8 @@ class AuditLog:
         self._exported: int | None = None  # highest checkpoint seq known exported
         self.lost = 0  # records that could not be written (each logged at ERROR)
         self._last_periodic = 0.0
+        self.group_seconds = group_seconds
+        self._groups: dict[tuple[Actor, str, str, str], _Group] = {}  # guarded by _running
 
     @classmethod
     def open(cls, cfg: AuditSection, catalog: Catalog, *, system: Actor, clock: Clock = utcnow) -> AuditLog:
@@ -620,6 +658,48 @@ class AuditLog:
                 self._queue.put(entry)
                 return
         self._write_batch([entry])
+
+    def submit_grouped(
+        self,
+        who: Actor,
+        event_type: EventType | str,
+        *,
+        resource: str,
+        result: Result | str,
+        item: str,
+        detail: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Like :meth:`submit`, for bursts of one kind of read: a viewer pulls a 300-slice series as
+        300 frame requests in a few seconds. Requests of one actor on one ``resource`` with one
+        result within :attr:`group_seconds` of the first become ONE record, whose detail counts
+        the ``requests`` and lists the distinct ``items`` (instances / frames; the first
+        :data:`GROUP_ITEMS_MAX`, requests for others counted in ``items_not_listed``) with the
+        ``first`` and ``last`` times, as a DICOM "DICOM Instances Transferred" message covers one
+        transfer, not one packet. Every request is still accounted for; the chain grows by one row
+        per transfer instead of one per frame. Written at once, ungrouped, when the background
+        thread is not running."""
+        now = format_time(self.clock())
+        with self._running:
+            if self._thread is not None:
+                key = (who, str(event_type), resource, str(result))
+                group = self._groups.get(key)
+                if group is None:
+                    group = self._groups[key] = _Group(dict(detail or {}), now, time.monotonic())
+                group.add(item, now)
+                return
+        single = {**(detail or {}), "requests": 1, "items": [item], "first": now, "last": now}
+        self._write_batch([self._stamped(who, event_type, resource, result, single)])
+
+    def _release_groups(self, *, everything: bool = False) -> list[_Entry]:
+        """The grouped records whose window has closed (or all of them), as entries to write."""
+        due = time.monotonic() - self.group_seconds
+        with self._running:
+            keys = [k for k, g in self._groups.items() if everything or g.started <= due]
+            groups = [(k, self._groups.pop(k)) for k in keys]
+        return [
+            self._stamped(who, event_type, resource, result, group.detail_out())
+            for (who, event_type, resource, result), group in groups
+        ]
 
     def _stamped(
         self,
@@ -808,6 +888,9 @@ class AuditLog:
             self._stop.set()
             self._queue.put(None)
             thread.join(30)
+        grouped = self._release_groups(everything=True)  # no new ones: _thread is None now
+        if grouped:
+            self._write_batch(grouped)
         try:
             self.seal()
         except Exception:
@@ -821,6 +904,8 @@ class AuditLog:
                     item = self._queue.get(timeout=0.25)
                 except queue.Empty:
                     item = None
+                for entry in self._release_groups():
+                    self._queue.put(entry)
                 self.flush(item)  # what waits goes in one transaction; staged rows are chained
                 if not self._stop.is_set():
                     self._periodic(tick)

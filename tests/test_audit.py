@@ -437,6 +437,50 @@ def test_records_after_c_store_qido_and_wado(
     assert report.ok, report.summary()
 
 
+def test_a_series_read_frame_by_frame_is_one_grouped_record(
+    start_frontend: Callable[..., Frontend], samples: Path
+) -> None:
+    """A viewer's burst of frame and thumbnail reads is one record per kind, counting every request
+    and listing every instance (R-SE-4), while a failed read keeps a record of its own."""
+    fe = start_frontend()
+    assert fe.audit is not None
+    fe.audit.group_seconds = 0.5
+    files = [f for f in dicom_files([samples]) if dcmread(f, stop_before_pixels=True).Modality == "CT"][:4]
+    headers = dcmread(files[0], stop_before_pixels=True)
+    study, series = str(headers.StudyInstanceUID), str(headers.SeriesInstanceUID)
+    assert send(files, "127.0.0.1", fe.dicom_port, "YBYX", calling_ae="MODALITY1").ok
+    sops = [str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]
+    base = f"http://127.0.0.1:{fe.http_port}/dicom-web/studies/{study}/series/{series}/instances"
+    accept = {"Accept": 'multipart/related; type="application/octet-stream"'}
+    with httpx.Client(headers=auth(fe), timeout=30) as client:
+        for sop in [*sops, *sops]:  # every frame read twice
+            assert client.get(f"{base}/{sop}/frames/1", headers=accept).status_code == 200
+        assert client.get(f"{base}/{sops[0]}/thumbnail").status_code == 200
+        assert client.get(f"{base}/1.2.3.404/frames/1", headers=accept).status_code == 404
+    deadline = time.monotonic() + 10
+    retrievals: list[AuditRecord] = []
+    while len(retrievals) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+        fe.audit.flush()
+        retrievals = [r for r in read_records(fe.archive.catalog.engine) if r.event_type == "retrieval"]
+    by_resource = {r.resource: r for r in retrievals}
+    assert len(retrievals) == 3, [r.resource for r in retrievals]
+    frames = by_resource[f"/dicom-web/studies/{study}/series/{series}/instances/*/frames"]
+    detail = json.loads(frames.detail)
+    assert frames.result == "success" and detail["requests"] == 8
+    assert detail["items"] == [f"{sop}/frames/1" for sop in sops]
+    assert detail["first"] <= detail["last"] and detail["series_instance_uid"] == series
+    thumb = json.loads(by_resource[f"/dicom-web/studies/{study}/series/{series}/instances/*/thumbnail"].detail)
+    assert (thumb["requests"], thumb["items"]) == (1, [sops[0]])
+    missing = by_resource[f"/dicom-web/studies/{study}/series/{series}/instances/1.2.3.404/frames/1"]
+    assert missing.result == "failure" and json.loads(missing.detail)["status"] == 404
+    fe.audit.seal()
+    report = verify(
+        fe.archive.catalog.engine, trusted_keys(fe.cfg.audit.signing_key), FolderExport(fe.cfg.audit.export_path)
+    )
+    assert report.ok, report.summary()
+
+
 def test_refused_c_store_is_recorded(start_frontend: Callable[..., Frontend], tmp_path: Path) -> None:
     fe = start_frontend()
     assert fe.audit is not None
