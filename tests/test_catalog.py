@@ -12,10 +12,13 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
+from gateway.archive import migrations
 from gateway.archive.catalog import AddOutcome, Catalog
 from gateway.archive.query import Level, QueryError
 from gateway.archive.record import InstanceRecord
 from gateway.archive.schema import metadata
+
+MIGRATIONS = Path(migrations.__file__).parent / "versions"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -77,6 +80,53 @@ def test_migrations_match_schema(catalog: Catalog) -> None:
     with catalog.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), metadata)
     assert diff == []
+
+
+def test_a_populated_sqlite_catalog_upgrades_across_table_rebuilds(tmp_path: Path) -> None:
+    """An existing database with rows that other tables reference upgrades to head: SQLite batch
+    migrations rebuild tables (0016 rebuilds ``users``, referenced by ``user_sessions``), which
+    failed with "FOREIGN KEY constraint failed" while foreign keys were enforced."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import text
+
+    from gateway.archive.catalog import make_engine
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = make_engine(url)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0015")
+        now = "2026-12-01 00:00:00"
+        conn.execute(
+            text(
+                "INSERT INTO users (id, username, role, institution, password_hash, password_set_at,"
+                " totp_secret, failed_logins, created_at)"
+                " VALUES (1, 'dr', 'doctor', 'H1', 'x', :t, 'S', 0, :t)"
+            ),
+            {"t": now},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO user_sessions (session_id, secret_hash, csrf_hash, user_pk, source, mfa,"
+                " created_at, last_seen_at, expires_at)"
+                " VALUES ('s1', 'h', 'c', 1, '127.0.0.1', 0, :t, :t, :t)"
+            ),
+            {"t": now},
+        )
+    engine.dispose()
+    cat = Catalog.open(url)  # migrates to head
+    try:
+        with cat.engine.connect() as conn:
+            assert conn.execute(text("SELECT totp_secret FROM users WHERE id = 1")).scalar_one() == "S"
+            assert conn.execute(text("SELECT user_pk FROM user_sessions")).scalar_one() == 1
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar_one() == 1  # enforced again
+            head = conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
+        assert head == sorted(p.stem.split("_")[0] for p in MIGRATIONS.glob("0*.py"))[-1]
+    finally:
+        cat.close()
 
 
 def test_pixel_row_is_one_lookup_by_the_three_uids(catalog: Catalog) -> None:
