@@ -368,6 +368,11 @@ def _frame_choice(request: Request, src: PixelSource | IndexedPixels) -> FrameCh
         inner, ts = r.inner or "*/*", r.transfer_syntax
         if inner == "*/*":
             return stored
+        if inner == OCTET and ts == "*" and src.encapsulated:
+            # "any transfer syntax": the stored (compressed) frame as is, its part labelled with
+            # transfer-syntax=<stored> — what Cornerstone's loader asks for by default and decodes
+            # in the browser; decoding here would send ~2.6x the bytes of a JPEG-LS archive
+            return FrameChoice(OCTET, stored_ts, False)
         if inner == OCTET and ts in (None, "*", ExplicitVRLittleEndian):
             if not raw.decode or can_decode(stored_ts):
                 return raw

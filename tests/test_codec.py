@@ -452,6 +452,16 @@ def test_frontend_compresses_after_ingest_and_forwards_only_the_compressed_bytes
     assert raw == sent.PixelData
     [jls] = web.retrieve_instance_frames(*uids, frame_numbers=[1], media_types=("image/jls",))
     assert jls[:2] == b"\xff\xd8" and len(jls) < len(raw) / 2  # a JPEG-LS codestream (SOI)
+    # octet-stream with transfer-syntax=* (Cornerstone's default): as stored, labelled, not decoded
+    any_syntax = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
+    star = httpx.get(
+        f"http://127.0.0.1:{fe.http_port}/dicom-web/studies/{uids[0]}/series/{uids[1]}/instances/{uids[2]}/frames/1",
+        headers={**auth(fe), "Accept": any_syntax},
+        timeout=30,
+    )
+    assert star.status_code == 200
+    assert f"application/octet-stream; transfer-syntax={JPEGLSLossless}".encode() in star.content[:1000]
+    assert jls in star.content and len(star.content) < len(raw) / 2
 
     # the modality sends the same again: duplicates of the received bytes, nothing changes
     assert send(files, "127.0.0.1", fe.dicom_port, "YBYX").ok
