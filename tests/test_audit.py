@@ -470,14 +470,14 @@ def test_a_series_read_frame_by_frame_is_one_grouped_record(
     assert frames.result == "success" and detail["requests"] == 8
     assert detail["items"] == [f"{sop}/frames/1" for sop in sops]
     assert detail["first"] <= detail["last"] and detail["series_instance_uid"] == series
-    thumb = json.loads(by_resource[f"/dicom-web/studies/{study}/series/{series}/instances/*/thumbnail"].detail)
+    series_path = f"/dicom-web/studies/{study}/series/{series}/instances"
+    thumb = json.loads(by_resource[f"{series_path}/*/thumbnail"].detail)
     assert (thumb["requests"], thumb["items"]) == (1, [sops[0]])
     missing = by_resource[f"/dicom-web/studies/{study}/series/{series}/instances/1.2.3.404/frames/1"]
     assert missing.result == "failure" and json.loads(missing.detail)["status"] == 404
     fe.audit.seal()
-    report = verify(
-        fe.archive.catalog.engine, trusted_keys(fe.cfg.audit.signing_key), FolderExport(fe.cfg.audit.export_path)
-    )
+    keys = trusted_keys(fe.cfg.audit.signing_key)
+    report = verify(fe.archive.catalog.engine, keys, FolderExport(fe.cfg.audit.export_path))
     assert report.ok, report.summary()
 
 
