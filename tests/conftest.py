@@ -25,6 +25,7 @@ from gateway.sample import ct_series, write_samples
 from gateway.security.clients import ClientRegistry
 from gateway.security.credentials import write_secret
 from gateway.security.guard import ROLE_SCOPES
+from index.service import NationalIndex
 from tests.peers.ports import free_port
 from tests.peers.seaweedfs import S3Endpoint, seaweedfs  # noqa: F401  (session fixture)
 
@@ -321,3 +322,28 @@ def center_client_before_start(root: Path) -> dict[str, str]:
         return center_client(catalog, root)
     finally:
         catalog.close()
+
+
+# ---- the federation (national index, centers, front-ends on loopback; tests/federation.py) ------
+# Imported inside the fixtures: tests/federation.py imports this module.
+
+
+@pytest.fixture
+def start_index(tmp_path: Path) -> Iterator[Callable[..., NationalIndex]]:
+    from tests.federation import index_starter
+
+    yield from index_starter(tmp_path)
+
+
+@pytest.fixture
+def start_fed_center(tmp_path: Path) -> Iterator[Callable[..., Center]]:
+    from tests.federation import center_starter
+
+    yield from center_starter(tmp_path)
+
+
+@pytest.fixture
+def start_fed_frontend(tmp_path: Path) -> Iterator[Callable[..., Frontend]]:
+    from tests.federation import frontend_starter
+
+    yield from frontend_starter(tmp_path)

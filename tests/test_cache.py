@@ -5,7 +5,7 @@ node is moved to run the next-day jobs and the retention cleanup."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,11 +27,8 @@ from tests.conftest import auth
 from tests.federation import (
     CENTER_AT_CENTER,
     KEY,
-    center_starter,
     client_at,
     exam_body,
-    frontend_starter,
-    index_starter,
     store_study,
     tiny_study,
 )
@@ -42,21 +39,6 @@ ID_NUMBER = "11010519491231002X"
 PERSON = person_key(IdType.RESIDENT_ID, ID_NUMBER, KEY)
 HOSPITAL = "H50010300001"
 STUDY = "1.2.52.77"
-
-
-@pytest.fixture
-def start_index(tmp_path: Path) -> Iterator[Callable[..., NationalIndex]]:
-    yield from index_starter(tmp_path)
-
-
-@pytest.fixture
-def start_fed_center(tmp_path: Path) -> Iterator[Callable[..., Center]]:
-    yield from center_starter(tmp_path)
-
-
-@pytest.fixture
-def start_fed_frontend(tmp_path: Path) -> Iterator[Callable[..., Frontend]]:
-    yield from frontend_starter(tmp_path)
 
 
 @dataclass

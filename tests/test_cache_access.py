@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -32,7 +32,7 @@ from gateway.identity import IdType, person_key
 from gateway.security.permissions import Role
 from index.service import NationalIndex
 from tests.conftest import auth
-from tests.federation import center_starter, frontend_starter, index_starter, store_study, tiny_study
+from tests.federation import store_study, tiny_study
 from tests.peers.ports import free_port
 from tests.test_authz import bearer, found_studies, study_paths, user_token
 from tests.test_forwarding import all_confirmed, wait_until
@@ -42,21 +42,6 @@ KEY = bytes(range(32))
 HOSPITAL = "H50010300001"
 PERSON = person_key(IdType.RESIDENT_ID, "11010519491231002X", KEY)
 CACHED = "1.2.52.4242"  # patient P's study from another hospital (StudyDate 20251101)
-
-
-@pytest.fixture
-def start_index(tmp_path: Path) -> Iterator[Callable[..., NationalIndex]]:
-    yield from index_starter(tmp_path)
-
-
-@pytest.fixture
-def start_fed_center(tmp_path: Path) -> Iterator[Callable[..., Center]]:
-    yield from center_starter(tmp_path)
-
-
-@pytest.fixture
-def start_fed_frontend(tmp_path: Path) -> Iterator[Callable[..., Frontend]]:
-    yield from frontend_starter(tmp_path)
 
 
 @dataclass

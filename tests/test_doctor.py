@@ -6,7 +6,7 @@ index → center 50 → front-end H50010300001; records of another province's ho
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
@@ -28,9 +28,6 @@ from index.service import NationalIndex
 from tests.conftest import auth
 from tests.federation import (
     KEY,
-    center_starter,
-    frontend_starter,
-    index_starter,
     store_study,
     tiny_study,
 )
@@ -40,21 +37,6 @@ CST = timezone(timedelta(hours=8))
 HOSPITAL, OTHER = "H50010300001", "H52000000001"
 PERSON = person_key(IdType.RESIDENT_ID, "11010519491231002X", KEY)
 STRANGER = person_key(IdType.RESIDENT_ID, "110105194912310019", KEY)
-
-
-@pytest.fixture
-def start_index(tmp_path: Path) -> Iterator[Callable[..., NationalIndex]]:
-    yield from index_starter(tmp_path)
-
-
-@pytest.fixture
-def start_fed_center(tmp_path: Path) -> Iterator[Callable[..., Center]]:
-    yield from center_starter(tmp_path)
-
-
-@pytest.fixture
-def start_fed_frontend(tmp_path: Path) -> Iterator[Callable[..., Frontend]]:
-    yield from frontend_starter(tmp_path)
 
 
 @dataclass

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -19,23 +19,13 @@ from gateway.identity import IdType, person_key
 from gateway.security.guard import ROLE_SCOPES, required_scope
 from index.service import NationalIndex
 from tests.conftest import auth, node_url
-from tests.federation import KEY, center_starter, exam_body, index_starter, store_study, tiny_study
+from tests.federation import KEY, exam_body, store_study, tiny_study
 from tests.peers.ports import free_port
 from tests.test_security_routes import fill, walk
 
 CST = timezone(timedelta(hours=8))
 PERSON = person_key(IdType.RESIDENT_ID, "11010519491231002X", KEY)
 USCC = "91350100M000100Y43"
-
-
-@pytest.fixture
-def start_index(tmp_path: Path) -> Iterator[Callable[..., NationalIndex]]:
-    yield from index_starter(tmp_path)
-
-
-@pytest.fixture
-def start_fed_center(tmp_path: Path) -> Iterator[Callable[..., Center]]:
-    yield from center_starter(tmp_path)
 
 
 def record(study: str, at: datetime, **kw: Any) -> dict[str, Any]:

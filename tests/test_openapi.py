@@ -17,7 +17,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -31,7 +31,6 @@ from gateway.identity import write_new_key
 from gateway.security.guard import PUBLIC, required_scope
 from index.service import NationalIndex
 from tests.conftest import auth, node_url
-from tests.federation import index_starter
 from tests.test_security_routes import walk
 
 Node = Frontend | Center | NationalIndex
@@ -65,11 +64,6 @@ def bearer(node: Node) -> str:
     )
     assert r.status_code == 200, r.text
     return str(r.json()["access_token"])
-
-
-@pytest.fixture
-def start_index(tmp_path: Path) -> Iterator[Callable[..., NationalIndex]]:
-    yield from index_starter(tmp_path)
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from gateway.qc.dicom_json import PRIVATE_CREATOR
 from gateway.sample import ct_series
 from index.service import NationalIndex
 from tests.conftest import auth, center_config, forward_to, frontend_config, node_url
-from tests.federation import center_starter, exam_body, index_starter, store_study
+from tests.federation import exam_body, store_study
 from tests.peers.ports import free_port
 from tests.qc_defects import stripe
 from tests.test_forwarding import FAST, forwarding, wait_until
@@ -179,16 +179,6 @@ def test_bad_rules_stop_the_node_naming_the_key(tmp_path: Path) -> None:
         and "modality.CT.snr" in bad.value.reason
         and "must not increase" in bad.value.reason
     )
-
-
-@pytest.fixture
-def start_index(tmp_path: Path) -> Iterator[Callable[..., NationalIndex]]:
-    yield from index_starter(tmp_path)
-
-
-@pytest.fixture
-def start_fed_center(tmp_path: Path) -> Iterator[Callable[..., Center]]:
-    yield from center_starter(tmp_path)
 
 
 def test_the_index_learns_the_centers_qc_grade(
