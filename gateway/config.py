@@ -564,6 +564,8 @@ class IndexConfig(Strict):
     database: DatabaseSection = DatabaseSection()
     audit: AuditSection = AuditSection()
     security: SecuritySection = SecuritySection()
+    # the KMS of the index (issue 6 §5): seals the index records' report text (R-SE-10)
+    encryption: EncryptionSection = EncryptionSection()
     provinces: list[ProvinceEntry] = Field(default_factory=list)
 
     @model_validator(mode="after")

@@ -6,6 +6,11 @@ Centers register each study once it is archived (and again after QC, which adds 
 registration is idempotent by Study Instance UID. Lookup is one SQL query on the
 ``(person_key, exam_date)`` index: by person (pseudonym or person management code), a date window
 and optionally modality, body part and exam item.
+
+The index's copies of the report text (``description``, ``diagnosis``) are sealed columns
+(``gateway/security/columns.py``, R-SE-10) when the index's ``[encryption]`` is on: AES-256-GCM
+under a column key wrapped by the index's KMS, bound to the record's Study Instance UID. The API
+returns them in plain text to callers holding ``index:lookup``; what lookups match on stays plain.
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ from sqlalchemy import select, update
 from gateway.archive.catalog import Catalog
 from gateway.archive.schema import index_records
 from gateway.identity import PERSON_CODE, PERSON_KEY, IdType, IndexRecordKey, InvalidId, normalise_uscc
+from gateway.security import columns
 
 CST = timezone(timedelta(hours=8), "CST")
+SEALED_FIELDS = ("description", "diagnosis")  # the report text: sealed at rest (R-SE-10)
 UID_PATTERN = r"^[0-9]+(\.[0-9]+)*$"
 
 
@@ -115,6 +122,25 @@ def exam_date(at: datetime) -> str:
     return at.astimezone(CST).strftime("%Y%m%d")
 
 
+def sealed(catalog: Catalog, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with :data:`SEALED_FIELDS` sealed (unchanged when encryption is off)."""
+    row = str(values["study_uid"])
+    return values | {
+        f: columns.seal(catalog, values[f], table="index_records", column=f, row=row)
+        for f in SEALED_FIELDS
+        if f in values
+    }
+
+
+def opened(catalog: Catalog, row: dict[str, Any]) -> dict[str, Any]:
+    """A stored row with :data:`SEALED_FIELDS` opened (plain rows from before sealing pass)."""
+    ident = str(row["study_uid"])
+    return row | {
+        f: columns.open_value(catalog, row[f], table="index_records", column=f, row=ident)
+        for f in SEALED_FIELDS
+    }
+
+
 def as_json(row: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in row.items() if k != "id"}
     for k, v in out.items():
@@ -139,14 +165,15 @@ class IndexBook:
         values["person_code"] = rec.person_code
         values["exam_date"] = exam_date(rec.exam_time)
         c = index_records.c
+        stored = sealed(self.catalog, values)  # before the write transaction (may store the column key)
         with self.catalog.write() as conn:
             found = conn.execute(select(index_records).where(c.study_uid == rec.study_uid)).first()
             now = self.clock()
             if found is None:
-                conn.execute(index_records.insert().values(**values, registered_at=now, updated_at=now))
+                conn.execute(index_records.insert().values(**stored, registered_at=now, updated_at=now))
                 outcome = Outcome.CREATED
             else:
-                old = dict(found._mapping)
+                old = opened(self.catalog, dict(found._mapping))
                 if old["province"] != rec.province:
                     raise HeldElsewhere(
                         f"study {rec.study_uid} is registered by province {old['province']}, "
@@ -157,11 +184,11 @@ class IndexBook:
                     outcome = Outcome.UNCHANGED
                 else:
                     conn.execute(
-                        update(index_records).where(c.id == old["id"]).values(**values, updated_at=now)
+                        update(index_records).where(c.id == old["id"]).values(**stored, updated_at=now)
                     )
                     outcome = Outcome.UPDATED
             row = conn.execute(select(index_records).where(c.study_uid == rec.study_uid)).one()
-        return outcome, as_json(dict(row._mapping))
+        return outcome, as_json(opened(self.catalog, dict(row._mapping)))
 
     def lookup(self, q: Lookup) -> list[dict[str, Any]]:
         """One query: the person's records in the window (inclusive days), newest first."""
@@ -180,7 +207,8 @@ class IndexBook:
             stmt = stmt.where((c.exam_item_code == q.exam_item) | (c.insurance_item_code == q.exam_item))
         stmt = stmt.order_by(c.exam_date.desc(), c.exam_time.desc()).limit(q.limit)
         with self.catalog.engine.connect() as conn:
-            return [as_json(dict(r._mapping)) for r in conn.execute(stmt)]
+            rows = [dict(r._mapping) for r in conn.execute(stmt)]
+        return [as_json(opened(self.catalog, r)) for r in rows]
 
     def get(self, key: str) -> dict[str, Any] | None:
         """One record by Study Instance UID or by national index record key."""
@@ -194,4 +222,4 @@ class IndexBook:
             where = c.study_uid == key
         with self.catalog.engine.connect() as conn:
             row = conn.execute(select(index_records).where(where)).first()
-        return as_json(dict(row._mapping)) if row is not None else None
+        return as_json(opened(self.catalog, dict(row._mapping))) if row is not None else None

@@ -11,11 +11,12 @@ from dataclasses import dataclass
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from gateway.archive import ArchiveUnavailable
+from gateway.archive import ArchiveUnavailable, column_cipher
 from gateway.archive.catalog import Catalog
-from gateway.audit import AuditLog, start_audit, stop_audit
+from gateway.audit import AuditLog, EventType, Result, start_audit, stop_audit
 from gateway.config import IndexConfig
 from gateway.retrievals import RetrievalLog
+from gateway.security.columns import seal_existing_index_records
 from gateway.security.node import NodeSecurity, default_node_id
 from gateway.web import HttpServer
 from index.app import build_index_app
@@ -41,12 +42,27 @@ class NationalIndex:
             reason = " ".join(str(exc.__cause__ or exc).split())
             raise ArchiveUnavailable("database.url", f"cannot open the index database: {reason}") from exc
         try:
+            if cfg.encryption.enabled:  # the report text of index records sealed at rest (R-SE-10)
+                try:
+                    catalog.columns = column_cipher(catalog, cfg.encryption)
+                except OSError as exc:
+                    raise ArchiveUnavailable("encryption.key_file", str(exc)) from exc
             node_id = cfg.security.issuer or default_node_id("index", "national")
             security = NodeSecurity.open(cfg.security, role="index", node_id=node_id, catalog=catalog)
             audit = start_audit(cfg, catalog)  # R-SE-4
         except ArchiveUnavailable:
             catalog.close()
             raise
+        if catalog.columns is not None:
+            sealed = seal_existing_index_records(catalog)  # rows stored before sealing was on
+            if sealed:
+                audit.record_as(
+                    audit.system,
+                    EventType.KEY_OPERATION,
+                    resource="index_records",
+                    result=Result.SUCCESS,
+                    detail={"operation": "seal-existing", "fields": sealed},
+                )
         book = IndexBook(catalog)
         app = build_index_app(security, book, Directory(cfg.provinces), RetrievalLog(catalog), audit)
         http = HttpServer(app, cfg.http.host, cfg.http.port, tls=cfg.http.tls)  # issue 6 §6

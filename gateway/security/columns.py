@@ -200,7 +200,7 @@ def seal_existing(catalog: Catalog) -> int:
                 .limit(500)
             ).all()
         if not rows:
-            return done
+            return done + seal_existing_index_records(catalog)
         last = int(rows[-1].id)
         sealed_rows = [
             (
@@ -223,3 +223,48 @@ def seal_existing(catalog: Catalog) -> int:
                         .values(**values)
                     )
                     done += len(values)
+
+
+def seal_existing_index_records(catalog: Catalog, *, batch: int = 500) -> int:
+    """Seal the national index's still-plain report text (``index/records.py``: description and
+    diagnosis, bound to the Study Instance UID); how many values. Run by ``seal-existing`` and at
+    every start of an index with ``[encryption] enabled`` (the data migration of R-SE-10)."""
+    from sqlalchemy import or_, update
+
+    from gateway.archive.schema import index_records
+
+    cipher = cipher_of(catalog)
+    if cipher is None:
+        return 0
+    fields = ("description", "diagnosis")
+    c = index_records.c
+    done = last = 0
+    while True:
+        with catalog.engine.connect() as conn:
+            rows = conn.execute(
+                select(c.id, c.study_uid, c.updated_at, *[c[f] for f in fields])
+                .where(c.id > last, or_(*[c[f].not_like(PREFIX + "%") for f in fields]))
+                .order_by(c.id)
+                .limit(batch)
+            ).all()
+        if not rows:
+            return done
+        last = int(rows[-1].id)
+        sealed_rows = [
+            (
+                r,
+                {
+                    f: cipher.seal(r._mapping[f], table="index_records", column=f, row=r.study_uid)
+                    for f in fields
+                    if not is_sealed(r._mapping[f])
+                },
+            )
+            for r in rows
+        ]  # sealed before the write transaction (sealing may store the column key)
+        with catalog.write() as conn:
+            for r, values in sealed_rows:
+                # only if the record did not change meanwhile (a re-registration seals it anyway)
+                result = conn.execute(
+                    update(index_records).where(c.id == r.id, c.updated_at == r.updated_at).values(**values)
+                )
+                done += len(values) if result.rowcount else 0
