@@ -20,7 +20,8 @@ and, after commit, to an append-only :class:`ExportTarget` together with the clo
 records since the previous checkpoint, one JSON line each). The folder implementation
 (:class:`FolderExport`) writes each file once (``O_EXCL``, ``fsync``, mode 0444, hard-linked into
 place so a file is never seen half-written). A rewritten chain no longer matches a signed
-checkpoint; a truncated tail falls short of one. S3 object lock is a later ``ExportTarget``.
+checkpoint; a truncated tail falls short of one. ``[audit.s3]`` adds an S3 bucket with object lock
+(``gateway/audit_s3.py``) as a second target: the copy nobody on this host can change.
 
 **Hot path.** C-STORE/STOW ingest records inside the instance's own catalog transaction
 (:meth:`AuditLog.record_in`): the instance and its record commit together, for no extra commit.
@@ -403,9 +404,10 @@ class ExportConflict(Exception):
 
 
 class ExportTarget(Protocol):
-    """An append-only store for checkpoints and closed segments (a folder today; S3 with object
-    lock later). ``put`` never replaces a file: same content again is a no-op, other content
-    raises :class:`ExportConflict`."""
+    """An append-only store for checkpoints and closed segments (:class:`FolderExport`,
+    ``gateway.audit_s3.ObjectLockExport``). ``put`` never replaces a file: same content again is a
+    no-op, other content raises :class:`ExportConflict`. A target may also offer ``findings()``:
+    ``(name, what)`` for names changed after export, which :func:`verify` reports."""
 
     def put(self, name: str, data: bytes) -> None: ...
 
@@ -471,6 +473,41 @@ class FolderExport:
 
     def names(self) -> list[str]:
         return sorted(p.name for p in self.path.iterdir() if not p.name.startswith("."))
+
+
+class ExportAll:
+    """Several targets as one (the folder, then S3): ``put`` writes to each in turn, ``names``
+    are those every target holds, so a checkpoint one target missed (S3 down) is exported again
+    on the next pass; the targets that have it already treat the same bytes as a no-op."""
+
+    def __init__(self, targets: Sequence[ExportTarget]) -> None:
+        self.targets = list(targets)
+
+    def put(self, name: str, data: bytes) -> None:
+        for target in self.targets:
+            target.put(name, data)
+
+    def get(self, name: str) -> bytes | None:
+        return self.targets[0].get(name)
+
+    def names(self) -> list[str]:
+        common = set(self.targets[0].names())
+        for target in self.targets[1:]:
+            common &= set(target.names())
+        return sorted(common)
+
+
+def export_targets(cfg: AuditSection) -> list[ExportTarget]:
+    """The configured targets: the folder, and the object-locked bucket if ``[audit.s3]`` is set
+    (checked: created with object lock, or refused without it)."""
+    targets: list[ExportTarget] = [FolderExport(cfg.export_path)]
+    if cfg.s3 is not None:
+        from gateway.audit_s3 import ObjectLockExport
+
+        s3 = ObjectLockExport.from_config(cfg.s3)
+        s3.check()
+        targets.append(s3)
+    return targets
 
 
 # ---- the log -------------------------------------------------------------------------------------
@@ -552,10 +589,11 @@ class AuditLog:
     @classmethod
     def open(cls, cfg: AuditSection, catalog: Catalog, *, system: Actor, clock: Clock = utcnow) -> AuditLog:
         """From the ``[audit]`` config section; the signing key is generated on first start."""
+        targets = export_targets(cfg)
         return cls(
             catalog,
             signing_key=load_signing_key(cfg.signing_key, create=True),
-            export=FolderExport(cfg.export_path),
+            export=targets[0] if len(targets) == 1 else ExportAll(targets),
             system=system,
             clock=clock,
             checkpoint_every_records=cfg.checkpoint_every_records,
@@ -1025,6 +1063,12 @@ def verify(
 
     exported_cps: dict[int, Checkpoint] = {}
     segments: list[str] = []  # read one at a time during the walk (memory stays flat)
+    findings = getattr(export, "findings", None)
+    if callable(findings):  # names changed after export (a new S3 version, a delete marker)
+        for name, what in findings():
+            digits = name.split("-")[1].split(".")[0] if "-" in name else ""
+            seq = int(digits) if digits.isdigit() else 0
+            note(Problem(seq, CHECKPOINT_MISMATCH, f"exported {name} {what}"))
     if export is not None:
         for name in export.names():
             if name.startswith("segment-"):
@@ -1159,9 +1203,13 @@ def start_audit(cfg: Any, catalog: Catalog) -> AuditLog:
     from gateway.archive import ArchiveUnavailable
 
     system = system_actor(cfg)
+    from gateway.audit_s3 import ExportUnavailable
+
     try:
         audit = AuditLog.open(cfg.audit, catalog, system=system)
         audit.export_pending()  # the public key and anything a previous run left unexported
+    except ExportUnavailable as exc:
+        raise ArchiveUnavailable("audit.s3", str(exc)) from exc
     except (OSError, ValueError, ExportConflict) as exc:
         raise ArchiveUnavailable("audit.signing_key", str(exc)) from exc
     audit.start()

@@ -42,8 +42,33 @@ def _open_engine(cfg: FrontendConfig | CenterConfig, source: str) -> Any:
     return engine
 
 
+def _exports(
+    cfg: FrontendConfig | CenterConfig, against: str, source: str
+) -> tuple[list[tuple[str, Any]], list[str]]:
+    """The export copies to compare with, each with a label, and notes on those left out."""
+    from gateway.audit import FolderExport
+
+    found: list[tuple[str, Any]] = []
+    notes: list[str] = []
+    if against in ("all", "folder"):
+        if cfg.audit.export_path.is_dir():
+            found.append((f"folder {cfg.audit.export_path}", FolderExport(cfg.audit.export_path)))
+        else:
+            notes.append(f"no export folder at {cfg.audit.export_path}: exported checkpoints not compared")
+    if against in ("all", "s3"):
+        if cfg.audit.s3 is None:
+            if against == "s3":
+                raise ConfigError([f"{source}: audit.s3: --against-export s3 needs an [audit.s3] section"])
+        else:
+            from gateway.audit_s3 import ObjectLockExport
+
+            s3 = ObjectLockExport.from_config(cfg.audit.s3)
+            found.append((f"object-locked copy {s3}", s3))
+    return found, notes
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
-    from gateway.audit import FolderExport, trusted_keys, verify
+    from gateway.audit import trusted_keys, verify
 
     cfg = _role_config(args.config, args.role)
     if args.public_key:  # an auditor's own copy of the public key replaces the configured ones
@@ -51,22 +76,27 @@ def cmd_verify(args: argparse.Namespace) -> int:
     else:
         signing = cfg.audit.signing_key if cfg.audit.signing_key.exists() else None
         keys = trusted_keys(signing, cfg.audit.verify_keys)
-    export = FolderExport(cfg.audit.export_path) if cfg.audit.export_path.is_dir() else None
+    exports, notes = _exports(cfg, args.against_export, args.config)
+    if not keys:
+        notes.append("no public key: checkpoint signatures cannot be checked")
     engine = _open_engine(cfg, args.config)
-    try:
-        report = verify(engine, keys, export)
+    try:  # the chain once per export copy (or once alone); the first broken one decides
+        reports = [(label, verify(engine, keys, export)) for label, export in exports] or [
+            ("", verify(engine, keys, None))
+        ]
     finally:
         engine.dispose()
-    if export is None:
-        report.notes.append(f"no export folder at {cfg.audit.export_path}: exported checkpoints not compared")
-    if not keys:
-        report.notes.append("no public key: checkpoint signatures cannot be checked")
-    for line in report.notes:
+    for label, report in reports:
+        notes += [f"{label}: {n}" if label else n for n in report.notes]
+    for line in notes:
         print(f"note: {line}", file=sys.stderr)
-    if report.ok:
-        print(report.summary())
+    broken = [(label, r) for label, r in reports if not r.ok]
+    if not broken:
+        for label, report in reports:
+            print(report.summary() + (f" (against the {label})" if label else ""))
         return 0
-    print(report.summary(), file=sys.stderr)
+    for label, report in broken:
+        print(report.summary() + (f" (against the {label})" if label else ""), file=sys.stderr)
     return 1
 
 
@@ -98,6 +128,13 @@ def add_parser(sub: Any) -> None:
         action="append",
         metavar="PEM",
         help="trust only this public key (repeatable) instead of the configured signing key",
+    )
+    v.add_argument(
+        "--against-export",
+        choices=["all", "folder", "s3"],
+        default="all",
+        help="which exported copies to compare the database with: the folder, the [audit.s3] "
+        "object-locked bucket, or every configured one (default)",
     )
     v.set_defaults(func=cmd_verify)
     e = asub.add_parser("export", help="write the records as DICOM audit messages, one XML file each")

@@ -345,6 +345,25 @@ class SecuritySection(Strict):
         return self
 
 
+class AuditS3Section(S3Section):
+    """``[audit.s3]``: the immutable copy of checkpoints and closed segments (R-SE-4,
+    ``gateway/audit_s3.py``). The bucket is created with S3 Object Lock (an existing bucket must
+    have it); every object is written once with retention, optionally under legal hold."""
+
+    mode: Literal["COMPLIANCE", "GOVERNANCE"] = Field(
+        default="COMPLIANCE",
+        description="object lock mode: COMPLIANCE (nobody can shorten or delete) or GOVERNANCE "
+        "(users with s3:BypassGovernanceRetention can)",
+    )
+    retain_days: int = Field(
+        default=190,
+        ge=183,
+        le=36500,
+        description="retain-until = export time + this many days (R-SE-4: at least 6 months)",
+    )
+    legal_hold: bool = Field(default=False, description="also put a legal hold on every exported object")
+
+
 class AuditSection(Strict):
     """The audit trail (issue 6 §4, R-SE-4; ``gateway/audit.py``). Works without configuration: the
     signing key is generated on first start (mode 600), never shipped as a shared default."""
@@ -361,6 +380,9 @@ class AuditSection(Strict):
     checkpoint_every_seconds: float = Field(default=300, gt=0, le=86400)
     verify_keys: list[Path] = Field(
         default_factory=list, description="older public keys (after a rotation) still trusted by verify"
+    )
+    s3: AuditS3Section | None = Field(
+        default=None, description="also export to an S3 bucket with object lock (the immutable copy)"
     )
 
 
