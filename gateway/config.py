@@ -403,6 +403,10 @@ class EncryptionSection(Strict):
     )
 
 
+# processes for CPU-heavy work after ingest: 1 to 16, or "auto" (one per CPU, gateway.workpool)
+WorkerCount = Annotated[int, Field(ge=1, le=16)] | Literal["auto"]
+
+
 class CompressionSection(Strict):
     """Lossless compression after ingest, before upload (issue 4 §1, R-UP-1; ``gateway/codec``)."""
 
@@ -413,7 +417,11 @@ class CompressionSection(Strict):
     transcode_lossless: bool = Field(
         default=False, description="also re-encode data that arrived compressed losslessly in another syntax"
     )
-    workers: int = Field(default=1, ge=1, le=16, description="compression processes (each uses one core)")
+    workers: WorkerCount = Field(
+        default="auto",
+        description='compression processes (each uses one core); "auto": one per CPU — the OS then '
+        "shares the cores between the C-STORE threads and the encoders, so the queue keeps up",
+    )
     delete_grace_seconds: float = Field(
         default=60,
         ge=0,
@@ -441,7 +449,9 @@ class QcSection(Strict):
     rules: Path | None = Field(
         default=None, description="the QC rules file (config/qc.toml); unset = the built-in thresholds"
     )
-    workers: int = Field(default=1, ge=1, le=16, description="grading processes (each uses one core)")
+    workers: WorkerCount = Field(
+        default=1, description='grading processes (each uses one core); "auto": one per CPU'
+    )
 
 
 class DicomWebSection(Strict):

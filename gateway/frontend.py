@@ -30,6 +30,7 @@ from gateway.security.grant_policy import GrantPolicy
 from gateway.security.node import NodeSecurity, default_node_id
 from gateway.security.tls import client_context
 from gateway.web import HttpServer, build_app
+from gateway.workpool import resolve_workers
 from gateway.workstation import Workstation, open_workstation
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ def _compression_stage(cfg: FrontendConfig, archive: Archive) -> CompressionStag
         archive.store,
         codec_for(section.transfer_syntax),
         transcode_lossless=section.transcode_lossless,
-        workers=section.workers,
+        workers=resolve_workers(section.workers),
         processes=True,
         delete_grace=grace,
     )

@@ -30,13 +30,9 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import multiprocessing
-import signal
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Connection, delete, func, select, update
@@ -48,6 +44,7 @@ from gateway.archive.schema import codec_queue, instance_versions, instances, re
 from gateway.codec.table import Codec
 from gateway.codec.transcode import Outcome, Status, compress
 from gateway.ingest import _check_pixel_element, _frame_location, _read_header, blob_key
+from gateway.workpool import ChildPool, LoopThreads
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +80,7 @@ class CompressionStage:
         self._next_sweep = 0.0
         self.processes = processes
         self.threads_per_process = 2
-        self._pool: ProcessPoolExecutor | None = None
+        self._pool: ChildPool | None = None
         self.catalog = catalog
         self.store = store
         self.codec = codec
@@ -92,9 +89,7 @@ class CompressionStage:
         # counts by outcome (compressed, kept, mismatch, failed, gave-up) and bytes, for /metrics
         self.counts: Counter[str] = Counter()
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._threads = LoopThreads("codec", self._step, self._thread_count(), idle=0.5)
 
     # ---- the queue ---------------------------------------------------------------------------
 
@@ -116,7 +111,7 @@ class CompressionStage:
                 enqueued_at=now,
             )
         )
-        self._wake.set()
+        self._threads.wake()
 
     def waiting(self, study_uid: str) -> int:
         """How many of the study's instances are still to be compressed (the forwarder waits)."""
@@ -140,21 +135,14 @@ class CompressionStage:
 
     def start(self) -> None:
         if self.processes and self._pool is None:
-            self._pool = _new_pool(self.workers)
-        self._stop.clear()
-        self._threads = [t for t in self._threads if t.is_alive()]
-        for n in range(self._thread_count()):
-            t = threading.Thread(target=self._loop, args=(n,), name=f"codec-{n}", daemon=True)
-            t.start()
-            self._threads.append(t)
+            self._pool = ChildPool(self.workers)
+        self._threads.count = self._thread_count()
+        self._threads.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        for t in self._threads:
-            t.join(60)
+        self._threads.stop(60)
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.shutdown()
             self._pool = None
 
     def _thread_count(self) -> int:
@@ -162,19 +150,11 @@ class CompressionStage:
         # encoder, another reads, writes and commits (I/O is ~1/3 of an instance's time).
         return self.workers * self.threads_per_process if self.processes else self.workers
 
-    def _loop(self, worker: int) -> None:
-        while not self._stop.is_set():
-            try:
-                if worker == 0 and time.monotonic() >= self._next_sweep:
-                    self._next_sweep = time.monotonic() + SWEEP_EVERY
-                    self.sweep()
-                worked = self.run_once(worker=worker, of=self._thread_count())
-            except Exception:  # a bug or a database hiccup must not kill the worker
-                log.exception("compression pass failed")
-                worked = False
-            if not worked:
-                self._wake.wait(0.5)
-                self._wake.clear()
+    def _step(self, worker: int) -> bool:
+        if worker == 0 and time.monotonic() >= self._next_sweep:
+            self._next_sweep = time.monotonic() + SWEEP_EVERY
+            self.sweep()
+        return self.run_once(worker=worker, of=self._thread_count())
 
     def run_once(self, *, worker: int = 0, of: int = 1) -> bool:
         """Compress one due queued instance (rows are split between workers by id); True if any."""
@@ -231,18 +211,10 @@ class CompressionStage:
         return outcome
 
     def _compress(self, data: bytes) -> Outcome:
-        pool = self._pool
-        if pool is None:
+        if self._pool is None:
             return compress(data, self.codec, transcode_lossless=self.transcode_lossless)
-        try:
-            return pool.submit(
-                compress, data, self.codec, transcode_lossless=self.transcode_lossless
-            ).result()
-        except BrokenProcessPool:
-            # a child died (out of memory?): a new pool for the next attempt; this one is retried
-            self._pool = _new_pool(self.workers)
-            pool.shutdown(wait=False)
-            raise
+        # a child that dies (out of memory?) raises here: the queue row is retried later
+        return self._pool.run(compress, data, self.codec, transcode_lossless=self.transcode_lossless)
 
     def _replace(
         self, queue_id: int, sop_uid: str, old_sha: str, old_key: str, source_sha: str | None, data: bytes
@@ -387,17 +359,3 @@ class CompressionStage:
             out = {k: float(v) for k, v in self.counts.items()}
         out["backlog"] = float(self.backlog())
         return out
-
-
-def _new_pool(workers: int) -> ProcessPoolExecutor:
-    # spawn: children never inherit the parent's threads, sockets or database connections (and,
-    # unlike forkserver, need no socket in the temp folder, which the DICOM server moves to its spool)
-    return ProcessPoolExecutor(
-        max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_sigint
-    )
-
-
-def _ignore_sigint() -> None:
-    # Ctrl-C reaches the whole process group: the node stops its pool itself, so a child must not
-    # die on SIGINT mid-task (and print a KeyboardInterrupt traceback over the node's shutdown)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)

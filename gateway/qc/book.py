@@ -6,7 +6,10 @@ hook) and leaves the queue in the transaction that stores its result, so nothing
 by design and nothing is missed after a crash. A *reject* is an open failure until a passing
 instance replaces it: a new SOP Instance UID at the same position (same series, same instance
 number), or a re-sent series (another series of the study with the same modality and series
-number), or new bytes for the same SOP Instance UID that pass.
+number), or new bytes for the same SOP Instance UID that pass. A slice graded by its header only
+(its series is sampled, ``gateway/qc/sampling.py``) releases nothing: :meth:`QcBook.queue_samples`
+queues the series' sample — which includes every position holding a reject — for the full
+measures, and those results release.
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ from gateway.archive.catalog import AddOutcome, Catalog
 from gateway.archive.record import InstanceRecord
 from gateway.archive.schema import instances, qc_queue, qc_reports, qc_results, series, studies
 from gateway.qc.dicom_json import StoredQc
-from gateway.qc.result import Grade, QcResult, StudyQc
+from gateway.qc.result import SKIPPED, Grade, QcResult, StudyQc
+from gateway.qc.sampling import SERIES_SAMPLE, sample
 
 Clock = Callable[[], datetime]
 LEASE = timedelta(minutes=5)  # a claimed row is taken again after this (a worker that died)
 MAX_BACKOFF = timedelta(minutes=30)
 _IDENTITY = re.compile(r'"identity":\s*"([0-9a-f]*)"')  # in the stored QcResult JSON
+_SKIPPED = f'%"pixels": "{SKIPPED}"%'  # LIKE pattern: a result graded by its header only
 
 
 def utcnow() -> datetime:
@@ -44,9 +49,12 @@ def _iso(value: datetime | None) -> str | None:
 class QcBook:
     """The QC tables of one catalog."""
 
-    def __init__(self, catalog: Catalog, *, clock: Clock = utcnow) -> None:
+    def __init__(
+        self, catalog: Catalog, *, clock: Clock = utcnow, series_sample: int = SERIES_SAMPLE
+    ) -> None:
         self.catalog = catalog
         self.clock = clock
+        self.series_sample = series_sample  # [series_sample] of config/qc.toml
 
     # ---- the queue ---------------------------------------------------------------------------
 
@@ -108,7 +116,9 @@ class QcBook:
 
     def claim(self, *, limit: int = 8, study_uid: str | None = None) -> list[dict[str, Any]]:
         """Due queue rows (or all of one study's), leased to the caller: id, sop_uid, version,
-        blob_key, sha256; rows whose instance is gone are dropped."""
+        blob_key, sha256, and ``measure`` — these bytes were graded by their header only and the
+        row was queued again for the series' sample (:meth:`queue_samples`); rows whose instance is
+        gone are dropped."""
         now = self.clock()
         stmt = (
             select(
@@ -118,8 +128,14 @@ class QcBook:
                 instances.c.version,
                 instances.c.blob_key,
                 instances.c.sha256,
+                qc_results.c.version.label("graded_version"),
+                qc_results.c.result.like(_SKIPPED).label("skipped"),
             )
-            .select_from(qc_queue.outerjoin(instances, instances.c.sop_uid == qc_queue.c.sop_uid))
+            .select_from(
+                qc_queue.outerjoin(instances, instances.c.sop_uid == qc_queue.c.sop_uid).outerjoin(
+                    qc_results, qc_results.c.sop_uid == qc_queue.c.sop_uid
+                )
+            )
             .order_by(qc_queue.c.next_attempt_at, qc_queue.c.id)
             .limit(limit)
         )
@@ -147,9 +163,62 @@ class QcBook:
                             "version": r.version,
                             "blob_key": r.blob_key,
                             "sha256": r.sha256,
+                            "measure": bool(r.skipped) and r.graded_version == r.version,
                         }
                     )
         return taken
+
+    def queue_samples(self, study_uid: str) -> int:
+        """Queue for the full pixel measures the slices of the study's sampled series that were
+        graded by their header only and fall in the series' sample (``gateway/qc/sampling.py``):
+        the first, last and evenly spaced positions, plus every position that holds an open
+        reject (its replacement must be measured to release it). Call once every header is
+        graded (the whole series is known); how many rows were queued."""
+        with self.catalog.engine.connect() as conn:
+            rows = conn.execute(
+                select(
+                    qc_results.c.sop_uid,
+                    qc_results.c.series_uid,
+                    qc_results.c.instance_number,
+                    qc_results.c.grade,
+                    qc_results.c.result.like(_SKIPPED).label("skipped"),
+                ).where(qc_results.c.study_uid == study_uid, qc_results.c.replaced_by.is_(None))
+            ).all()
+        by_series: dict[str, list[Any]] = {}
+        for r in rows:
+            by_series.setdefault(r.series_uid, []).append(r)
+        wanted: list[str] = []
+        for members in by_series.values():
+            if not any(r.skipped for r in members):
+                continue
+            positions = [r.instance_number for r in members if r.instance_number is not None]
+            picked = sample(positions, self.series_sample)
+            picked |= {r.instance_number for r in members if r.grade == Grade.REJECT.code}
+            wanted += [r.sop_uid for r in members if r.skipped and r.instance_number in picked]
+        if not wanted:
+            return 0
+        now = self.clock()
+        with self.catalog.write() as conn:
+            queued = set(
+                conn.execute(select(qc_queue.c.sop_uid).where(qc_queue.c.sop_uid.in_(wanted))).scalars()
+            )
+            new = [sop for sop in wanted if sop not in queued]
+            if new:
+                conn.execute(
+                    qc_queue.insert(),
+                    [
+                        {
+                            "sop_uid": sop,
+                            "study_uid": study_uid,
+                            "attempts": 0,
+                            "next_attempt_at": now,
+                            "last_error": "",
+                            "enqueued_at": now,
+                        }
+                        for sop in new
+                    ],
+                )
+        return len(new)
 
     def current(self, sop_uid: str) -> dict[str, Any] | None:
         """Where the instance's bytes are now: blob_key, sha256, version (None: gone)."""
@@ -222,7 +291,7 @@ class QcBook:
             )
             if queue_id is not None:
                 conn.execute(delete(qc_queue).where(qc_queue.c.id == queue_id))
-            if result.grade.passes:
+            if result.grade.passes and result.pixels != SKIPPED:  # header-only: not proof enough
                 self._release(conn, result)
 
     def _release(self, conn: Connection, ok: QcResult) -> None:

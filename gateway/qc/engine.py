@@ -26,7 +26,16 @@ from pydicom.dataset import Dataset
 from gateway.qc import measures
 from gateway.qc.header import Problem, body_part, check_header, identity
 from gateway.qc.image import FloatImage, detail_window, grey_frame, working_image
-from gateway.qc.result import DIMENSIONS, ENGINE_VERSION, Dimension, Grade, QcResult
+from gateway.qc.result import (
+    DIMENSIONS,
+    ENGINE_VERSION,
+    MEASURED,
+    NO_PIXELS,
+    SKIPPED,
+    Dimension,
+    Grade,
+    QcResult,
+)
 from gateway.qc.rules import HIGHER_IS_BETTER, MEASURES, QcRules
 
 log = logging.getLogger(__name__)
@@ -87,11 +96,22 @@ class QcEngine:
             hook if hook is not None else (load_hook(self.rules.ai_hook) if self.rules.ai_hook else None)
         )
 
-    def assess_bytes(self, data: bytes) -> QcResult:
-        return self.assess(dcmread(io.BytesIO(data)))
+    def assess_bytes(self, data: bytes, *, defer_pixels: bool = False) -> QcResult:
+        return self.assess(dcmread(io.BytesIO(data)), defer_pixels=defer_pixels)
 
-    def assess(self, ds: Dataset) -> QcResult:
+    def defers(self, ds: Dataset) -> bool:
+        """Whether this instance may leave its pixel measures to its series' sample: a single-frame
+        slice of a sampled modality with an Instance Number (``gateway/qc/sampling.py``)."""
+        modality = str(ds.get("Modality", "") or "")
+        frames = _int(ds.get("NumberOfFrames")) or 1
+        return self.rules.samples(modality) and frames == 1 and _int(ds.get("InstanceNumber")) is not None
+
+    def assess(self, ds: Dataset, *, defer_pixels: bool = False) -> QcResult:
+        """Grade one instance; ``defer_pixels``: header checks only if :meth:`defers` allows it
+        (the first pass over a slice; the book queues the series' sample again for the full
+        measures, ``QcBook.queue_samples``)."""
         started = time.perf_counter()
+        skip = defer_pixels and self.defers(ds)
         modality = str(ds.get("Modality", "") or "").upper()
         part = body_part(ds)
         encapsulated = bool(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)) and bool(
@@ -101,7 +121,9 @@ class QcEngine:
         limits = self.rules.for_image(modality, part)
         values: dict[str, float | None] = {}
         frame: FloatImage | None = None
-        if "PixelData" in ds and not any(p.severity == "error" and "Pixel" in p.text for p in problems):
+        if skip:
+            pass  # header checks only: the series' sample gets the pixel measures
+        elif "PixelData" in ds and not any(p.severity == "error" and "Pixel" in p.text for p in problems):
             try:
                 frame = grey_frame(
                     ds.pixel_array,
@@ -128,8 +150,9 @@ class QcEngine:
             series_number=_int(ds.get("SeriesNumber")),
             instance_number=_int(ds.get("InstanceNumber")),
             identity=identity(ds),
+            pixels=SKIPPED if skip else MEASURED if frame is not None else NO_PIXELS,
         )
-        if self.hook is not None:
+        if self.hook is not None and not skip:
             result = self._with_ai(ds, frame, result)
         return _timed(result, started)
 

@@ -1,8 +1,9 @@
 """QC at the forward path (R-QC-1): what the front-end's forwarder may send, and what travels along.
 
 The forwarder asks :meth:`QcGate.check` before sending a study: it waits while instances are
-still being graded, holds the study while it has a reject no passing instance has replaced yet
-(the hospital sees it at ``GET /api/v1/qc/failures``), and otherwise sends everything but the
+still being graded (their headers, then the pixel sample of each sampled series: the study has
+settled, so its series are complete), holds the study while it has a reject no passing instance
+has replaced yet (the hospital sees it at ``GET /api/v1/qc/failures``), and otherwise sends everything but the
 replaced rejects, which are never sent. With the manifest it sends :meth:`QcGate.report` (the
 front-end's own study QC, so the center knows what the hospital saw), and stores the QC the center
 answers with in its upload-monitoring record (:meth:`QcGate.received`, R-CE-5).
@@ -36,6 +37,11 @@ class QcGate:
         ungraded = self.book.ungraded(study_uid)
         if ungraded:
             return Hold(f"waiting for QC of {ungraded} instances")
+        # every header is graded: the sampled series get their pixel measures now
+        self.book.queue_samples(study_uid)
+        sampling = self.book.queued(study_uid)
+        if sampling:
+            return Hold(f"waiting for QC pixel measures of {sampling} sampled instances")
         open_rejects, replaced = self.book.rejects(study_uid)
         if open_rejects:
             return Hold(

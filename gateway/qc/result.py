@@ -16,7 +16,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-ENGINE_VERSION = "ybyx-qc 1.0"
+ENGINE_VERSION = "ybyx-qc 1.1"  # 1.1: series sampling (gateway/qc/sampling.py)
+# QcResult.pixels: the pixel measures ran; the slice was left to its series' sample (header checks
+# only); the instance has no pixel data (or it could not be decoded: a header error says so)
+MEASURED, SKIPPED, NO_PIXELS = "measured", "skipped", "none"
 
 
 class Grade(Enum):
@@ -118,6 +121,7 @@ class QcResult:
     instance_number: int | None = None
     identity: str = ""  # SHA-256 of patient ID, name, birth date, sex (consistency across a study)
     millis: float = 0.0
+    pixels: str = MEASURED  # MEASURED, SKIPPED or NO_PIXELS (above)
 
     @property
     def reasons(self) -> list[str]:
@@ -145,6 +149,7 @@ class QcResult:
             "ai_assisted": self.ai_assisted,
             "identity": self.identity,
             "millis": round(self.millis, 1),
+            "pixels": self.pixels,
         }
 
     @classmethod
@@ -163,6 +168,7 @@ class QcResult:
             instance_number=d.get("instance_number"),
             identity=d.get("identity", ""),
             millis=float(d.get("millis", 0.0)),
+            pixels=str(d.get("pixels", MEASURED)),
         )
 
 
@@ -174,6 +180,7 @@ def _summary(results: list[QcResult]) -> dict[str, Any]:
         "grade_code": worst.code,
         "passes": worst.passes,
         "instances": len(results),
+        "pixel_measured": sum(r.pixels == MEASURED for r in results),
         "counts": {g.value: counts.get(g.value, 0) for g in Grade},
         "ai_assisted": any(r.ai_assisted for r in results),
         "engine_version": sorted({r.engine_version for r in results}),

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gateway.config import ConfigError
+from gateway.qc.sampling import SAMPLED_MODALITIES, SERIES_SAMPLE
 
 HIGHER_IS_BETTER = frozenset({"snr", "anatomy", "symmetry"})
 # measure → the dimension it grades (R-RT-3's words)
@@ -116,11 +117,26 @@ class QcRules(_Strict):
         pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
         description="optional AI-assisted QC: 'module:function'",
     )
+    series_sample: int = Field(
+        default=SERIES_SAMPLE,
+        ge=0,
+        le=100000,
+        description="pixel measures on at most this many slices of a series of a sampled modality "
+        "(first, last, evenly spaced between; 0 = every slice); header checks on every slice",
+    )
+    sampled_modalities: list[str] = Field(
+        default_factory=lambda: list(SAMPLED_MODALITIES),
+        description="modalities whose series are sampled (cross-sectional); all others (DX, CR, MG, "
+        "US, XA, ...) get pixel measures on every image",
+    )
     thresholds: Thresholds = DEFAULT_THRESHOLDS
     modality: dict[str, ModalityRules] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _upper_case_keys(self) -> QcRules:
+        for name in self.sampled_modalities:
+            if name != name.upper():
+                raise ValueError(f"sampled_modalities: modality codes are upper case ({name.upper()})")
         for name, rules in self.modality.items():
             if name != name.upper():
                 raise ValueError(f"modality.{name}: modality codes are upper case ({name.upper()})")
@@ -128,6 +144,10 @@ class QcRules(_Strict):
                 if part != part.upper():
                     raise ValueError(f"modality.{name}.body_part.{part}: body parts are upper case")
         return self
+
+    def samples(self, modality: str) -> bool:
+        """Whether a single-frame slice of this modality may be left to its series' sample."""
+        return self.series_sample > 0 and modality.upper() in self.sampled_modalities
 
     def for_image(self, modality: str, body_part: str) -> dict[str, list[float]]:
         """The thresholds that apply: built-in ← [thresholds] ← built-in for the modality ←

@@ -19,6 +19,7 @@ from gateway.qc.gate import QcGate
 from gateway.qc.result import QcResult
 from gateway.qc.rules import load_rules
 from gateway.qc.worker import QcWorker
+from gateway.workpool import resolve_workers
 
 
 class StudyRegistrar(Protocol):
@@ -48,9 +49,9 @@ class QcService:
             engine = QcEngine(rules)
         except (ImportError, AttributeError, TypeError) as exc:
             raise ArchiveUnavailable("qc.rules", f"ai_hook {rules.ai_hook}: {exc}") from exc
-        book = QcBook(archive.catalog)
+        book = QcBook(archive.catalog, series_sample=rules.series_sample)
         book.install()
-        worker = QcWorker(book, engine, archive.store, workers=cfg.workers, processes=True)
+        worker = QcWorker(book, engine, archive.store, workers=resolve_workers(cfg.workers), processes=True)
         return cls(book, engine, worker, QcGate(book))
 
     def start(self) -> None:

@@ -2,7 +2,9 @@
 
 Threads take due rows of ``qc_queue`` (:meth:`QcBook.claim`, leased), read the stored bytes,
 check them against the catalogued SHA-256, grade them with the :class:`QcEngine`, and store the
-result and drop the queue row in one transaction. The C-STORE / STOW-RS answer never waits for
+result and drop the queue row in one transaction. A slice of a sampled modality is graded by its
+header first; the book queues the series' sample again for the pixel measures once every header
+of the study is graded (``gateway/qc/sampling.py``). The C-STORE / STOW-RS answer never waits for
 it. With ``processes`` (what the nodes use) the grading runs in a pool of spawned processes, one
 per worker thread: in the node's own process its Python work would hold the GIL the DIMSE and
 HTTP threads need, and ingest would slow down (``bench/qc.py``). A failure backs off and is
@@ -14,13 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import multiprocessing
-import signal
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import replace
 from typing import Any
 
@@ -29,6 +26,7 @@ from gateway.qc.book import QcBook
 from gateway.qc.engine import QcEngine
 from gateway.qc.result import QcResult
 from gateway.qc.rules import QcRules
+from gateway.workpool import ChildPool, LoopThreads
 
 log = logging.getLogger(__name__)
 
@@ -51,48 +49,28 @@ class QcWorker:
         self.store = store
         self.workers = workers
         self.on_graded = on_graded  # e.g. wake the forwarder
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._threads = LoopThreads("qc", lambda _n: self.run_once(), workers, idle=0.25)
         self.processes = processes
-        self._pool: ProcessPoolExecutor | None = None
-        self._pool_lock = threading.Lock()
+        self._pool: ChildPool | None = None
         self.graded = 0
         self.millis = 0.0  # total grading time, for /metrics-style reporting
 
     def start(self) -> None:
-        if self.processes:
-            self._pool = _new_pool(self.workers, self.engine.rules)
+        if self.processes and self._pool is None:
+            self._pool = ChildPool(self.workers, _init_child, (self.engine.rules,))
         queued = self.book.backfill()
         if queued:
             log.info("QC: %d stored instances queued for grading", queued)
-        for n in range(self.workers):
-            t = threading.Thread(target=self._loop, name=f"qc-{n}", daemon=True)
-            t.start()
-            self._threads.append(t)
+        self._threads.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        for t in self._threads:
-            t.join(30)
+        self._threads.stop(30)
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.shutdown()
             self._pool = None
 
     def wake(self) -> None:
-        self._wake.set()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                worked = self.run_once()
-            except Exception:  # a database hiccup must not kill the worker
-                log.exception("QC pass failed")
-                worked = False
-            if not worked:
-                self._wake.wait(0.25)
-                self._wake.clear()
+        self._threads.wake()
 
     def run_once(self, *, study_uid: str | None = None, limit: int = 4) -> bool:
         """Grade up to ``limit`` due rows (or one study's queued rows); True if there were any."""
@@ -106,21 +84,26 @@ class QcWorker:
         row once and for at most ``budget_seconds`` (the front-end waits for the answer); the
         number of its instances still queued after."""
         deadline = time.monotonic() + budget_seconds
-        seen: set[int] = set()
-        while time.monotonic() < deadline:
-            rows = [r for r in self.book.claim(limit=8, study_uid=study_uid) if r["id"] not in seen]
-            if not rows:
+        for _ in range(2):  # what is queued; then the series' samples (they need every header)
+            seen: set[int] = set()  # per pass: SQLite may give a new row a deleted row's id
+            while time.monotonic() < deadline:
+                rows = [r for r in self.book.claim(limit=8, study_uid=study_uid) if r["id"] not in seen]
+                if not rows:
+                    break
+                for row in rows:
+                    seen.add(row["id"])
+                    self.grade(row)
+            if self.book.queued(study_uid) or not self.book.queue_samples(study_uid):
                 break
-            for row in rows:
-                seen.add(row["id"])
-                self.grade(row)
         return self.book.queued(study_uid)
 
     def grade(self, row: dict[str, Any]) -> QcResult | None:
         started = time.perf_counter()
         try:
             data = self._read(row)
-            result = self._assess(data)
+            # the first pass may leave a slice's pixels to its series' sample; a row the book
+            # queued again for that sample ("measure") gets the full measures
+            result = self._assess(data, defer_pixels=not row.get("measure", False))
             if result.sop_uid != row["sop_uid"]:  # the catalog's key wins over a broken header
                 result = replace(result, sop_uid=row["sop_uid"])
         except Exception as exc:  # unreadable blob, bug: retried with backoff, never lost
@@ -152,17 +135,11 @@ class QcWorker:
             row.update(now)
         raise ValueError(f"stored bytes of {row['sop_uid']} do not match the catalog's SHA-256")
 
-    def _assess(self, data: bytes) -> QcResult:
-        pool = self._pool
-        if pool is None:
-            return self.engine.assess_bytes(data)
-        try:
-            return pool.submit(_assess_in_child, data).result()
-        except BrokenProcessPool:  # a child died (e.g. out of memory): a new pool, this one retried
-            with self._pool_lock:
-                if self._pool is pool:
-                    self._pool = _new_pool(self.workers, self.engine.rules)
-            raise
+    def _assess(self, data: bytes, *, defer_pixels: bool) -> QcResult:
+        if self._pool is None:
+            return self.engine.assess_bytes(data, defer_pixels=defer_pixels)
+        # a child that dies (e.g. out of memory) raises here: the row is retried with backoff
+        return self._pool.run(_assess_in_child, data, defer_pixels)
 
 
 _child_engine: QcEngine | None = None
@@ -170,22 +147,9 @@ _child_engine: QcEngine | None = None
 
 def _init_child(rules: QcRules) -> None:
     global _child_engine
-    # Ctrl-C reaches the whole process group: the node stops its pool itself, so a child must not
-    # die on SIGINT mid-task (and print a KeyboardInterrupt traceback over the node's shutdown)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _child_engine = QcEngine(rules)
 
 
-def _assess_in_child(data: bytes) -> QcResult:
+def _assess_in_child(data: bytes, defer_pixels: bool) -> QcResult:
     assert _child_engine is not None
-    return _child_engine.assess_bytes(data)
-
-
-def _new_pool(workers: int, rules: QcRules) -> ProcessPoolExecutor:
-    # spawn, not fork: the node has threads (DIMSE, HTTP, forwarder) a fork would copy mid-flight
-    return ProcessPoolExecutor(
-        max_workers=workers,
-        mp_context=multiprocessing.get_context("spawn"),
-        initializer=_init_child,
-        initargs=(rules,),
-    )
+    return _child_engine.assess_bytes(data, defer_pixels=defer_pixels)
