@@ -25,6 +25,7 @@ from dicomweb.audit_hook import record_request
 from gateway.audit import EventType
 from gateway.cache import CacheRequestForwarded, CacheRequestIn, CacheService, pseudonymised
 from gateway.federation import PeerError
+from gateway.identity import PseudonymKey
 
 STATES = {"pending", "running", "completed", "failed"}
 
@@ -54,7 +55,7 @@ async def frontend_post(request: Request) -> Response:
         req = await parse(request, CacheRequestIn)
     except BadRequest as bad:
         return bad.response
-    key: bytes | None = getattr(request.app.state, "pseudonym_key", None)
+    key: PseudonymKey | None = getattr(request.app.state, "pseudonym_key", None)
     if svc is None or key is None:
         return JSONResponse(
             {"error": "no pseudonym key or cache service ([identity] key_file)"}, status_code=503

@@ -18,6 +18,7 @@ from gateway.audit import EventType
 from gateway.codec.stage import CompressionStage
 from gateway.exams import ExamBook, ExamIn, SettlementIn
 from gateway.forwarder import Forwarder
+from gateway.identity import PseudonymKey
 
 STATES = {"queued", "sending", "sent", "confirmed", "failed"}
 
@@ -111,7 +112,7 @@ async def metrics(request: Request) -> Response:
 async def post_exam(request: Request) -> Response:
     """``POST /api/v1/exams``: exam basic information from the RIS/HIS (R-UP-5)."""
     book: ExamBook = request.app.state.exams
-    key: bytes | None = request.app.state.pseudonym_key
+    key: PseudonymKey | None = request.app.state.pseudonym_key
     try:
         exam = await parse(request, ExamIn)
     except BadRequest as bad:

@@ -67,6 +67,8 @@ from gateway.archive.schema import audit_checkpoints, audit_log, audit_pending
 if TYPE_CHECKING:
     from gateway.archive.catalog import Catalog
     from gateway.config import AuditSection
+    from gateway.security.kms import Kms
+    from gateway.security.tokens import Signer
 
 log = logging.getLogger(__name__)
 
@@ -357,7 +359,7 @@ class Checkpoint:
         return _CHECKPOINT_DOMAIN + body.encode("utf-8")
 
     @classmethod
-    def sign(cls, key: Ed25519PrivateKey, seq: int, hash_: str, time: str) -> Checkpoint:
+    def sign(cls, key: Signer, seq: int, hash_: str, time: str) -> Checkpoint:
         kid = key_id(key.public_key())
         return cls(seq, hash_, time, kid, key.sign(cls.message(seq, hash_, time, kid)).hex())
 
@@ -555,7 +557,7 @@ class AuditLog:
         self,
         catalog: Catalog,
         *,
-        signing_key: Ed25519PrivateKey,
+        signing_key: Signer,  # an Ed25519PrivateKey, or a KMS key (gateway/security/managed.py)
         export: ExportTarget | None = None,
         system: Actor | None = None,
         clock: Clock = utcnow,
@@ -587,12 +589,31 @@ class AuditLog:
         self._groups: dict[tuple[Actor, str, str, str], _Group] = {}  # guarded by _running
 
     @classmethod
-    def open(cls, cfg: AuditSection, catalog: Catalog, *, system: Actor, clock: Clock = utcnow) -> AuditLog:
-        """From the ``[audit]`` config section; the signing key is generated on first start."""
+    def open(
+        cls,
+        cfg: AuditSection,
+        catalog: Catalog,
+        *,
+        system: Actor,
+        clock: Clock = utcnow,
+        kms: Kms | None = None,
+    ) -> AuditLog:
+        """From the ``[audit]`` config section; the signing key is generated on first start (in the
+        node's KMS with ``signing_key_source = "kms"``, R-SE-14)."""
         targets = export_targets(cfg)
+        signing_key: Signer
+        if cfg.signing_key_source == "kms":
+            from gateway.security.managed import AUDIT_CHECKPOINT, KmsSigner, ensure_active
+
+            if kms is None:
+                raise ValueError("audit.signing_key_source = kms: this node has no KMS")
+            key, _made = ensure_active(kms, AUDIT_CHECKPOINT)
+            signing_key = KmsSigner(kms, AUDIT_CHECKPOINT, key)
+        else:
+            signing_key = load_signing_key(cfg.signing_key, create=True)
         return cls(
             catalog,
-            signing_key=load_signing_key(cfg.signing_key, create=True),
+            signing_key=signing_key,
             export=targets[0] if len(targets) == 1 else ExportAll(targets),
             system=system,
             clock=clock,
@@ -1188,16 +1209,24 @@ def verify(
     return report
 
 
-def trusted_keys(signing_key: Path | None, extra: Sequence[Path] = ()) -> dict[str, Ed25519PublicKey]:
-    """Public keys checkpoints may be signed with: the signing key's, plus older ones."""
+def trusted_keys(
+    signing_key: Path | None, extra: Sequence[Path] = (), kms: Kms | None = None
+) -> dict[str, Ed25519PublicKey]:
+    """Public keys checkpoints may be signed with: the signing key's, plus older ones, plus every
+    audit-checkpoint key of ``kms`` (destroyed ones too: their public half is kept)."""
     keys = [load_public_key(p) for p in ([signing_key] if signing_key else []) + list(extra)]
+    if kms is not None:
+        keys += [
+            Ed25519PublicKey.from_public_bytes(kms.public_key("audit-checkpoint", k.key_id))
+            for k in kms.managed_keys("audit-checkpoint")
+        ]
     return {key_id(k): k for k in keys}
 
 
 # ---- a role's audit trail (gateway/frontend.py, gateway/center.py) --------------------------------
 
 
-def start_audit(cfg: Any, catalog: Catalog) -> AuditLog:
+def start_audit(cfg: Any, catalog: Catalog, kms: Kms | None = None) -> AuditLog:
     """Open, start and announce the audit trail of a role from its ``[audit]`` section; a key
     that cannot be used is reported as :class:`~gateway.archive.ArchiveUnavailable`."""
     from gateway.archive import ArchiveUnavailable
@@ -1206,7 +1235,7 @@ def start_audit(cfg: Any, catalog: Catalog) -> AuditLog:
     from gateway.audit_s3 import ExportUnavailable
 
     try:
-        audit = AuditLog.open(cfg.audit, catalog, system=system)
+        audit = AuditLog.open(cfg.audit, catalog, system=system, kms=kms)
         audit.export_pending()  # the public key and anything a previous run left unexported
     except ExportUnavailable as exc:
         raise ArchiveUnavailable("audit.s3", str(exc)) from exc

@@ -75,7 +75,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
         keys = trusted_keys(None, [Path(p) for p in args.public_key])
     else:
         signing = cfg.audit.signing_key if cfg.audit.signing_key.exists() else None
-        keys = trusted_keys(signing, cfg.audit.verify_keys)
+        kms = None
+        if cfg.audit.signing_key_source == "kms":  # every checkpoint key the KMS has held (R-SE-14)
+            from gateway.security.kms import LocalKms
+
+            kms = LocalKms(cfg.encryption.key_file)
+        keys = trusted_keys(signing, cfg.audit.verify_keys, kms)
     exports, notes = _exports(cfg, args.against_export, args.config)
     if not keys:
         notes.append("no public key: checkpoint signatures cannot be checked")

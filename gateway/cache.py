@@ -51,7 +51,7 @@ from gateway.archive.schema import (
     upload_monitoring,
 )
 from gateway.federation import JsonPeer, PeerError, call, lookup
-from gateway.identity import IdType, InvalidId, mask, normalise, person_key
+from gateway.identity import IdType, InvalidId, PseudonymKey, mask, normalise, person_key
 from gateway.ingest import Refused
 
 log = logging.getLogger(__name__)
@@ -687,7 +687,7 @@ def new_request_id() -> str:
     return str(uuid.uuid4())
 
 
-def pseudonymised(req: CacheRequestIn, key: bytes, institution: str, now: datetime) -> dict[str, Any]:
+def pseudonymised(req: CacheRequestIn, key: PseudonymKey, institution: str, now: datetime) -> dict[str, Any]:
     """The front-end's record of a request: no ID number, no full name (R-SE-8)."""
     return {
         "request_id": new_request_id(),

@@ -401,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--out", help="write a new random pseudonym key file (mode 600)")
     k.add_argument("-c", "--config", help="make the key file of this node's [encryption] KMS")
     k.add_argument("--role", choices=DEMO_NODES, help="which node of a demo config")
+    from gateway.keys_cli import add_purpose  # issue 6 §5: managed keys in the KMS
+
+    add_purpose(k)
     k.set_defaults(func=cmd_keys_generate)
     k = ksub.add_parser("generate-signing", help="write a new Ed25519 token-signing key (PEM, mode 600)")
     k.add_argument("--out", required=True)

@@ -224,6 +224,11 @@ class IdentitySection(Strict):
     key_file: Path | None = Field(
         default=None, description="hex key file, mode 600 (`ybyx keys generate`); unset = exam API off"
     )
+    key_source: Literal["file", "kms"] = Field(
+        default="file",
+        description='"kms": the pseudonym key held by the node\'s KMS ([encryption] key_file or HSM), '
+        "imported once with `ybyx keys import --purpose pseudonym` (key_file is then not read)",
+    )
 
 
 class TrustedIssuer(Strict):
@@ -325,6 +330,11 @@ class SecuritySection(Strict):
         default_factory=list,
         description="public (or retired private) key files still accepted after a rotation",
     )
+    signing_key_source: Literal["file", "kms"] = Field(
+        default="file",
+        description='"kms": the token-signing key is a managed key of the node\'s KMS ([encryption]), '
+        "rotated with `ybyx keys rotate --purpose token-signing` (signing_key_file is then not read)",
+    )
     token_lifetime_seconds: int = Field(default=300, ge=30, le=3600)
     trusted_issuers: list[TrustedIssuer] = Field(default_factory=list)
     peer_ca_file: Path | None = Field(
@@ -380,6 +390,11 @@ class AuditSection(Strict):
     checkpoint_every_seconds: float = Field(default=300, gt=0, le=86400)
     verify_keys: list[Path] = Field(
         default_factory=list, description="older public keys (after a rotation) still trusted by verify"
+    )
+    signing_key_source: Literal["file", "kms"] = Field(
+        default="file",
+        description='"kms": the checkpoint key is a managed key of the node\'s KMS ([encryption]), '
+        "rotated with `ybyx keys rotate --purpose audit-checkpoint` (signing_key is then not read)",
     )
     s3: AuditS3Section | None = Field(
         default=None, description="also export to an S3 bucket with object lock (the immutable copy)"
@@ -709,7 +724,7 @@ def _below(
             updates["ingest"] = ingest.model_copy(update=fix)
     identity = getattr(model, "identity", None)
     if isinstance(identity, IdentitySection) and identity.key_file and not identity.key_file.is_absolute():
-        updates["identity"] = IdentitySection(key_file=_join(base, identity.key_file))
+        updates["identity"] = identity.model_copy(update={"key_file": _join(base, identity.key_file)})
     security = getattr(model, "security", None)
     if isinstance(security, SecuritySection):
         updates["security"] = security.model_copy(

@@ -20,7 +20,7 @@ from sqlalchemy import and_, select, update
 
 from gateway.archive.catalog import Catalog
 from gateway.archive.schema import exams, forward_jobs
-from gateway.identity import IdType, InvalidId, mask, normalise, person_key
+from gateway.identity import IdType, InvalidId, PseudonymKey, mask, normalise, person_key
 from gateway.security import columns
 
 CST = timezone(timedelta(hours=8), "CST")
@@ -147,7 +147,7 @@ class ExamBook:
         self.catalog = catalog
         self.clock = clock
 
-    def record(self, exam: ExamIn | ExamForwarded, *, key: bytes | None = None) -> dict[str, Any]:
+    def record(self, exam: ExamIn | ExamForwarded, *, key: PseudonymKey | None = None) -> dict[str, Any]:
         """Upsert by (hospital, accession); a changed record is forwarded again."""
         now = self.clock()
         values = exam.model_dump(

@@ -21,12 +21,13 @@ from gateway.codec.table import codec_for
 from gateway.config import ForwardSection, FrontendConfig
 from gateway.exams import ExamBook
 from gateway.forwarder import Forwarder, ForwardPolicy
-from gateway.identity import load_key
+from gateway.identity import PseudonymKey, load_key
 from gateway.ingest import Ingest
 from gateway.node import NodeCore
 from gateway.qc.service import QcService
 from gateway.security.credentials import ClientCredentials, read_secret
 from gateway.security.grant_policy import GrantPolicy
+from gateway.security.managed import pseudonym_key
 from gateway.security.node import NodeSecurity, default_node_id
 from gateway.security.tls import client_context
 from gateway.web import HttpServer, build_app
@@ -154,8 +155,8 @@ class Frontend:
 
     @classmethod
     def start(cls, cfg: FrontendConfig) -> Frontend:
-        key = None
-        if cfg.identity.key_file is not None:
+        key: PseudonymKey | None = None
+        if cfg.identity.key_file is not None and cfg.identity.key_source == "file":
             try:
                 key = load_key(cfg.identity.key_file)
             except (OSError, ValueError) as exc:
@@ -167,6 +168,8 @@ class Frontend:
             outbox=cfg.forward.center_url is not None,
         )
         try:
+            if cfg.identity.key_source == "kms":  # the national key used through the KMS (R-SE-14)
+                key = pseudonym_key(cfg, core.kms)
             center_auth = _center_credentials(cfg.forward)
         except ArchiveUnavailable:
             core.close()

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from enum import StrEnum
 from pathlib import Path
+from typing import Protocol
 
 
 class IdType(StrEnum):
@@ -112,12 +113,25 @@ def mask(number: str) -> str:
     return number if len(number) <= 8 else f"{number[:4]}{'*' * (len(number) - 8)}{number[-4:]}"
 
 
-def person_key(id_type: IdType, normalised: str, key: bytes) -> str:
+class MacKey(Protocol):
+    """A pseudonym key held by a KMS (``gateway/security/managed.py``): ``digest`` is HMAC-SHA-256
+    under it, computed by the KMS (R-SE-14)."""
+
+    def digest(self, message: bytes) -> bytes: ...
+
+
+PseudonymKey = bytes | MacKey  # the raw key from a key file, or the KMS's
+
+
+def person_key(id_type: IdType, normalised: str, key: PseudonymKey) -> str:
     """The pseudonym: HMAC-SHA-256 of ``type:number`` under the managed key, hex (R-SE-8)."""
-    return hmac.new(key, f"{id_type.value}:{normalised}".encode(), hashlib.sha256).hexdigest()
+    message = f"{id_type.value}:{normalised}".encode()
+    if isinstance(key, bytes):
+        return hmac.new(key, message, hashlib.sha256).hexdigest()
+    return key.digest(message).hex()
 
 
-def pseudonymise(id_type: IdType, number: str, key: bytes) -> tuple[str, str]:
+def pseudonymise(id_type: IdType, number: str, key: PseudonymKey) -> tuple[str, str]:
     """Validate ``number`` and return (person key, masked form); :class:`InvalidId` if wrong."""
     value = normalise(id_type, number)
     return person_key(id_type, value, key), mask(value)

@@ -10,6 +10,13 @@ Issue 6 §5. The commands act on the node's ``[encryption]`` KMS and its catalog
   unless ``--yes`` is given (rotate first to keep them);
 * ``list`` shows the KEKs and how many data keys each wraps.
 
+With ``--purpose token-signing|audit-checkpoint|pseudonym`` the same commands act on the node's
+*managed keys* in its KMS (``gateway/security/managed.py``): ``generate`` makes the first one,
+``rotate`` makes a new active key (the retired one still verifies until destroyed), ``destroy``
+removes a key's secret half, ``import --from FILE`` takes a key made elsewhere into the KMS (the
+national pseudonym key, distributed to every front-end; or a PEM signing key being migrated).
+The pseudonym key is refused by ``rotate`` (:data:`~gateway.security.kms.NOT_ROTATABLE`).
+
 Every operation is audited (``key-operation``, R-SE-4) with the key id, never the material.
 """
 
@@ -21,43 +28,71 @@ from typing import Any
 
 from rich.console import Console
 
-from gateway.config import DEMO_NODES, CenterConfig, FrontendConfig
+from gateway.config import DEMO_TABLES, CenterConfig, ConfigError, DemoConfig, FrontendConfig, IndexConfig
+from gateway.security.kms import NOT_ROTATABLE, PURPOSES
 
 console = Console(stderr=True)
+NodeConfig = FrontendConfig | CenterConfig | IndexConfig
+KEK = "kek"
 
 
-def _node(args: argparse.Namespace) -> FrontendConfig | CenterConfig:
-    from gateway.audit_cli import _role_config
+def _node(args: argparse.Namespace) -> NodeConfig:
+    from gateway.config import load_config
 
-    return _role_config(args.config, getattr(args, "role", None))
+    cfg = load_config(args.config)
+    if isinstance(cfg, DemoConfig):
+        role = getattr(args, "role", None)
+        if role is None:
+            raise ConfigError([f"{args.config}: role: a demo config holds several nodes: give --role"])
+        return cfg.node(role)
+    return cfg
 
 
-def _audit(
-    cfg: FrontendConfig | CenterConfig, catalog: Any, operation: str, key_id: str, **detail: Any
-) -> None:
+def _purpose(args: argparse.Namespace) -> str:
+    return str(getattr(args, "purpose", None) or KEK)
+
+
+def _audit(cfg: NodeConfig, catalog: Any, operation: str, key_id: str, **detail: Any) -> None:
     from gateway.audit import Actor, AuditLog, EventType, Result
 
-    institution = cfg.institution if isinstance(cfg, FrontendConfig) else cfg.province
+    if isinstance(cfg, FrontendConfig):
+        institution = cfg.institution
+    else:
+        institution = cfg.province if isinstance(cfg, CenterConfig) else "national"
     who = Actor(f"cli:{getpass.getuser()}", "system-admin", institution, "local")
-    audit = AuditLog.open(cfg.audit, catalog, system=who)
+    kms = None
+    if cfg.audit.signing_key_source == "kms":
+        from gateway.archive import open_kms
+
+        kms = open_kms(cfg.encryption, catalog)
+    audit = AuditLog.open(cfg.audit, catalog, system=who, kms=kms)
+    purpose = detail.pop("purpose", KEK)
     audit.record(
         EventType.KEY_OPERATION,
         actor=who.actor,
         role=who.role,
         institution=who.institution,
-        resource=f"kek:{key_id}",
+        resource=f"{purpose}:{key_id}",
         result=Result.SUCCESS,
         source=who.source,
-        detail={"operation": operation, "key_id": key_id, **detail},
+        detail={
+            "operation": operation,
+            "key_id": key_id,
+            **({"purpose": purpose} if purpose != KEK else {}),
+            **detail,
+        },
     )
 
 
 def generate_kek(args: argparse.Namespace) -> int:
-    """``ybyx keys generate -c CONFIG``: the node's key file with its first KEK."""
+    """``ybyx keys generate -c CONFIG``: the node's key file with its first KEK (or, with
+    ``--purpose``, the first managed key of that purpose)."""
     from gateway.archive.catalog import Catalog
     from gateway.security.kms import LocalKms
 
     cfg = _node(args)
+    if _purpose(args) != KEK:
+        return _managed(cfg, args, "generate")
     path = cfg.encryption.key_file
     if path.exists():
         console.print(f"{path}: exists; use `ybyx keys rotate` for a new KEK")
@@ -79,6 +114,8 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     from gateway.archive.encrypted import DataKeys
 
     cfg = _node(args)
+    if _purpose(args) != KEK:
+        return _managed(cfg, args, "rotate")
     catalog = Catalog.open(cfg.database.url)
     try:
         kms = open_kms(cfg.encryption)
@@ -110,6 +147,8 @@ def cmd_destroy(args: argparse.Namespace) -> int:
     from gateway.security.kms import KmsError
 
     cfg = _node(args)
+    if _purpose(args) != KEK:
+        return _managed(cfg, args, "destroy")
     catalog = Catalog.open(cfg.database.url)
     try:
         kms = open_kms(cfg.encryption)
@@ -144,6 +183,9 @@ def cmd_seal_existing(args: argparse.Namespace) -> int:
     from gateway.security.columns import seal_existing as seal_columns
 
     cfg = _node(args)
+    if isinstance(cfg, IndexConfig):
+        console.print(f"{args.config}: an index seals its records' report text at every start")
+        return 2
     if not cfg.encryption.enabled:
         console.print(f"{args.config}: encryption.enabled is false: switch it on first")
         return 2
@@ -188,17 +230,122 @@ def cmd_list(args: argparse.Namespace) -> int:
         counts = DataKeys(catalog, kms).counts()
         for key in kms.list_keys():
             print(f"{key.key_id}\t{key.state}\t{key.created}\t{counts.get(key.key_id, 0)} data keys")
+        for purpose in PURPOSES:
+            for key in kms.managed_keys(purpose):
+                print(f"{key.key_id}\t{key.state}\t{key.created}\t{purpose}")
     finally:
         catalog.close()
     return 0
 
 
+def _managed(cfg: NodeConfig, args: argparse.Namespace, operation: str) -> int:
+    """generate / rotate / destroy / import of a managed key (see the module docstring)."""
+    from gateway.archive import open_kms
+    from gateway.archive.catalog import Catalog
+    from gateway.security.kms import KmsError
+
+    purpose = _purpose(args)
+    if operation == "rotate" and purpose in NOT_ROTATABLE:
+        console.print(f"refused: {NOT_ROTATABLE[purpose]}")
+        return 2
+    catalog = Catalog.open(cfg.database.url)
+    try:
+        kms = open_kms(cfg.encryption, catalog)
+        keys = kms.managed_keys(purpose)
+        active = next((k.key_id for k in keys if k.state == "active"), None)
+        detail: dict[str, Any] = {"purpose": purpose}
+        if operation in ("generate", "import") and active is not None:
+            hint = NOT_ROTATABLE.get(
+                purpose, "use `ybyx keys rotate --purpose " + purpose + "` for a new one"
+            )
+            console.print(f"refused: the KMS already holds an active {purpose} key {active}; {hint}")
+            return 2
+        if operation == "destroy":
+            why = _destroy_refusal(cfg, kms, purpose, args.key_id, active)
+            if why and not args.yes:
+                console.print(f"refused: {why}; pass --yes to destroy it anyway")
+                return 2
+            try:
+                info = kms.destroy_managed(purpose, args.key_id)
+            except KmsError as exc:
+                console.print(str(exc))
+                return 2
+            _audit(cfg, catalog, "destroy", info.key_id, **detail)
+            print(f"destroyed {purpose} key {info.key_id}")
+            return 0
+        material = _import_material(purpose, args.source) if operation == "import" else None
+        info = kms.create_managed(purpose, material)
+        if active is not None:
+            detail["previous"] = active
+        _audit(cfg, catalog, operation, info.key_id, **detail)
+    except (KmsError, ValueError) as exc:
+        console.print(str(exc))
+        return 2
+    finally:
+        catalog.close()
+    print(f"new active {purpose} key {info.key_id}" + (f" (was {active})" if active else ""))
+    if active and purpose == "token-signing":
+        console.print(f"{active} is retired: it still verifies tokens it signed until you destroy it")
+    if purpose == "pseudonym":
+        console.print("back the key file up apart from the data: every pseudonym depends on this key")
+    return 0
+
+
+def _destroy_refusal(cfg: NodeConfig, kms: Any, purpose: str, key_id: str, active: str | None) -> str:
+    """Why destroying a managed key needs ``--yes`` ("" when it does not)."""
+    from datetime import UTC, datetime
+
+    if purpose == "pseudonym":
+        return "the pseudonym key links every person key: without it no new exam can be pseudonymised"
+    if key_id == active:
+        return f"{key_id} is the active {purpose} key (rotate first)"
+    if purpose == "token-signing":
+        retired = kms.retired_at(purpose, key_id) if hasattr(kms, "retired_at") else ""
+        lifetime = max(cfg.security.token_lifetime_seconds, cfg.security.users.token_lifetime_seconds)
+        if retired:
+            age = datetime.now(UTC) - datetime.strptime(retired, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+            if age.total_seconds() < lifetime:
+                ago = int(age.total_seconds())
+                return f"{key_id} was retired {ago} s ago: tokens it signed live {lifetime} s"
+    return ""
+
+
+def _import_material(purpose: str, source: str | None) -> bytes:
+    """The raw key of a file: a hex pseudonym key file, or an Ed25519 private key (PEM)."""
+    from pathlib import Path
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    if not source:
+        raise ValueError("import: give --from FILE")
+    path = Path(source)
+    if PURPOSES[purpose] == "hmac-sha256":
+        from gateway.identity import load_key
+
+        return load_key(path)
+    if path.stat().st_mode & 0o077:
+        raise ValueError(f"{path}: key file is readable by others (chmod 600)")
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{path}: not an Ed25519 private key")
+    return key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """``ybyx keys import --purpose P --from FILE -c CONFIG``: a key made elsewhere into the KMS."""
+    return _managed(_node(args), args, "import")
+
+
 def add_parsers(ksub: Any) -> None:
-    """``rotate``, ``destroy`` and ``list`` under ``ybyx keys`` (``generate -c`` is in gateway.cli)."""
+    """``rotate``, ``destroy``, ``list``, ``import`` under ``ybyx keys`` (``generate`` is in gateway.cli)."""
     for name, text, func in (
-        ("rotate", "new active KEK; re-wrap every data key under it (objects are not rewritten)", cmd_rotate),
-        ("destroy", "destroy a KEK: what it still wraps becomes unreadable", cmd_destroy),
-        ("list", "the KEKs and how many data keys each wraps", cmd_list),
+        ("rotate", "new active KEK (re-wraps every data key) or managed key (--purpose)", cmd_rotate),
+        ("destroy", "destroy a KEK (what it wraps becomes unreadable) or a managed key", cmd_destroy),
+        ("list", "the KEKs (with how many data keys each wraps) and the managed keys", cmd_list),
+        ("import", "take a key made elsewhere into the KMS (the national pseudonym key)", cmd_import),
         (
             "seal-existing",
             "seal in place the objects stored before encryption was switched on",
@@ -207,8 +354,24 @@ def add_parsers(ksub: Any) -> None:
     ):
         k = ksub.add_parser(name, help=text)
         k.add_argument("-c", "--config", required=True, help="the node's TOML file ([encryption])")
-        k.add_argument("--role", choices=DEMO_NODES, help="which node of a demo config")
+        k.add_argument("--role", choices=list(DEMO_TABLES), help="which node of a demo config")
+        if name in ("rotate", "destroy", "import"):
+            add_purpose(k, required=name == "import")
+        if name == "import":
+            k.add_argument("--from", dest="source", required=True, help="the key file (hex or PEM)")
         if name == "destroy":
             k.add_argument("key_id")
             k.add_argument("--yes", action="store_true", help="also when stored objects depend on it")
         k.set_defaults(func=func)
+
+
+def add_purpose(parser: Any, *, required: bool = False) -> None:
+    """``--purpose``: the KEK (default) or a managed key of the KMS."""
+    choices = list(PURPOSES) if required else [KEK, *PURPOSES]
+    parser.add_argument(
+        "--purpose",
+        choices=choices,
+        required=required,
+        default=None if required else KEK,
+        help="which key: the KEK (default) or a managed key of the KMS",
+    )

@@ -13,6 +13,8 @@ from gateway.archive import Archive, ArchiveUnavailable
 from gateway.audit import AuditLog, EventType, Result, start_audit, stop_audit
 from gateway.config import CenterConfig, FrontendConfig
 from gateway.ingest import Ingest
+from gateway.security.kms import Kms
+from gateway.security.managed import node_kms, record_created
 from gateway.security.node import NodeSecurity
 from gateway.security.resources import StudyOwnership
 
@@ -35,6 +37,13 @@ def _audit_new_kek(archive: Archive, audit: AuditLog) -> None:
         )
 
 
+def archive_kms(archive: Archive) -> Kms | None:
+    """The KMS the archive's sealed store uses (None when objects are not sealed)."""
+    from gateway.archive.encrypted import EncryptedBlobStore
+
+    return archive.store.keys.kms if isinstance(archive.store, EncryptedBlobStore) else None
+
+
 def ownership(cfg: FrontendConfig | CenterConfig) -> StudyOwnership:
     """How studies map to institutions on this node (issue 6 §3): a front-end's own hospital and
     its peers' institutions by AE title; a center knows them from exam records only."""
@@ -50,6 +59,7 @@ class NodeCore:
     audit: AuditLog
     ingest: Ingest
     spool: Path
+    kms: Kms | None = None  # the node's KMS when it holds managed keys or seals objects
 
     @classmethod
     def open(
@@ -58,14 +68,22 @@ class NodeCore:
         """Open in order; on any failure, close what was opened and re-raise."""
         archive = Archive.open(cfg.storage, cfg.database, outbox=outbox, encryption=cfg.encryption)
         try:
+            # signing and pseudonym keys held by the KMS (R-SE-14) when the config says so
+            kms, made = node_kms(cfg, archive.catalog, archive_kms(archive))
             security = NodeSecurity.open(
-                cfg.security, role=role, node_id=node_id, catalog=archive.catalog, ownership=ownership(cfg)
+                cfg.security,
+                role=role,
+                node_id=node_id,
+                catalog=archive.catalog,
+                ownership=ownership(cfg),
+                kms=kms,
             )
-            audit = start_audit(cfg, archive.catalog)  # R-SE-4
+            audit = start_audit(cfg, archive.catalog, kms)  # R-SE-4
         except ArchiveUnavailable:
             archive.close()
             raise
         _audit_new_kek(archive, audit)
+        record_created(audit, made + security.created_keys)
         ingest = Ingest(
             archive.catalog,
             archive.store,
@@ -75,7 +93,7 @@ class NodeCore:
         )
         # beside the blobs by default: received files are linked into place, not copied
         spool = cfg.ingest.spool or cfg.storage.path / ".spool"
-        return cls(archive, security, audit, ingest, spool)
+        return cls(archive, security, audit, ingest, spool, kms)
 
     def close(self) -> None:
         stop_audit(self.audit)

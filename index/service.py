@@ -17,6 +17,7 @@ from gateway.audit import AuditLog, EventType, Result, start_audit, stop_audit
 from gateway.config import IndexConfig
 from gateway.retrievals import RetrievalLog
 from gateway.security.columns import seal_existing_index_records
+from gateway.security.managed import node_kms, record_created
 from gateway.security.node import NodeSecurity, default_node_id
 from gateway.web import HttpServer
 from index.app import build_index_app
@@ -42,17 +43,23 @@ class NationalIndex:
             reason = " ".join(str(exc.__cause__ or exc).split())
             raise ArchiveUnavailable("database.url", f"cannot open the index database: {reason}") from exc
         try:
+            known = None
             if cfg.encryption.enabled:  # the report text of index records sealed at rest (R-SE-10)
                 try:
                     catalog.columns = column_cipher(catalog, cfg.encryption)
                 except OSError as exc:
                     raise ArchiveUnavailable("encryption.key_file", str(exc)) from exc
+                known = catalog.columns.keys.kms
+            kms, made = node_kms(cfg, catalog, known)  # signing keys in the KMS (R-SE-14)
             node_id = cfg.security.issuer or default_node_id("index", "national")
-            security = NodeSecurity.open(cfg.security, role="index", node_id=node_id, catalog=catalog)
-            audit = start_audit(cfg, catalog)  # R-SE-4
+            security = NodeSecurity.open(
+                cfg.security, role="index", node_id=node_id, catalog=catalog, kms=kms
+            )
+            audit = start_audit(cfg, catalog, kms)  # R-SE-4
         except ArchiveUnavailable:
             catalog.close()
             raise
+        record_created(audit, made + security.created_keys)
         if catalog.columns is not None:
             sealed = seal_existing_index_records(catalog)  # rows stored before sealing was on
             if sealed:

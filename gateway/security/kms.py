@@ -20,6 +20,27 @@ local provider without touching the archive:
 ``list_keys``       the file's entries                      the KMS's key list
 ==================  ======================================  =======================================
 
+Besides KEKs the KMS holds the node's *managed keys*, one key ring per purpose (:data:`PURPOSES`),
+used only through the KMS — their material never reaches the code that uses them:
+
+==================  ======================================  =======================================
+managed key         local provider                          HSM (PKCS#11) / cloud KMS
+==================  ======================================  =======================================
+``token-signing``   Ed25519 in the key file; ``sign``       ``C_Sign`` (CKM_EDDSA) / KMS ``Sign``
+``audit-checkpoint``  Ed25519; ``sign``                     ``C_Sign`` (CKM_EDDSA) / KMS ``Sign``
+``pseudonym``       32 bytes; ``mac`` = HMAC-SHA-256        ``C_Sign`` (CKM_SHA256_HMAC) /
+                                                            KMS ``GenerateMac``
+``public_key``      kept beside the material (and after     ``C_GetAttributeValue`` (CKA_EC_POINT)
+                    destroy: old signatures still verify)   / KMS ``GetPublicKey``
+``create_managed``  new key made active, the previous one   ``C_GenerateKeyPair`` / ``CreateKey``;
+                    *retired* (still verifies)              import: ``C_UnwrapKey`` / ``ImportKeyMaterial``
+==================  ======================================  =======================================
+
+Token-signing and audit-checkpoint keys rotate (a new key id; retired keys still verify until
+destroyed). The pseudonym key does not (:data:`NOT_ROTATABLE`): it is the national key every
+front-end shares (distributed by importing it, ``ybyx keys import``), and every pseudonym at the
+national index and in every catalog is an HMAC under it.
+
 Lifecycle (R-SE-14): *generate* (``ybyx keys generate``), *store* (the KMS; the local key file is
 mode 600 and refused when group/world can read it), *distribute* (nodes get only their own KMS
 credentials, never key material), *rotate* (``ybyx keys rotate``: a new active KEK and every data
@@ -32,6 +53,8 @@ from __future__ import annotations
 
 import base64
 import copy
+import hashlib
+import hmac
 import json
 import os
 import secrets
@@ -42,10 +65,29 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 KeyState = Literal["active", "retired", "destroyed"]
 FORMAT = "ybyx-kek-1"
+
+#: Managed keys by purpose, and their kind (see the module docstring).
+PURPOSES: dict[str, Literal["ed25519", "hmac-sha256"]] = {
+    "token-signing": "ed25519",
+    "audit-checkpoint": "ed25519",
+    "pseudonym": "hmac-sha256",
+}
+_ID_PREFIX = {"token-signing": "tsk", "audit-checkpoint": "ack", "pseudonym": "psk"}
+#: Why a purpose cannot be rotated (``ybyx keys rotate`` refuses with this reason).
+NOT_ROTATABLE: dict[str, str] = {
+    "pseudonym": (
+        "the pseudonym key is not rotatable: every person key at the national index and in every "
+        "catalog is HMAC-SHA-256 under it, and a new key would give every insured person a new "
+        "pseudonym, orphaning their history; changing it means re-keying the national index and every "
+        "catalog from the original ID numbers, which are never stored (R-SE-8)"
+    ),
+}
 
 
 class KmsError(OSError):
@@ -90,6 +132,37 @@ class Kms(Protocol):
         ...
 
     def list_keys(self) -> list[KeyInfo]: ...
+
+    # ---- managed keys (signing, MAC): used through the KMS, never handed out -----------------
+
+    def managed_keys(self, purpose: str) -> list[KeyInfo]:
+        """The keys of ``purpose`` (a :data:`PURPOSES` name), oldest first."""
+        ...
+
+    def managed_active(self, purpose: str) -> str:
+        """The id of the key of ``purpose`` in use; :class:`KmsError` if there is none."""
+        ...
+
+    def create_managed(self, purpose: str, material: bytes | None = None) -> KeyInfo:
+        """A new key of ``purpose`` (random, or ``material`` imported), made active; the previous
+        active one is retired (still verifies)."""
+        ...
+
+    def destroy_managed(self, purpose: str, key_id: str) -> KeyInfo:
+        """Destroy a managed key's secret half (an Ed25519 public half is kept for verification)."""
+        ...
+
+    def sign(self, purpose: str, key_id: str, message: bytes) -> bytes:
+        """Ed25519 signature of ``message``; :class:`KeyDestroyed` / :class:`KmsError`."""
+        ...
+
+    def public_key(self, purpose: str, key_id: str) -> bytes:
+        """The raw 32-byte Ed25519 public key (also of a destroyed key)."""
+        ...
+
+    def mac(self, purpose: str, key_id: str, message: bytes) -> bytes:
+        """HMAC-SHA-256 of ``message`` under the key."""
+        ...
 
 
 def _now() -> str:
@@ -234,3 +307,104 @@ class LocalKms:
             KeyInfo(e["id"], e["state"], e.get("created", ""), e.get("destroyed", ""))
             for e in self._load()["keys"]
         ]
+
+    # ---- managed keys -----------------------------------------------------------------------
+
+    def _ring(self, purpose: str) -> dict[str, Any]:
+        if purpose not in PURPOSES:
+            raise KmsError(f"{purpose!r}: not a managed key purpose ({', '.join(PURPOSES)})")
+        ring: dict[str, Any] = self._load().get("managed", {}).get(purpose, {"active": "", "keys": []})
+        return ring
+
+    def _managed_entry(self, purpose: str, key_id: str) -> dict[str, Any]:
+        for entry in self._ring(purpose)["keys"]:
+            if entry["id"] == key_id:
+                return dict(entry)
+        raise KmsError(f"{purpose} key {key_id}: not in {self.path}")
+
+    def _secret(self, purpose: str, key_id: str) -> bytes:
+        entry = self._managed_entry(purpose, key_id)
+        if entry["state"] == "destroyed":
+            raise KeyDestroyed(f"{purpose} key {key_id} was destroyed on {entry.get('destroyed', '?')}")
+        return base64.b64decode(entry["material"])
+
+    def managed_keys(self, purpose: str) -> list[KeyInfo]:
+        return [
+            KeyInfo(e["id"], e["state"], e.get("created", ""), e.get("destroyed", ""))
+            for e in self._ring(purpose)["keys"]
+        ]
+
+    def managed_active(self, purpose: str) -> str:
+        key_id = str(self._ring(purpose).get("active") or "")
+        if not key_id:
+            raise KmsError(f"{self.path}: no active {purpose} key")
+        return key_id
+
+    def create_managed(self, purpose: str, material: bytes | None = None) -> KeyInfo:
+        self._ring(purpose)  # checks the purpose
+        kind = PURPOSES[purpose]
+        if material is None:
+            material = secrets.token_bytes(32)
+        elif len(material) < 32 or (kind == "ed25519" and len(material) != 32):
+            raise KmsError(f"{purpose}: imported key material must be 32 bytes")
+        doc = copy.deepcopy(self._load())
+        ring = doc.setdefault("managed", {}).setdefault(purpose, {"active": "", "keys": []})
+        now = _now()
+        for entry in ring["keys"]:
+            if entry["state"] == "active":
+                entry["state"] = "retired"
+                entry["retired"] = now
+        info = KeyInfo(
+            f"{_ID_PREFIX[purpose]}-{datetime.now(UTC):%Y%m%d}-{secrets.token_hex(4)}", "active", now
+        )
+        entry = {
+            "id": info.key_id,
+            "state": "active",
+            "created": now,
+            "material": base64.b64encode(material).decode(),
+        }
+        if kind == "ed25519":
+            public = Ed25519PrivateKey.from_private_bytes(material).public_key()
+            raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+            entry["public"] = base64.b64encode(raw).decode()
+        ring["keys"].append(entry)
+        ring["active"] = info.key_id
+        self._save(doc)
+        return info
+
+    def destroy_managed(self, purpose: str, key_id: str) -> KeyInfo:
+        self._ring(purpose)
+        doc = copy.deepcopy(self._load())
+        ring = doc.get("managed", {}).get(purpose, {"active": "", "keys": []})
+        for entry in ring["keys"]:
+            if entry["id"] == key_id:
+                if entry["state"] == "destroyed":
+                    raise KeyDestroyed(f"{purpose} key {key_id} was already destroyed")
+                entry.pop("material", None)
+                entry["state"] = "destroyed"
+                entry["destroyed"] = _now()
+                if ring.get("active") == key_id:
+                    ring["active"] = ""
+                self._save(doc)
+                return KeyInfo(key_id, "destroyed", entry["created"], entry["destroyed"])
+        raise KmsError(f"{purpose} key {key_id}: not in {self.path}")
+
+    def retired_at(self, purpose: str, key_id: str) -> str:
+        """When a managed key stopped being the active one ("" if it still is or never was)."""
+        return str(self._managed_entry(purpose, key_id).get("retired", ""))
+
+    def sign(self, purpose: str, key_id: str, message: bytes) -> bytes:
+        if PURPOSES.get(purpose) != "ed25519":
+            raise KmsError(f"{purpose}: not a signing key")
+        return Ed25519PrivateKey.from_private_bytes(self._secret(purpose, key_id)).sign(message)
+
+    def public_key(self, purpose: str, key_id: str) -> bytes:
+        entry = self._managed_entry(purpose, key_id)
+        if "public" not in entry:
+            raise KmsError(f"{purpose} key {key_id}: has no public key")
+        return base64.b64decode(entry["public"])
+
+    def mac(self, purpose: str, key_id: str, message: bytes) -> bytes:
+        if PURPOSES.get(purpose) != "hmac-sha256":
+            raise KmsError(f"{purpose}: not a MAC key")
+        return hmac.new(self._secret(purpose, key_id), message, hashlib.sha256).digest()

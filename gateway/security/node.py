@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -21,6 +21,7 @@ from gateway.archive.catalog import Catalog
 from gateway.config import SecuritySection
 from gateway.security.clients import ClientRegistry, jwks_endpoint, token_endpoint
 from gateway.security.guard import ROLE_SCOPES
+from gateway.security.kms import Kms, KmsError
 from gateway.security.login import Logins
 from gateway.security.ratelimit import RateLimiter
 from gateway.security.resources import StudyAccess, StudyOwnership
@@ -62,6 +63,7 @@ class NodeSecurity:
     limiter: RateLimiter | None = None
     home_institution: str = ""  # a front-end's hospital ("" at a center)
     user_token_lifetime: int = 300
+    created_keys: list[tuple[str, str]] = field(default_factory=list)  # (purpose, KMS key id) made now
 
     @classmethod
     def open(
@@ -72,9 +74,11 @@ class NodeSecurity:
         node_id: str,
         catalog: Catalog,
         ownership: StudyOwnership | None = None,
+        kms: Kms | None = None,
     ) -> NodeSecurity:
         """Load keys and trust; raise :class:`ArchiveUnavailable` naming the config key at fault.
-        ``ownership``: how studies map to institutions here (a front-end's peers; resources.py)."""
+        ``ownership``: how studies map to institutions here (a front-end's peers; resources.py);
+        ``kms``: the node's KMS, which holds the signing key with ``signing_key_source = "kms"``."""
         scopes = ROLE_SCOPES[role]
         clients = ClientRegistry(catalog, scopes)
         limiter = RateLimiter(cfg.limits)
@@ -84,12 +88,26 @@ class NodeSecurity:
                 role,
             )
             return cls(role, node_id, False, scopes, clients, limiter=limiter)
-        key = _load("security.signing_key_file", cfg.signing_key_file, _signing_key)
-        previous = [
-            _load(f"security.previous_signing_keys.{n}", p, load_verification_key)
-            for n, p in enumerate(cfg.previous_signing_keys)
-        ]
-        issuer = TokenIssuer(node_id, key, previous, lifetime=cfg.token_lifetime_seconds)
+        created: list[tuple[str, str]] = []
+        if cfg.signing_key_source == "kms":  # R-SE-14: the key stays in the KMS, which signs
+            from gateway.security.managed import TOKEN_SIGNING, ManagedTokenKeys, ensure_active
+
+            if kms is None:
+                raise ArchiveUnavailable("security.signing_key_source", "kms: this node has no KMS")
+            try:
+                key_id, made = ensure_active(kms, TOKEN_SIGNING)
+            except KmsError as exc:
+                raise ArchiveUnavailable("security.signing_key_source", str(exc)) from exc
+            if made:
+                created.append((TOKEN_SIGNING, key_id))
+            issuer = TokenIssuer(node_id, ManagedTokenKeys(kms), lifetime=cfg.token_lifetime_seconds)
+        else:
+            key = _load("security.signing_key_file", cfg.signing_key_file, _signing_key)
+            previous = [
+                _load(f"security.previous_signing_keys.{n}", p, load_verification_key)
+                for n, p in enumerate(cfg.previous_signing_keys)
+            ]
+            issuer = TokenIssuer(node_id, key, previous, lifetime=cfg.token_lifetime_seconds)
         trusted: dict[str, KeySource] = {node_id: issuer.keys}
         for n, t in enumerate(cfg.trusted_issuers):
             if t.issuer in trusted:
@@ -104,7 +122,7 @@ class NodeSecurity:
                 remote = RemoteKeySet(t.jwks_url)
                 remote.refresh()  # best effort now; again on an unknown kid
                 trusted[t.issuer] = remote
-        log.info("%s %s signs tokens with key %s", role, node_id, key.kid)
+        log.info("%s %s signs tokens with key %s", role, node_id, issuer.key.kid)
         ownership = ownership or StudyOwnership()
         return cls(
             role,
@@ -119,6 +137,7 @@ class NodeSecurity:
             limiter=limiter,
             home_institution=ownership.home or "",
             user_token_lifetime=cfg.users.token_lifetime_seconds,
+            created_keys=created,
         )
 
     def routes(self) -> list[BaseRoute]:

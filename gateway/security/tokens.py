@@ -8,7 +8,10 @@ as trusted in its config (their keys from a file or a JWKS URL).
 
 Keys are named by their RFC 7638 thumbprint, so a ``kid`` needs no bookkeeping. Rotation: a node
 signs with its current key and still publishes (and accepts) its previous keys until they are
-removed from the config, so tokens already handed out stay valid for their few minutes.
+removed from the config, so tokens already handed out stay valid for their few minutes. With
+``[security] signing_key_source = "kms"`` the keys are managed keys of the node's KMS
+(``gateway/security/managed.py``): the issuer only asks the KMS to sign, and a rotation there
+(``ybyx keys rotate --purpose token-signing``) is picked up without a restart.
 """
 
 from __future__ import annotations
@@ -105,15 +108,23 @@ class VerificationKey:
         }
 
 
+class Signer(Protocol):
+    """What signing needs of a key: an ``Ed25519PrivateKey``, or a KMS key (``managed.KmsSigner``)."""
+
+    def sign(self, data: bytes) -> bytes: ...
+
+    def public_key(self) -> Ed25519PublicKey: ...
+
+
 @dataclass(frozen=True)
 class SigningKey:
-    """The private key a node signs its tokens with."""
+    """The private key a node signs its tokens with (or the KMS key standing for it)."""
 
     kid: str
-    key: Ed25519PrivateKey
+    key: Signer
 
     @classmethod
-    def of(cls, private: Ed25519PrivateKey) -> SigningKey:
+    def of(cls, private: Signer) -> SigningKey:
         return cls(kid_of(private.public_key()), private)
 
     @property
@@ -127,8 +138,9 @@ class SigningKey:
 def write_signing_key(path: Path) -> SigningKey:
     """Create a new Ed25519 private key (PKCS#8 PEM, mode 600, never overwriting) and its public
     key beside it (``<path>.pub``); returns the key (``ybyx keys generate-signing``)."""
-    key = SigningKey.of(Ed25519PrivateKey.generate())
-    pem = key.key.private_bytes(
+    private = Ed25519PrivateKey.generate()
+    key = SigningKey.of(private)
+    pem = private.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -137,7 +149,7 @@ def write_signing_key(path: Path) -> SigningKey:
         fh.write(pem)
         fh.flush()
         os.fsync(fh.fileno())
-    public = key.key.public_key().public_bytes(
+    public = private.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     Path(f"{path}.pub").write_bytes(public)
@@ -294,23 +306,61 @@ class IssuedToken:
     scopes: frozenset[str]
 
 
+class SigningKeyRing(Protocol):
+    """Keys that change without a restart (``managed.ManagedTokenKeys``): the one to sign with now,
+    and the ones that verify (a :class:`KeySource` with ``jwks``)."""
+
+    def current(self) -> SigningKey: ...
+
+    def get(self, kid: str) -> VerificationKey | None: ...
+
+    def refresh(self) -> bool: ...
+
+    def jwks(self) -> dict[str, list[dict[str, str]]]: ...
+
+
+def encode_jws(payload: Mapping[str, Any], key: SigningKey, headers: Mapping[str, str]) -> str:
+    """A compact JWS (RFC 7515) signed EdDSA (RFC 8037) by ``key``: only ``key.key.sign`` is used,
+    so a KMS or HSM key signs as well as a key in memory."""
+    header = {"alg": ALGORITHM, **headers, "kid": key.kid}
+    signing_input = ".".join(
+        _b64url(json.dumps(part, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+        for part in (header, payload)
+    )
+    return f"{signing_input}.{_b64url(key.key.sign(signing_input.encode('ascii')))}"
+
+
 class TokenIssuer:
-    """Signs this node's access tokens with its current key; publishes current + previous keys."""
+    """Signs this node's access tokens with its current key; publishes current + previous keys
+    (``key``: a fixed key from a file, or a :class:`SigningKeyRing` in the KMS)."""
 
     def __init__(
         self,
         issuer: str,
-        key: SigningKey,
+        key: SigningKey | SigningKeyRing,
         previous: Sequence[VerificationKey] = (),
         *,
         lifetime: int = 300,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.issuer = issuer
-        self.key = key
         self.lifetime = lifetime
         self._clock = clock
-        self.keys = KeySet([key.public, *(p for p in previous if p.kid != key.kid)])
+        self.keys: KeySet | SigningKeyRing
+        if isinstance(key, SigningKey):
+            self._fixed: SigningKey | None = key
+            self.keys = KeySet([key.public, *(p for p in previous if p.kid != key.kid)])
+        else:
+            self._fixed = None
+            self.keys = key
+
+    @property
+    def key(self) -> SigningKey:
+        """The key tokens are signed with now."""
+        if self._fixed is not None:
+            return self._fixed
+        assert not isinstance(self.keys, KeySet)
+        return self.keys.current()
 
     def issue(
         self,
@@ -341,9 +391,7 @@ class TokenIssuer:
             if name not in USER_CLAIMS:
                 raise ValueError(f"claim {name!r}: only {', '.join(USER_CLAIMS)} may be added")
             payload[name] = value
-        token = jwt.encode(
-            payload, self.key.key, algorithm=ALGORITHM, headers={"kid": self.key.kid, "typ": TOKEN_TYPE}
-        )
+        token = encode_jws(payload, self.key, {"typ": TOKEN_TYPE})
         return IssuedToken(token, ttl, granted)
 
 
