@@ -160,14 +160,15 @@ class QcEngine:
         w = working_image(frame, self.rules.working_size)
         c = measures.contrast(w)
         window, mask = detail_window(frame, w)
-        sigma = measures.noise_sigma(window, mask)
+        region = measures.inner_region(mask)  # eroded once for noise and graininess
+        sigma = measures.noise_sigma(window, region=region)
         geo = measures.geometry(w)
         fp = w.field_pixels
         return {
             "clipped": measures.clipped(w),
             "snr": c / sigma if sigma > 0 else math.inf,
             "edge_blur": measures.edge_blur(window),
-            "graininess": measures.graininess(window, mask, c),
+            "graininess": measures.graininess(window, mask, c, region=region),
             "stripe": measures.stripe(fp, c),
             "ring": measures.ring(fp, c),
             "cut": geo.cut,

@@ -70,10 +70,18 @@ def _inner(mask: Mask, field: Mask | None = None) -> Mask:
     return field if field is not None else np.ones(mask.shape, dtype=bool)
 
 
-def noise_sigma(img: FloatImage, mask: Mask | None = None) -> float:
-    """Immerkær's noise estimate with a median (robust to edges); see the module table."""
+def inner_region(mask: Mask) -> Mask:
+    """The region noise and graininess are measured over: ``mask`` eroded (``_inner``); the engine
+    erodes once for both."""
+    return _inner(mask)
+
+
+def noise_sigma(img: FloatImage, mask: Mask | None = None, *, region: Mask | None = None) -> float:
+    """Immerkær's noise estimate with a median (robust to edges); see the module table.
+    ``region``: ``inner_region(mask)`` already computed."""
     response = np.abs(ndimage.convolve(img, _IMMERKAER, mode="reflect"))
-    region = _inner(mask) if mask is not None else np.ones(img.shape, dtype=bool)
+    if region is None:
+        region = _inner(mask) if mask is not None else np.ones(img.shape, dtype=bool)
     return float(np.median(response[region])) / (0.6745 * 6.0)
 
 
@@ -88,10 +96,11 @@ def contrast(w: WorkingImage) -> float:
     return max(abs(inside - background), 1.0)
 
 
-def graininess(img: FloatImage, mask: Mask, c: float) -> float:
-    """Mottle at the 1–3 px scale in % of the contrast (module table)."""
+def graininess(img: FloatImage, mask: Mask, c: float, *, region: Mask | None = None) -> float:
+    """Mottle at the 1–3 px scale in % of the contrast (module table); ``region`` as for
+    :func:`noise_sigma`."""
     band = ndimage.gaussian_filter(img, 1.0) - ndimage.gaussian_filter(img, 3.0)
-    values = band[_inner(mask)]
+    values = band[region if region is not None else _inner(mask)]
     mad = float(np.median(np.abs(values - np.median(values))))
     return 100.0 * 1.4826 * mad / c
 
