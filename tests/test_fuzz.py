@@ -25,7 +25,8 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import select
 
 from dimse.scu import send
-from gateway.archive.blobstore import FolderBlobStore
+from gateway.archive.blobstore import BlobStore, FolderBlobStore
+from gateway.archive.catalog import Catalog
 from gateway.archive.schema import instance_versions, instances
 from gateway.frontend import Frontend
 from gateway.ingest import Accepted, Refused
@@ -97,10 +98,14 @@ def mutated(draw: st.DrawFn) -> bytes:
 
 def stored_state(fe: Frontend) -> tuple[set[str], set[str]]:
     """(blob keys the catalog references, objects the blob store holds) — equal when consistent."""
-    with fe.archive.catalog.engine.connect() as conn:
+    return archive_state(fe.archive.catalog, fe.archive.store)
+
+
+def archive_state(catalog: Catalog, store: BlobStore) -> tuple[set[str], set[str]]:
+    """:func:`stored_state` of any catalog and folder blob store (also used by ``fuzz/``)."""
+    with catalog.engine.connect() as conn:
         keys = set(conn.execute(select(instances.c.blob_key)).scalars())
         keys |= set(conn.execute(select(instance_versions.c.blob_key)).scalars())
-    store = fe.archive.store
     assert isinstance(store, FolderBlobStore)
     held = {
         str(p.relative_to(store.root))
