@@ -24,7 +24,7 @@ from api.errors import BadRequest, parse
 from dicomweb.audit_hook import record_request
 from gateway.audit import EventType
 from gateway.cache import CacheRequestForwarded, CacheRequestIn, CacheService, pseudonymised
-from gateway.federation import PeerError
+from gateway.federation import PeerError, PeerNotConfigured
 from gateway.identity import PseudonymKey
 
 STATES = {"pending", "running", "completed", "failed"}
@@ -117,7 +117,7 @@ async def post_fetch(request: Request) -> Response:
             lambda: fetcher.fetch(body.study_uid, visit=body.visit, person=body.person_key, wait=body.wait)
         )
     except PeerError as exc:
-        status = 404 if exc.status == 404 else 502
+        status = 404 if exc.status == 404 else 503 if isinstance(exc, PeerNotConfigured) else 502
         return JSONResponse({"error": str(exc)}, status_code=status)
     if result["source"] != "local":
         await record_request(

@@ -181,16 +181,16 @@ OPERATIONS: tuple[Op, ...] = (
     Op(
         "POST",
         "/api/v1/grants",
-        FE,
-        "A patient's authorization (R-RT-4)",
+        BOTH,
+        "A patient's authorization (R-RT-4): a signed token of its method",
         GrantIn,
         201,
-        errors=(*BODY_ERRORS, 503),
+        errors=(*BODY_ERRORS, 403, 503),
     ),
     Op(
         "DELETE",
         "/api/v1/grants/{grant}",
-        FE,
+        BOTH,
         "Withdraw a grant",
         params=(_p("grant", "the grant's UUID"),),
         errors=(404, 422, 503),
@@ -231,7 +231,7 @@ OPERATIONS: tuple[Op, ...] = (
         "Cite a report section (R-VW-3)",
         CitationIn,
         201,
-        errors=(*BODY_ERRORS, 503),
+        errors=(*BODY_ERRORS, 403, 503),
     ),
     Op("GET", "/api/v1/code-maps", FE, "Code maps and unmapped codes (R-CE-4)", errors=(503,)),
     Op("GET", "/api/v1/code-maps/unmapped", FE, "Codes met without a mapping (R-CE-4)", errors=(503,)),
@@ -493,7 +493,7 @@ _WHY = {
     422: "Invalid input: each bad field named with why",
     429: "Rate limited (``Retry-After``)",
     502: "A peer (center, index) failed",
-    503: "Not configured on this node",
+    503: "Not configured on this node (e.g. a front-end without a center): the reason says what",
 }
 
 

@@ -11,7 +11,9 @@ fetch (R-CE-7).
   anomaly + error log, R-CE-9); failed requests are tried again at the next daily run.
 * The **front-end's job** pulls the patient's studies through its center (which fetches
   out-of-province ones) into its own cache, so the cache is complete one natural day before the
-  visit (R-CA-3).
+  visit (R-CA-3). The schedule rule (both roles, :func:`first_run`): a request runs at the next
+  day's ``run_at``, unless that day is the visit day or later — a request registered less than a
+  natural day before the visit runs at once (the job's next tick).
 * **Retention**: a cache copy is kept at least 1 month + 1 day after the patient's latest visit at
   a center (R-CE-11: visit 2025-10-15 → until 2025-11-16) and 1 day at a front-end (R-CA-4), plus
   ``[cache] extend_days``; the cleanup deletes expired cache copies, never an archive original.
@@ -50,7 +52,7 @@ from gateway.archive.schema import (
     studies,
     upload_monitoring,
 )
-from gateway.federation import JsonPeer, PeerError, call, lookup
+from gateway.federation import NO_CENTER, JsonPeer, PeerError, PeerNotConfigured, call, lookup
 from gateway.identity import IdType, InvalidId, PseudonymKey, mask, normalise, person_key
 from gateway.ingest import Refused
 
@@ -136,6 +138,17 @@ def next_run(after: datetime, run_at: str) -> datetime:
     return datetime.combine(day, time(hh, mm), CST).astimezone(UTC)
 
 
+def first_run(now: datetime, visit_time: datetime, run_at: str) -> datetime:
+    """When a new request is first due (R-CA-3, R-CE-6): the daily job of the next day — unless
+    that day is already the visit day (or later), i.e. the request came less than a natural day
+    before the visit: then at once, so the cache is filled as early as it still can be (a
+    registration on the 19th for a visit on the 20th runs on the 19th, not on the 20th)."""
+    scheduled = next_run(now, run_at)
+    if scheduled.astimezone(CST).date() >= visit_day(visit_time):
+        return now
+    return scheduled
+
+
 def add_month(day: date) -> date:
     month = day.month % 12 + 1
     year = day.year + (day.month == 12)
@@ -167,7 +180,8 @@ class CacheBook:
         self.clock = clock
 
     def record(self, values: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
-        """Insert (idempotent by request_id); (new?, row). The job runs on the next day."""
+        """Insert (idempotent by request_id); (new?, row). The job runs on the next day, or at
+        once for a late request (:func:`first_run`)."""
         c = cache_requests.c
         now = self.clock()
         with self.catalog.write() as conn:
@@ -179,7 +193,7 @@ class CacheBook:
                         visit_date=visit_day(values["visit_time"]).strftime("%Y%m%d"),
                         state="pending",
                         attempts=0,
-                        next_attempt_at=next_run(now, self.policy.run_at),
+                        next_attempt_at=first_run(now, values["visit_time"], self.policy.run_at),
                         last_error="",
                         studies_total=0,
                         studies_done=0,
@@ -730,7 +744,7 @@ class CacheService:
         if self.area.holds(study_uid):
             return "local"
         if self.center is None or self.spool is None:
-            raise PeerError("this front-end has no center configured ([forward] center_url)")
+            raise PeerNotConfigured(NO_CENTER)
         call(self.center, "POST", "/api/v1/fetches", body={"study_uid": study_uid, "person_key": person})
         today = self.book.clock().astimezone(CST).date()
         keep = (person, "center", keep_until(today, "frontend", self.book.policy.extend_days))

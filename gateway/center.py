@@ -10,6 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from api.center import routes as center_api
+from api.doctor import grant_routes as grant_api
 from api.federation import center_routes as federation_api
 from dicomweb.client import DicomWebClient
 from gateway.archive import Archive, ArchiveUnavailable
@@ -18,13 +19,15 @@ from gateway.cache import CacheService, open_center_cache
 from gateway.clock import NodeClock
 from gateway.config import CenterConfig
 from gateway.exams import ExamBook
-from gateway.federation import PeerError
+from gateway.federation import PeerError, PeerNotConfigured
+from gateway.grants import GrantBook, GrantDesk, verifiers_from_config
 from gateway.ingest import Ingest
 from gateway.node import NodeCore
 from gateway.qc.service import QcService
 from gateway.registration import IndexRegistrar, RegistrationPolicy
 from gateway.retrievals import RetrievalLog, RetrievalSender
 from gateway.security.credentials import ClientCredentials, read_secret
+from gateway.security.grant_policy import GrantPolicy
 from gateway.security.node import NodeSecurity, default_node_id
 from gateway.security.tls import client_context
 from gateway.web import HttpServer, build_app
@@ -77,7 +80,7 @@ def center_peers(cfg: CenterConfig) -> Callable[[str, str], DicomWebClient]:
     def client(province: str, url: str) -> DicomWebClient:
         peer = known.get(province)
         if peer is None:
-            raise PeerError(f"no [[center_peers]] credentials for province {province}")
+            raise PeerNotConfigured(f"no [[center_peers]] credentials for province {province}")
         with lock:
             if (province, url) not in made:
                 try:
@@ -93,6 +96,16 @@ def center_peers(cfg: CenterConfig) -> Callable[[str, str], DicomWebClient]:
             return made[(province, url)]
 
     return client
+
+
+def grant_desk(cfg: CenterConfig, core: NodeCore, clock: NodeClock) -> GrantDesk:
+    """The center's patient grants (``POST /api/v1/grants``, ``[grants]``): for users of the
+    center's institutions, each grant bound to the institution its evidence names."""
+    try:
+        verifiers = verifiers_from_config(cfg.grants)
+    except KeyError as exc:
+        raise ArchiveUnavailable(*exc.args) from exc
+    return GrantDesk(GrantBook(core.archive.catalog, clock=clock), verifiers, None, core.archive.store)
 
 
 @dataclass
@@ -119,6 +132,12 @@ class Center:
             core.close()
             raise
         retrievals = RetrievalLog(core.archive.catalog)
+        clock = NodeClock()  # the center's one clock: cache jobs, retention, grants
+        try:
+            desk = grant_desk(cfg, core, clock)
+        except ArchiveUnavailable:
+            core.close()
+            raise
         index_client = registrar = sender = cache = None
         if cfg.index is not None:  # issue 5: register studies, forward lookups and retrieval records
             try:
@@ -150,14 +169,22 @@ class Center:
                 center_peers(cfg),
                 core.spool,
                 core.audit,
-                NodeClock(),
+                clock,
             )
+        GrantPolicy(  # R-RT-4, R-CQ-5: the center's users see cache copies through grants only
+            core.archive.catalog,
+            clock=clock,
+            retrievals=retrievals,
+            node=node_id,
+            on_record=sender.kick if sender is not None else (lambda: None),
+        ).install(core.security.study_access)
         federation_state = {
             "retrievals": retrievals,
             "index": index_client,
             "registrar": registrar,
             "kick_retrievals": sender.kick if sender else None,
             "cache": cache,
+            "grant_desk": desk,
         }
         app = build_app(
             "center",
@@ -165,7 +192,7 @@ class Center:
             core.ingest,
             max_request_bytes=cfg.dicomweb.max_request_mb << 20,
             spool=str(core.spool),
-            api_routes=[*center_api, *federation_api],
+            api_routes=[*center_api, *federation_api, *grant_api],
             security=core.security,
             state={
                 "exams": ExamBook(core.archive.catalog),

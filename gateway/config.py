@@ -542,12 +542,38 @@ class DoctorSection(Strict):
     )
 
 
+class SignerKey(Strict):
+    """A registered signer of authorization evidence: a face-recognition device or an operator."""
+
+    id: str = Field(pattern=r"^[A-Za-z0-9._\-]{1,64}$", description="device id / operator id")
+    public_key: Path = Field(description="its Ed25519 public key (PEM)")
+
+
 class GrantsSection(Strict):
-    """``[grants]`` on a front-end: how patient authorizations are verified (R-RT-4, R-CQ-5)."""
+    """``[grants]`` on a front-end or a center: how patient authorizations are verified (R-RT-4,
+    R-CQ-5; ``gateway/grants.py``). A method other than the insurance QR code is offered only
+    once its keys are configured."""
 
     insurance_qr_public_keys: list[Path] = Field(
         default_factory=list,
         description="Ed25519 public keys (PEM) of the insurance platform signing QR payloads",
+    )
+    insurance_app_public_keys: list[Path] = Field(
+        default_factory=list,
+        description="Ed25519 public keys (PEM) of the insurance app's authorization tokens",
+    )
+    e_signature_public_keys: list[Path] = Field(
+        default_factory=list, description="Ed25519 public keys (PEM) of the e-signature service"
+    )
+    face_devices: list[SignerKey] = Field(
+        default_factory=list, description="registered IoT face-recognition devices and their keys"
+    )
+    face_min_score: float = Field(default=0.9, gt=0, le=1, description="least face match score accepted")
+    face_max_age_seconds: int = Field(
+        default=300, ge=10, le=3600, description="how old a face attestation may be (freshness window)"
+    )
+    consent_operators: list[SignerKey] = Field(
+        default_factory=list, description="operators who sign scanned written consents, and their keys"
     )
     max_lifetime_hours: float = Field(default=24, gt=0, le=24 * 366)
 
@@ -601,6 +627,7 @@ class CenterConfig(Strict):
     center_peers: list[PeerCenter] = Field(default_factory=list)
     cache: CacheSection = CacheSection()
     qc: QcSection = QcSection()
+    grants: GrantsSection = GrantsSection()  # grants for the center's institutions' users
 
 
 class IndexConfig(Strict):
@@ -784,9 +811,13 @@ def _federation_paths(model: Any, base: Path) -> dict[str, Any]:
     if isinstance(doctor, DoctorSection):
         out["doctor"] = doctor.model_copy(update={"codes_dir": _join(base, doctor.codes_dir)})
     grants = getattr(model, "grants", None)
-    if isinstance(grants, GrantsSection) and grants.insurance_qr_public_keys:
-        keys = [_join(base, k) for k in grants.insurance_qr_public_keys]
-        out["grants"] = grants.model_copy(update={"insurance_qr_public_keys": keys})
+    if isinstance(grants, GrantsSection):
+        lists = ("insurance_qr_public_keys", "insurance_app_public_keys", "e_signature_public_keys")
+        update: dict[str, Any] = {k: [_join(base, p) for p in getattr(grants, k)] for k in lists}
+        for k in ("face_devices", "consent_operators"):
+            entries = getattr(grants, k)
+            update[k] = [e.model_copy(update={"public_key": _join(base, e.public_key)}) for e in entries]
+        out["grants"] = grants.model_copy(update=update)
     return out
 
 

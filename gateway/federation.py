@@ -27,6 +27,15 @@ class PeerError(Exception):
         self.status = status
 
 
+class PeerNotConfigured(PeerError):
+    """No such peer is configured on this node (e.g. a front-end without ``[forward] center_url``):
+    the service is unavailable here — the routes answer 503 with this reason, not 502 (a peer
+    that failed)."""
+
+
+NO_CENTER = "this front-end has no center configured ([forward] center_url)"
+
+
 def call(
     peer: JsonPeer,
     method: str,

@@ -108,9 +108,6 @@ def _compression_stage(cfg: FrontendConfig, archive: Archive) -> CompressionStag
 def _grant_policy(core: NodeCore, workstation: Workstation, node_id: str) -> None:
     """Cache copies are shown to a hospital's users only through a patient's grant, and their
     WADO-RS reads are recorded for the national index (R-RT-4, R-CQ-5; security/grant_policy.py)."""
-    access = core.security.study_access
-    if access is None:
-        return
     policy = GrantPolicy(
         core.archive.catalog,
         clock=lambda: workstation.clock(),  # the workstation's one clock, even when a test moves it
@@ -118,8 +115,7 @@ def _grant_policy(core: NodeCore, workstation: Workstation, node_id: str) -> Non
         node=node_id,
         on_record=lambda: workstation.on_record(),
     )
-    access.policies.append(policy)
-    access.observers.append(policy)
+    policy.install(core.security.study_access)
 
 
 @dataclass

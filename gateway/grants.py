@@ -6,8 +6,16 @@ see their studies — all studies in a date window, or the listed studies — fr
 ``expires_at``. It arrives as evidence of one *method* (insurance QR code incl. family account,
 insurance app, electronic signature, IoT face recognition, written consent with a scanned document
 reference); each method has a verifier (:class:`GrantVerifier`) that turns evidence into a grant or
-refuses it. The built-in :class:`InsuranceQrVerifier` checks an Ed25519 signature of the insurance
-platform over the QR payload, with the platform's public keys from config (``[grants]``).
+refuses it. The built-in ones (:class:`SignedTokenVerifier` and its subclasses) each check an
+Ed25519-signed token of the method's issuer, whose public keys are in config (``[grants]``): the
+insurance platform's QR payload (:class:`InsuranceQrVerifier`, incl. a family account's guardian),
+the insurance app's token (:class:`InsuranceAppVerifier`), the e-signature service's token over a
+consent document's SHA-256 (:class:`ESignatureVerifier`), a registered IoT face-recognition
+device's attestation with its match score and capture time (:class:`IotFaceVerifier`), and an
+operator's signature over a scanned written consent (:class:`WrittenConsentVerifier`). A token's
+nonce is accepted once (:meth:`GrantBook.add`); :class:`GrantDesk` is where a node (front-end or
+center) takes evidence: verify, check the person, keep the consent document in the blob store,
+record the grant.
 
 :func:`check_grant` is a plain domain function: the routes that serve a patient's studies call it
 with the grants on record; it returns the grant that allows the request or raises
@@ -19,9 +27,12 @@ outside the scope). The caller answers 403 with that reason, audits it and recor
 from __future__ import annotations
 
 import base64
+import hashlib
+import io
 import json
+import re
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
@@ -31,14 +42,16 @@ from typing import Any, Protocol
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 
+from gateway.archive.blobstore import BlobStore
 from gateway.archive.catalog import Catalog
 from gateway.archive.schema import retrieval_grants
-from gateway.identity import is_person_ref
+from gateway.identity import PERSON_KEY, is_person_ref
 
 Clock = Callable[[], datetime]
 QR_PREFIX = "YBQR1."  # version of the insurance platform's QR payload format
+CONSENT_PREFIX = "consent/"  # consent documents in the blob store: consent/<sha256>
 
 
 class GrantMethod(StrEnum):
@@ -67,6 +80,14 @@ class RetrievalGrant:
     studies: frozenset[str] | None = None  # None: every study in the window
     grant_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     revoked_at: datetime | None = None  # the patient withdrew it (GrantBook.revoke)
+    nonce: str = ""  # "<method tag>:<jti>" of a verified token: accepted once (GrantBook.add)
+
+    @property
+    def document(self) -> str | None:
+        """The blob-store reference of the consent document behind the grant (e-signature,
+        written consent), or None."""
+        _, found, digest = self.evidence.partition(":doc:")
+        return f"{CONSENT_PREFIX}{digest[:64]}" if found else None
 
     def covers(self, study_uid: str | None, study_date: date | None) -> bool:
         """Whether a study (or, with neither given, the window as a whole) is in scope."""
@@ -91,6 +112,8 @@ class RetrievalGrant:
             "issued_at": self.issued_at.isoformat(),
             "expires_at": self.expires_at.isoformat(),
             "method": self.method.value,
+            "evidence": self.evidence,
+            "document": self.document,
             "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None,
         }
 
@@ -112,10 +135,35 @@ class GrantVerifier(Protocol):
 
     method: GrantMethod
 
-    def verify(self, evidence: str, *, institution: str, now: datetime) -> RetrievalGrant: ...
+    def verify(
+        self, evidence: str, *, institution: str | None, now: datetime, document: bytes | None = None
+    ) -> RetrievalGrant:
+        """``institution``: the one the evidence must name (a front-end's), or None to take the
+        one it names (a center, for its institutions' users); ``document``: the consent document's
+        bytes where the method has one."""
+        ...
 
 
-# ---- the built-in verifier: the insurance platform's signed QR payload -----------------------------
+# ---- the built-in verifiers: signed tokens of the authorizing parties -------------------------------
+
+#: The token format (and its version) of each method: ``<PREFIX><claims>.<signature>``.
+PREFIXES: dict[GrantMethod, str] = {
+    GrantMethod.INSURANCE_QR: QR_PREFIX,
+    GrantMethod.INSURANCE_APP: "YBAPP1.",
+    GrantMethod.E_SIGNATURE: "YBESIG1.",
+    GrantMethod.IOT_FACE: "YBFACE1.",
+    GrantMethod.WRITTEN: "YBWC1.",
+}
+_TAGS = {
+    GrantMethod.INSURANCE_QR: "qr",
+    GrantMethod.INSURANCE_APP: "app",
+    GrantMethod.E_SIGNATURE: "esig",
+    GrantMethod.IOT_FACE: "face",
+    GrantMethod.WRITTEN: "written",
+}
+NONCE = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+SKEW = timedelta(minutes=5)
 
 
 def _b64d(text: str) -> bytes:
@@ -126,11 +174,17 @@ def _b64e(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def sign_qr(key: Ed25519PrivateKey, claims: dict[str, Any]) -> str:
-    """A QR payload as the insurance platform makes it: ``YBQR1.<claims>.<signature>`` (base64url;
-    the signature covers ``YBQR1.<claims>``). Used by tests and the demo in place of the platform."""
-    body = QR_PREFIX + _b64e(json.dumps(claims, ensure_ascii=False, separators=(",", ":")).encode())
+def sign_token(key: Ed25519PrivateKey, claims: dict[str, Any], method: GrantMethod) -> str:
+    """A token of ``method`` as its issuer makes it: ``<PREFIX><claims>.<signature>`` (base64url
+    JSON; the Ed25519 signature covers ``<PREFIX><claims>``). Used by tests and the demo in place
+    of the insurance platform, the app, the e-signature service, a face device or an operator."""
+    body = PREFIXES[method] + _b64e(json.dumps(claims, ensure_ascii=False, separators=(",", ":")).encode())
     return f"{body}.{_b64e(key.sign(body.encode()))}"
+
+
+def sign_qr(key: Ed25519PrivateKey, claims: dict[str, Any]) -> str:
+    """An insurance QR payload: ``YBQR1.<claims>.<signature>``."""
+    return sign_token(key, claims, GrantMethod.INSURANCE_QR)
 
 
 def load_public_keys(paths: Iterable[Path]) -> list[Ed25519PublicKey]:
@@ -143,58 +197,99 @@ def load_public_keys(paths: Iterable[Path]) -> list[Ed25519PublicKey]:
     return keys
 
 
-class InsuranceQrVerifier:
-    """医保码 authorization: the patient shows a QR code in the insurance app; the payload is signed
-    (Ed25519) by the insurance platform and names the person (pseudonym or person management
-    code), the institution (and optionally the doctor), the scope, issue and expiry times (Unix
-    seconds) and a unique ``jti``; ``family`` marks a family-account (亲情账户) authorization."""
+class SignedTokenVerifier:
+    """What the built-in verifiers share (R-RT-4): the evidence is ``<PREFIX><claims>.<signature>``,
+    signed (Ed25519) by one of the issuer's public keys from config; the claims name the person
+    (``person``: pseudonym), the institution (and optionally ``doctor``), the scope (``studies``,
+    or a ``from``/``to`` window), ``iat``/``exp`` (Unix seconds) and a unique nonce ``jti`` — a
+    token is accepted once (:meth:`GrantBook.add` refuses a replayed nonce). A subclass names its
+    method and checks its own claims (:meth:`check`); ``signer_claim`` names the claim that says
+    which registered signer (a face device, an operator) signed, when keys are per signer."""
 
-    method = GrantMethod.INSURANCE_QR
+    method: GrantMethod = GrantMethod.INSURANCE_QR
+    name = "a signed token"  # how a reason names the evidence
+    signer = "its issuer"
+    config_key = ""
+    signer_claim: str | None = None
 
     def __init__(
-        self, keys: Sequence[Ed25519PublicKey], *, max_lifetime: timedelta = timedelta(hours=24)
+        self,
+        keys: Sequence[Ed25519PublicKey] | Mapping[str, Ed25519PublicKey],
+        *,
+        max_lifetime: timedelta = timedelta(hours=24),
     ) -> None:
-        self.keys = list(keys)
+        self.keys = keys
         self.max_lifetime = max_lifetime
 
-    def verify(self, evidence: str, *, institution: str, now: datetime) -> RetrievalGrant:
+    @property
+    def prefix(self) -> str:
+        return PREFIXES[self.method]
+
+    def verify(
+        self, evidence: str, *, institution: str | None, now: datetime, document: bytes | None = None
+    ) -> RetrievalGrant:
+        claims = self._signed_claims(evidence)
+        extra = self.check(claims, now=now, document=document)
+        return self._grant(claims, extra, institution=institution, now=now)
+
+    def check(self, claims: dict[str, Any], *, now: datetime, document: bytes | None) -> str:
+        """The method's own checks; what to add to the grant's evidence ("" for nothing)."""
+        return ""
+
+    def _signed_claims(self, evidence: str) -> dict[str, Any]:
         if not self.keys:
-            raise GrantRejected("no insurance platform key configured ([grants] insurance_qr_public_keys)")
-        if not evidence.startswith(QR_PREFIX) or evidence.count(".") != 2:
-            raise GrantRejected("not an insurance QR payload (YBQR1.<claims>.<signature>)")
+            raise GrantRejected(f"no {self.signer} key configured ([grants] {self.config_key})")
+        if not evidence.startswith(self.prefix) or evidence.count(".") != 2:
+            raise GrantRejected(f"not {self.name} ({self.prefix}<claims>.<signature>)")
         body, _, sig = evidence.rpartition(".")
         try:
             signature = _b64d(sig)
-            claims = json.loads(_b64d(body.removeprefix(QR_PREFIX)))
+            claims = json.loads(_b64d(body.removeprefix(self.prefix)))
         except (ValueError, json.JSONDecodeError):
-            raise GrantRejected("the QR payload is not base64url JSON") from None
-        if not any(_valid(k, signature, body.encode()) for k in self.keys):
-            raise GrantRejected("the QR payload's signature is not the insurance platform's")
+            raise GrantRejected(f"{self.name} is not base64url JSON") from None
         if not isinstance(claims, dict):
-            raise GrantRejected("the QR claims are not an object")
-        return self._grant(claims, evidence_id=str(claims.get("jti", "")), institution=institution, now=now)
+            raise GrantRejected(f"the claims of {self.name} are not an object")
+        if isinstance(self.keys, Mapping):
+            assert self.signer_claim is not None
+            who = claims.get(self.signer_claim)
+            key = self.keys.get(who) if isinstance(who, str) else None
+            if key is None:
+                raise GrantRejected(
+                    f"{self.signer_claim}: {who!r} is not a registered {self.signer}"
+                    f" ([grants] {self.config_key})"
+                )
+            keys: Sequence[Ed25519PublicKey] = [key]
+        else:
+            keys = self.keys
+        if not any(_valid(k, signature, body.encode()) for k in keys):
+            raise GrantRejected(f"the signature of {self.name} is not {self.signer}'s")
+        return claims
 
     def _grant(
-        self, c: dict[str, Any], *, evidence_id: str, institution: str, now: datetime
+        self, c: dict[str, Any], extra: str, *, institution: str | None, now: datetime
     ) -> RetrievalGrant:
         person = c.get("person")
         if not isinstance(person, str) or not is_person_ref(person):
             raise GrantRejected("person: a pseudonym (64 hex) is required")
-        if c.get("institution") != institution:
-            raise GrantRejected(f"the QR code authorizes institution {c.get('institution')!r}, not this one")
+        named = c.get("institution")
+        if institution is not None and named != institution:
+            raise GrantRejected(f"{self.name} authorizes institution {named!r}, not this one")
+        if not isinstance(named, str) or not named:
+            raise GrantRejected("institution: the institution authorized is required")
         try:
             issued = datetime.fromtimestamp(float(c["iat"]), UTC)
             expires = datetime.fromtimestamp(float(c["exp"]), UTC)
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):
             raise GrantRejected("iat and exp (Unix seconds) are required") from None
         if expires <= now:
-            raise GrantRejected(f"the QR code expired at {expires.isoformat()}")
-        if issued > now + timedelta(minutes=5):
-            raise GrantRejected("the QR code is issued in the future")
+            raise GrantRejected(f"{self.name} expired at {expires.isoformat()}")
+        if issued > now + SKEW:
+            raise GrantRejected(f"{self.name} is issued in the future")
         if expires - issued > self.max_lifetime:
-            raise GrantRejected(f"the QR code is valid longer than {self.max_lifetime} allows")
-        if not evidence_id:
-            raise GrantRejected("jti: the QR code's unique id is required")
+            raise GrantRejected(f"{self.name} is valid longer than {self.max_lifetime} allows")
+        jti = c.get("jti")
+        if not isinstance(jti, str) or not NONCE.match(jti):
+            raise GrantRejected("jti: the token's unique nonce is required (1-64 of A-Z a-z 0-9 . _ -)")
         studies = c.get("studies")
         if studies is not None and not (
             isinstance(studies, list) and all(isinstance(s, str) for s in studies)
@@ -206,18 +301,138 @@ class InsuranceQrVerifier:
         except (TypeError, ValueError):
             raise GrantRejected("from/to: dates YYYY-MM-DD") from None
         doctor = c.get("doctor")
+        nonce = f"{_TAGS[self.method]}:{jti}"
         return RetrievalGrant(
             person_key=person,
-            institution=institution,
+            institution=named,
             issued_at=issued,
             expires_at=expires,
             method=self.method,
-            evidence=f"qr:{evidence_id}" + (":family" if c.get("family") else ""),
+            evidence=nonce + (f":{extra}" if extra else ""),
             doctor=str(doctor) if doctor else None,
             window_from=window_from,
             window_to=window_to,
             studies=frozenset(studies) if studies is not None else None,
+            nonce=nonce,
         )
+
+
+class InsuranceQrVerifier(SignedTokenVerifier):
+    """医保码 authorization: the patient shows a QR code in the insurance app, signed by the
+    insurance platform. A family-account (亲情账户) code has ``family: true`` and names the
+    ``guardian`` (their pseudonym) who authorizes for the dependent ``person``; the grant's
+    evidence keeps who the guardian was."""
+
+    method = GrantMethod.INSURANCE_QR
+    name = "an insurance QR payload"
+    signer = "the insurance platform"
+    config_key = "insurance_qr_public_keys"
+
+    def check(self, claims: dict[str, Any], *, now: datetime, document: bytes | None) -> str:
+        if not claims.get("family"):
+            return ""
+        guardian = claims.get("guardian")
+        if not isinstance(guardian, str) or not PERSON_KEY.match(guardian):
+            raise GrantRejected("guardian: a family-account QR code names the guardian (a pseudonym, 64 hex)")
+        if guardian == claims.get("person"):
+            raise GrantRejected("guardian: the guardian and the dependent are the same person")
+        return f"family:{guardian[:16]}"
+
+
+class InsuranceAppVerifier(SignedTokenVerifier):
+    """医保 app authorization: the patient confirms in the insurance app, whose server signs an
+    authorization token the HIS receives."""
+
+    method = GrantMethod.INSURANCE_APP
+    name = "an insurance app authorization token"
+    signer = "the insurance app"
+    config_key = "insurance_app_public_keys"
+
+
+def _document(claims: dict[str, Any], document: bytes | None, what: str) -> str:
+    """The consent document's SHA-256 the signature covers, checked against the posted bytes."""
+    digest = claims.get("document_sha256")
+    if not isinstance(digest, str) or not SHA256_HEX.match(digest):
+        raise GrantRejected(
+            "document_sha256: the SHA-256 (64 lower-case hex) of the signed document is required"
+        )
+    if document is None:
+        raise GrantRejected(f"document: the {what} itself is required (base64)")
+    got = hashlib.sha256(document).hexdigest()
+    if got != digest:
+        raise GrantRejected(f"document: its SHA-256 {got[:16]}… is not the {digest[:16]}… that was signed")
+    return f"doc:{digest}"
+
+
+class ESignatureVerifier(SignedTokenVerifier):
+    """电子签名: the patient signs a consent document with the e-signature service, which signs a
+    token carrying the document's SHA-256; the document is posted with it, checked against that
+    hash and kept in the blob store (``consent/<sha256>``)."""
+
+    method = GrantMethod.E_SIGNATURE
+    name = "an e-signature consent token"
+    signer = "the e-signature service"
+    config_key = "e_signature_public_keys"
+
+    def check(self, claims: dict[str, Any], *, now: datetime, document: bytes | None) -> str:
+        return _document(claims, document, "signed consent document")
+
+
+class IotFaceVerifier(SignedTokenVerifier):
+    """IoT 人脸识别: a registered face-recognition device attests that the person at it is the
+    patient — its attestation names the ``device`` (whose key is in config), the match ``score``
+    (at least ``min_score``) and ``captured_at`` (Unix seconds, at most ``max_age`` old)."""
+
+    method = GrantMethod.IOT_FACE
+    name = "a face-recognition attestation"
+    signer = "face-recognition device"
+    config_key = "face_devices"
+    signer_claim = "device"
+
+    def __init__(
+        self,
+        devices: Mapping[str, Ed25519PublicKey],
+        *,
+        min_score: float = 0.9,
+        max_age: timedelta = timedelta(minutes=5),
+        max_lifetime: timedelta = timedelta(hours=24),
+    ) -> None:
+        super().__init__(devices, max_lifetime=max_lifetime)
+        self.min_score = min_score
+        self.max_age = max_age
+
+    def check(self, claims: dict[str, Any], *, now: datetime, document: bytes | None) -> str:
+        score = claims.get("score")
+        if isinstance(score, bool) or not isinstance(score, int | float):
+            raise GrantRejected("score: the face match score (0-1) is required")
+        if score < self.min_score:
+            raise GrantRejected(f"score: the face match score {score} is below the required {self.min_score}")
+        try:
+            captured = datetime.fromtimestamp(float(claims["captured_at"]), UTC)
+        except (KeyError, TypeError, ValueError, OverflowError):
+            raise GrantRejected("captured_at: when the face was captured (Unix seconds) is needed") from None
+        if captured > now + SKEW:
+            raise GrantRejected("captured_at: the face capture is in the future")
+        if now - captured > self.max_age:
+            raise GrantRejected(
+                f"captured_at: the face capture is older than {self.max_age} (stale attestation)"
+            )
+        return f"device:{claims['device']}:score:{float(score):.3f}"
+
+
+class WrittenConsentVerifier(SignedTokenVerifier):
+    """书面同意: the patient signs a paper consent; an operator scans it and signs a token carrying
+    the scan's SHA-256 with their own key (``operator``, registered in config). The scan is posted
+    with it, checked against that hash and kept in the blob store; the grant keeps the reference."""
+
+    method = GrantMethod.WRITTEN
+    name = "a written-consent token"
+    signer = "consent operator"
+    config_key = "consent_operators"
+    signer_claim = "operator"
+
+    def check(self, claims: dict[str, Any], *, now: datetime, document: bytes | None) -> str:
+        return _document(claims, document, "scanned consent document")
 
 
 def _valid(key: Ed25519PublicKey, signature: bytes, message: bytes) -> bool:
@@ -285,9 +500,22 @@ class GrantBook:
         self.clock = clock
 
     def add(self, grant: RetrievalGrant) -> RetrievalGrant:
-        """Keep a verified grant; the same evidence twice is the first grant (idempotent)."""
+        """Keep a verified grant. A token's nonce is accepted once: a grant whose nonce is already
+        on record is refused (:class:`GrantRejected`, a replay); evidence without a nonce (a grant
+        made by the node itself) given twice is the first grant (idempotent)."""
         c = retrieval_grants.c
         with self.catalog.write() as conn:
+            if grant.nonce:
+                used = conn.execute(
+                    select(c.grant_id).where(
+                        or_(
+                            c.evidence == grant.nonce,
+                            c.evidence.startswith(grant.nonce + ":", autoescape=True),
+                        )
+                    )
+                ).first()
+                if used is not None:
+                    raise GrantRejected(f"replay: the nonce {grant.nonce!r} was already used for a grant")
             same = conn.execute(
                 select(c.grant_id).where(
                     c.evidence == grant.evidence, c.person_key == grant.person_key, c.evidence != ""
@@ -347,3 +575,86 @@ class GrantBook:
                 grant_id=r.grant_id,
                 revoked_at=_aware(r.revoked_at) if r.revoked_at is not None else None,
             )
+
+
+# ---- the desk: evidence in, a grant on record out (both roles) -------------------------------------
+
+
+@dataclass
+class GrantDesk:
+    """Where a node takes evidence of a patient's authorization (``POST /api/v1/grants``): the
+    method's verifier, the person check, the consent document kept in the blob store, the grant
+    on record. A front-end passes its ``institution`` (the evidence must name it); a center
+    passes None (the evidence names one of its institutions; only that institution's users are
+    then shown anything by it, ``security/grant_policy.py``)."""
+
+    book: GrantBook
+    verifiers: Mapping[str, GrantVerifier]
+    institution: str | None
+    documents: BlobStore | None = None
+
+    def accept(
+        self, method: str, evidence: str, *, person: str | None = None, document: bytes | None = None
+    ) -> RetrievalGrant:
+        """The grant on record; :class:`GrantRejected` (bad evidence, replay: 422) or
+        :class:`GrantDenied` (the evidence is another person's than ``person``: 403)."""
+        verifier = self.verifiers.get(method)
+        if verifier is None:
+            known = ", ".join(sorted(self.verifiers)) or "none configured"
+            raise GrantRejected(f"method: no verifier for {method!r} (configured: {known})")
+        now = self.book.clock()
+        grant = verifier.verify(evidence, institution=self.institution, now=now, document=document)
+        if person is not None and grant.person_key != person:
+            raise GrantDenied("the evidence authorizes another person than the patient named in the request")
+        ref = grant.document
+        if ref is not None and document is not None:
+            if self.documents is None:
+                raise GrantRejected("document: this node has no blob store to keep the consent document")
+            if not self.documents.exists(ref):  # content-addressed: the same scan is kept once
+                self.documents.put(ref, io.BytesIO(document))
+        return self.book.add(grant)
+
+
+def _signers(entries: Iterable[Any]) -> dict[str, Ed25519PublicKey]:
+    out: dict[str, Ed25519PublicKey] = {}
+    for entry in entries:
+        [out[entry.id]] = load_public_keys([entry.public_key])
+    return out
+
+
+def verifiers_from_config(section: Any) -> dict[str, GrantVerifier]:
+    """The built-in verifiers of a ``[grants]`` section (``gateway.config.GrantsSection``): the
+    insurance QR always (it says when no key is configured); each other method once its keys are
+    configured. A key that cannot be read raises ``(config key, reason)`` as :class:`KeyError`."""
+    lifetime = timedelta(hours=section.max_lifetime_hours)
+
+    def keys(name: str, load: Callable[[], Any]) -> Any:
+        try:
+            return load()
+        except (OSError, ValueError) as exc:
+            raise KeyError(f"grants.{name}", str(exc)) from exc
+
+    out: dict[str, GrantVerifier] = {
+        GrantMethod.INSURANCE_QR.value: InsuranceQrVerifier(
+            keys("insurance_qr_public_keys", lambda: load_public_keys(section.insurance_qr_public_keys)),
+            max_lifetime=lifetime,
+        )
+    }
+    if section.insurance_app_public_keys:
+        app = keys("insurance_app_public_keys", lambda: load_public_keys(section.insurance_app_public_keys))
+        out[GrantMethod.INSURANCE_APP.value] = InsuranceAppVerifier(app, max_lifetime=lifetime)
+    if section.e_signature_public_keys:
+        esig = keys("e_signature_public_keys", lambda: load_public_keys(section.e_signature_public_keys))
+        out[GrantMethod.E_SIGNATURE.value] = ESignatureVerifier(esig, max_lifetime=lifetime)
+    if section.face_devices:
+        devices = keys("face_devices", lambda: _signers(section.face_devices))
+        out[GrantMethod.IOT_FACE.value] = IotFaceVerifier(
+            devices,
+            min_score=section.face_min_score,
+            max_age=timedelta(seconds=section.face_max_age_seconds),
+            max_lifetime=lifetime,
+        )
+    if section.consent_operators:
+        ops = keys("consent_operators", lambda: _signers(section.consent_operators))
+        out[GrantMethod.WRITTEN.value] = WrittenConsentVerifier(ops, max_lifetime=lifetime)
+    return out

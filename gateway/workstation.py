@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
+from gateway.archive.blobstore import BlobStore
 from gateway.archive.catalog import Catalog
 from gateway.archive.schema import citations, exams, studies
 from gateway.cache import CacheService, open_frontend_cache
 from gateway.clock import NodeClock
 from gateway.codes import CodeMap
-from gateway.federation import JsonPeer, PeerError, lookup
-from gateway.grants import GrantBook, GrantDenied, GrantVerifier, RetrievalGrant, check_grant
+from gateway.federation import NO_CENTER, JsonPeer, PeerNotConfigured, lookup
+from gateway.grants import GrantBook, GrantDenied, GrantDesk, GrantVerifier, RetrievalGrant, check_grant
 from gateway.retrievals import RetrievalLog, RetrievalRecord, RetrievalSender
 
 if TYPE_CHECKING:
@@ -77,6 +78,7 @@ class Workstation:
     on_record: Callable[[], None] = field(default=lambda: None)  # wake the retrieval sender
     sender: RetrievalSender | None = None
     cache: CacheService | None = None  # history caching (gateway/cache.py)
+    documents: BlobStore | None = None  # consent documents of grants (the node's blob store)
 
     def start(self) -> None:
         if self.sender is not None:
@@ -92,16 +94,16 @@ class Workstation:
 
     # ---- authorization ---------------------------------------------------------------------------
 
-    def accept_grant(self, method: str, evidence: str) -> RetrievalGrant:
-        """Verify evidence of a patient authorization with its method's verifier and keep it."""
-        verifier = self.verifiers.get(method)
-        if verifier is None:
-            from gateway.grants import GrantRejected
+    @property
+    def desk(self) -> GrantDesk:
+        """Where evidence of a patient's authorization becomes a grant of this institution."""
+        return GrantDesk(self.grants, self.verifiers, self.institution, self.documents)
 
-            known = ", ".join(sorted(self.verifiers)) or "none configured"
-            raise GrantRejected(f"method: no verifier for {method!r} (configured: {known})")
-        grant = verifier.verify(evidence, institution=self.institution, now=self.clock())
-        return self.grants.add(grant)
+    def accept_grant(
+        self, method: str, evidence: str, *, person: str | None = None, document: bytes | None = None
+    ) -> RetrievalGrant:
+        """Verify evidence of a patient authorization with its method's verifier and keep it."""
+        return self.desk.accept(method, evidence, person=person, document=document)
 
     def authorize(
         self,
@@ -162,7 +164,7 @@ class Workstation:
 
     def _lookup(self, person_key: str, since: date, until: date) -> list[dict[str, Any]]:
         if self.center is None:
-            raise PeerError("this front-end has no center configured ([forward] center_url)")
+            raise PeerNotConfigured(NO_CENTER)
         return lookup(self.center, {"person": person_key, "from": since.isoformat(), "to": until.isoformat()})
 
     def _cached(self, uids: list[str]) -> set[str]:
@@ -259,14 +261,14 @@ class Workstation:
     def study_record(self, person_key: str, study_uid: str) -> dict[str, Any] | None:
         """The index record of one of the person's studies (any age, R-RT-1), or None."""
         if self.center is None:
-            raise PeerError("this front-end has no center configured ([forward] center_url)")
+            raise PeerNotConfigured(NO_CENTER)
         rows = lookup(self.center, {"person": person_key})
         return next((r for r in rows if r["study_uid"] == study_uid), None)
 
     def retrieve(self, person_key: str, study_uid: str, record: dict[str, Any]) -> dict[str, Any]:
         """Make the study's images available here (cache, else through the center); R-CE-7."""
         if self.cache is None:
-            raise PeerError("caching is not configured on this front-end")
+            raise PeerNotConfigured("caching is not configured on this front-end")
         source = self.cache.pull_study(study_uid, person_key)
         return {"study_uid": study_uid, "source": source, "exam_date": _day(record).isoformat()}
 
@@ -304,17 +306,16 @@ def open_workstation(cfg: FrontendConfig, core: NodeCore, center: JsonPeer | Non
     :class:`~gateway.archive.ArchiveUnavailable` naming the config key."""
     from gateway.archive import ArchiveUnavailable
     from gateway.codes import CodeMapError
-    from gateway.grants import InsuranceQrVerifier, load_public_keys
+    from gateway.grants import verifiers_from_config
 
     try:
         codes = CodeMap.load(cfg.doctor.codes_dir)
     except CodeMapError as exc:
         raise ArchiveUnavailable("doctor.codes_dir", str(exc)) from exc
     try:
-        keys = load_public_keys(cfg.grants.insurance_qr_public_keys)
-    except (OSError, ValueError) as exc:
-        raise ArchiveUnavailable("grants.insurance_qr_public_keys", str(exc)) from exc
-    qr = InsuranceQrVerifier(keys, max_lifetime=timedelta(hours=cfg.grants.max_lifetime_hours))
+        verifiers = verifiers_from_config(cfg.grants)
+    except KeyError as exc:
+        raise ArchiveUnavailable(*exc.args) from exc
     catalog = core.archive.catalog
     retrievals = RetrievalLog(catalog)
     sender = RetrievalSender(retrievals, center) if center is not None else None
@@ -326,8 +327,8 @@ def open_workstation(cfg: FrontendConfig, core: NodeCore, center: JsonPeer | Non
         catalog,
         cfg.institution,
         node,
-        GrantBook(catalog),
-        {qr.method.value: qr},
+        GrantBook(catalog, clock=clock),
+        verifiers,
         retrievals,
         codes,
         center,
@@ -338,4 +339,5 @@ def open_workstation(cfg: FrontendConfig, core: NodeCore, center: JsonPeer | Non
         on_record=sender.kick if sender is not None else (lambda: None),
         sender=sender,
         cache=cache,
+        documents=core.archive.store,
     )

@@ -5,6 +5,7 @@ node is moved to run the next-day jobs and the retention cleanup."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -13,15 +14,18 @@ from typing import Any
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from sqlalchemy import select
 
 from gateway.archive.schema import audit_log
-from gateway.cache import CacheService, next_run
+from gateway.cache import CST, CacheService, next_run
 from gateway.center import Center
 from gateway.clock import NodeClock
 from gateway.frontend import Frontend
-from gateway.grants import GrantMethod, RetrievalGrant
+from gateway.grants import GrantMethod, RetrievalGrant, sign_qr
 from gateway.identity import IdType, person_key, resident_id_check
+from gateway.security.permissions import Role
 from index.service import NationalIndex
 from tests.conftest import auth
 from tests.federation import (
@@ -33,12 +37,15 @@ from tests.federation import (
     tiny_study,
 )
 from tests.peers.ports import free_port
+from tests.test_authz import bearer, found_studies, user_token
+from tests.test_security_routes import call
 
 CST_NOW = datetime.now(UTC)
 ID_NUMBER = "11010519491231002X"
 PERSON = person_key(IdType.RESIDENT_ID, ID_NUMBER, KEY)
 HOSPITAL = "H50010300001"
 STUDY = "1.2.52.77"
+PLATFORM = Ed25519PrivateKey.generate()  # the insurance platform's QR signing key
 
 
 @dataclass
@@ -90,6 +97,9 @@ def fed(
     cid, secret = client_at(c52_for_keys, "center-50", CENTER_AT_CENTER, tmp_path)
     c52_for_keys.stop()
     peers = [{"province": "52", "client_id": cid, "client_secret_file": str(secret)}]
+    platform_pem = tmp_path / "insurance-platform.pub"  # the center takes grants for its institutions
+    public = PLATFORM.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    platform_pem.write_bytes(public)
     c50 = start_fed_center(
         "50",
         index=index,
@@ -97,6 +107,7 @@ def fed(
         db_url=pg() if pg else None,
         center_peers=peers,
         cache={"backoff_initial_seconds": 60},
+        grants={"insurance_qr_public_keys": [str(platform_pem)]},
     )
     key_file = tmp_path / "pseudonym.key"
     key_file.write_text(KEY.hex() + "\n")
@@ -281,3 +292,81 @@ def test_the_doctor_retrieves_an_uncached_out_of_province_study_with_the_patient
         assert unknown.status_code == 404
     finally:
         c52.stop()
+
+
+def test_a_registration_less_than_a_day_before_the_visit_is_cached_at_once(fed: Fed) -> None:
+    """R-CA-3: the cache is to be complete one natural day before the visit; a registration whose
+    next daily run would fall on the visit day runs at once (both roles), with the clock pinned."""
+    fe_cache, c50_cache = fed.fe.workstation.cache if fed.fe.workstation else None, fed.c50.cache
+    assert fe_cache is not None and c50_cache is not None
+    now = datetime.now(UTC)
+    for svc in (fe_cache, c50_cache):
+        clock_of(svc).set(now)  # pinned: only "at once" can complete it
+    tomorrow = (now.astimezone(CST) + timedelta(days=1)).replace(hour=9, minute=0, second=0, microsecond=0)
+    c52 = fed.start52()
+    try:
+        late = cache_request(fed.fe, visit_time=tomorrow.isoformat())
+        assert late.status_code == 201, late.text
+        rid = late.json()["request_id"]
+        for svc in (fe_cache, c50_cache):
+            row = svc.book.get(rid)
+            assert row is not None and row["next_attempt_at"] <= now.isoformat(), row
+        c50_cache.run_once()
+        fe_cache.run_once()  # (the nodes' own job threads may have run it first: same outcome)
+        for svc in (c50_cache, fe_cache):
+            row = svc.book.get(rid)
+            assert row is not None and row["state"] == "completed", row
+            assert row["completed_at"] < tomorrow.astimezone(UTC).isoformat()
+        assert fe_cache.area.holds(STUDY) and c50_cache.area.holds(STUDY)
+        # a registration two days ahead keeps the next-day schedule
+        early = cache_request(fed.fe, visit_time=(tomorrow + timedelta(days=1)).isoformat())
+        row = fe_cache.book.get(early.json()["request_id"])
+        assert row is not None and row["next_attempt_at"] == next_run(now, "01:00").isoformat()
+    finally:
+        c52.stop()
+        for svc in (fe_cache, c50_cache):
+            clock_of(svc).set(None)
+
+
+def test_a_centers_doctors_see_its_cached_out_of_province_copy_only_through_a_grant(fed: Fed) -> None:
+    """R-RT-4, R-CQ-5, R-SE-2 at a center: a cross-province copy in the center's cache is no
+    institution's study there; a doctor of one of the center's institutions sees it (QIDO-RS,
+    WADO-RS) only through a live grant of the patient posted at the center (the same policy as a
+    front-end's, ``security/grant_policy.py``), and each read is a retrieval record at the index."""
+    clinic = "H50010300009"  # a hospital of province 50 using the center's viewer
+    c52 = fed.start52()
+    try:
+        r = httpx.post(f"{fed.c50.url}/api/v1/fetches", json={"study_uid": STUDY}, headers=auth(fed.c50))
+        assert r.status_code == 200 and r.json()["source"] == "province:52", r.text
+    finally:
+        c52.stop()
+    dr = user_token(fed.c50, "dr.zhou", Role.DOCTOR, clinic)
+    meta = f"/dicom-web/studies/{STUDY}/metadata"
+    assert found_studies(fed.c50, dr) == set() and call(fed.c50, "GET", meta, bearer(dr)).status_code == 404
+
+    now = int(datetime.now(UTC).timestamp())
+    claims = {"person": PERSON, "institution": clinic, "iat": now - 5, "exp": now + 3600, "jti": "c50-1"}
+    qr = sign_qr(PLATFORM, claims)
+    g = httpx.post(
+        f"{fed.c50.url}/api/v1/grants", json={"method": "insurance-qr", "evidence": qr}, headers=auth(fed.c50)
+    )
+    assert g.status_code == 201 and g.json()["institution"] == clinic, g.text
+    assert found_studies(fed.c50, dr) == {STUDY}
+    assert call(fed.c50, "GET", meta, bearer(dr)).status_code == 200
+    other = user_token(fed.c50, "dr.qian", Role.DOCTOR, "H50010300008")  # the grant is not theirs
+    assert call(fed.c50, "GET", meta, bearer(other)).status_code == 404
+
+    h = auth(fed.index)  # type: ignore[arg-type]  # the index takes the same test tokens
+
+    def records() -> list[dict[str, Any]]:
+        rows = httpx.get(f"{fed.index.url}/api/v1/retrievals", params={"person": PERSON}, headers=h).json()
+        return [x for x in rows if x["node"] == "urn:ybyx:center:50" and x["action"] == "retrieve"]
+
+    deadline = time.monotonic() + 20
+    while len(records()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    got = sorted((x["result"], x["doctor"], x["institution"]) for x in records())
+    assert ("allowed", "dr.zhou", clinic) in got and ("denied", "dr.zhou", clinic) in got, got
+    revoked = httpx.delete(f"{fed.c50.url}/api/v1/grants/{g.json()['grant_id']}", headers=auth(fed.c50))
+    assert revoked.status_code == 200
+    assert call(fed.c50, "GET", meta, bearer(dr)).status_code == 404

@@ -18,11 +18,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from sqlalchemy import select
 
-from gateway.archive.schema import audit_log
+from gateway.archive.schema import audit_log, citations
 from gateway.center import Center
 from gateway.frontend import Frontend
 from gateway.grants import GrantDenied, GrantMethod, RetrievalGrant, check_grant, sign_qr
 from gateway.identity import IdType, person_key
+from gateway.security.permissions import Role
 from gateway.workstation import history_window, same_exam_window
 from index.service import NationalIndex
 from tests.conftest import auth
@@ -32,6 +33,7 @@ from tests.federation import (
     tiny_study,
 )
 from tests.peers.ports import free_port
+from tests.test_authz import bearer, user_token
 
 CST = timezone(timedelta(hours=8))
 HOSPITAL, OTHER = "H50010300001", "H52000000001"
@@ -241,8 +243,11 @@ def test_grant_evidence_is_verified(fed: Federation) -> None:
         assert r.status_code == 422 and reason in r.text, (reason, r.text)
     r = httpx.post(f"{fed.fe_url}/api/v1/grants", json={"method": "iot-face", "evidence": "x"}, headers=h)
     assert r.status_code == 422 and r.json()["errors"][0]["field"] == "method"
-    ok = fed.grant(family=True, studies=["1.2.52.3"])
-    assert ok.status_code == 201 and ok.json()["studies"] == ["1.2.52.3"]
+    no_guardian = fed.grant(family=True, studies=["1.2.52.3"])  # a family-account code names the guardian
+    assert no_guardian.status_code == 422 and "guardian" in no_guardian.text
+    ok = fed.grant(family=True, guardian=STRANGER, studies=["1.2.52.3"])  # 亲情账户: guardian for dependent
+    assert ok.status_code == 201 and ok.json()["studies"] == ["1.2.52.3"], ok.text
+    assert ok.json()["evidence"].endswith(f":family:{STRANGER[:16]}") and ok.json()["person_key"] == PERSON
     # a listed-studies grant shows only those studies
     r = httpx.get(f"{fed.fe_url}/api/v1/patients/{PERSON}/history", params={"visit": "2025-11-20"}, headers=h)
     assert [s["study_uid"] for s in r.json()["studies"]] == ["1.2.52.3"]
@@ -290,3 +295,45 @@ def test_citations_have_unique_ids(fed: Federation) -> None:
     assert a.status_code == b.status_code == 201 and a.json()["citation_id"] != b.json()["citation_id"]
     bad = httpx.post(f"{fed.fe_url}/api/v1/citations", json={**body, "section": "all"}, headers=auth(fed.fe))
     assert bad.status_code == 422
+
+
+def test_a_logged_in_doctor_is_the_doctor_and_a_node_client_names_the_doctor(fed: Federation) -> None:
+    """Issue 5 §7 × issue 6 §3 (R-SE-2, R-SE-4): the doctor role has ``api:doctor`` at its own
+    hospital's front-end; a user's doctor identity is the session's, a ``doctor`` naming someone
+    else is refused 403 and audited; the HIS (a node client) keeps naming the doctor."""
+    dr = bearer(user_token(fed.fe, "dr.li", Role.DOCTOR, HOSPITAL))
+    assert fed.grant(doctor="dr.li").status_code == 201  # the patient authorized dr.li only
+    url, visit = f"{fed.fe_url}/api/v1/patients/{PERSON}", {"visit": "2025-11-20"}
+    mine = httpx.get(f"{url}/history", params=visit, headers=dr)
+    assert mine.status_code == 200 and mine.json()["studies"], mine.text
+    assert httpx.get(f"{url}/history", params={**visit, "doctor": "dr.li"}, headers=dr).status_code == 200
+    spoof = httpx.get(f"{url}/history", params={**visit, "doctor": "D1"}, headers=dr)
+    assert spoof.status_code == 403 and "not the logged-in doctor" in spoof.json()["reason"]
+    r = httpx.get(f"{url}/same-exams", params={"order": "CT001", "date": "2025-11-20"}, headers=dr)
+    assert r.status_code == 200 and [s["study_uid"] for s in r.json()["same_exams"]] == ["1.2.52.3"]
+    fetch = httpx.post(f"{url}/studies/1.2.52.1/fetch", params={"doctor": "D1"}, headers=dr)
+    assert fetch.status_code == 403 and "not the logged-in doctor" in fetch.json()["reason"]
+
+    cite = {"person_key": PERSON, "study_uid": "1.2.52.3", "section": "findings", "text": "双肺纹理清晰。"}
+    c = httpx.post(f"{fed.fe_url}/api/v1/citations", json=cite, headers=dr)
+    assert c.status_code == 201, c.text
+    with fed.fe.archive.catalog.engine.connect() as conn:
+        cid = c.json()["citation_id"]
+        who = conn.scalar(select(citations.c.doctor).where(citations.c.citation_id == cid))
+    assert who == "dr.li"
+    forged = httpx.post(f"{fed.fe_url}/api/v1/citations", json={**cite, "doctor": "D1"}, headers=dr)
+    assert forged.status_code == 403
+
+    # the HIS names the doctor: the grant's doctor passes, another is refused by the grant
+    h = auth(fed.fe)
+    assert httpx.get(f"{url}/history", params={**visit, "doctor": "dr.li"}, headers=h).status_code == 200
+    other = httpx.get(f"{url}/history", params={**visit, "doctor": "D1"}, headers=h)
+    assert other.status_code == 403 and "another doctor" in other.json()["reason"]
+    unnamed = httpx.post(f"{fed.fe_url}/api/v1/citations", json=cite, headers=h)
+    assert unnamed.status_code == 422 and "doctor" in unnamed.text
+    # another hospital's doctor and a patient have no doctor workstation here
+    for name, role, inst in (("dr.wu", Role.DOCTOR, OTHER), ("pt.zhang", Role.PATIENT, "")):
+        tok = bearer(user_token(fed.fe, name, role, inst, **({"person_key": PERSON} if inst == "" else {})))
+        assert httpx.get(f"{url}/history", params=visit, headers=tok).status_code == 403, name
+    reasons = _audit_reasons(fed.fe)
+    assert sum("not the logged-in doctor" in r for r in reasons) == 3, reasons

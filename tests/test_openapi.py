@@ -166,7 +166,7 @@ def test_schemathesis_over_the_frontend(start_frontend: Callable[..., Frontend],
     write_new_key(key)
     fe = start_frontend(identity={"key_file": str(key)})  # the exam and cache APIs on
     # the doctor's fetch needs the center and the national index, which this lone front-end has
-    # not (its answer is 502, documented): its input checks are asserted below instead
+    # not (its answer is 503 with the reason, documented): its input checks are asserted below instead
     fetch = "/api/v1/patients/{person}/studies/{study}/fetch"
     out = schemathesis(fe, "frontend", tmp_path, skip=(fetch,))
     assert "Tested: 17" in out, out[-3000:]  # the 17 operations, none skipped
@@ -181,7 +181,7 @@ def test_schemathesis_over_the_center(start_center: Callable[..., Center], tmp_p
     # and tests/test_index.py run them configured
     off = ("/api/v1/index-records", "/api/v1/cache-requests", "/api/v1/fetches")
     out = schemathesis(center, "center", tmp_path, skip=off)
-    assert "Tested: 9" in out, out[-3000:]
+    assert "Tested: 10" in out, out[-3000:]  # with the patient grants (POST /api/v1/grants)
     for method, path in (("GET", off[0]), ("GET", off[1]), ("POST", off[1]), ("POST", off[2])):
         r = httpx.request(method, node_url(center) + path, headers=auth(center), json={})
         assert r.status_code == 503 and "configured" in r.json()["error"], (method, path, r.text)

@@ -1,8 +1,9 @@
 """Patients' retrieval grants as a resource policy (issue 5 §6 × issue 6 §3; R-RT-4, R-CQ-5, R-SE-2).
 
-A cache copy (``cached_studies``: another institution's study fetched into this node's cache) is
-no institution's study here (``resources.StudyOwnership``). :class:`GrantPolicy` makes it visible
-to a user only while a grant on record (``retrieval_grants``) allows it:
+A cache copy (``cached_studies``: another institution's study fetched into this node's cache — a
+front-end's, or a center's out-of-province copy) is no institution's study here
+(``resources.StudyOwnership``). :class:`GrantPolicy` makes it visible to a user only while a
+grant on record (``retrieval_grants``) allows it:
 
 * the grant is the patient's (its ``person_key`` is the cache copy's),
 * granted to the user's institution, and, if it names a doctor, to this user (username),
@@ -36,7 +37,7 @@ from gateway.archive.schema import cached_studies, retrieval_grants, studies
 from gateway.grants import GrantBook, GrantDenied, check_grant
 from gateway.retrievals import RetrievalLog, RetrievalRecord
 from gateway.security.permissions import Reach, permission
-from gateway.security.resources import Viewer
+from gateway.security.resources import StudyAccess, Viewer
 
 Clock = Callable[[], datetime]
 SKEW = timedelta(minutes=5)  # as check_grant: a grant issued "just now" by a clock a bit ahead
@@ -66,6 +67,14 @@ class GrantPolicy:
         self.every = every
         self._recorded: dict[tuple[str, str, bool], datetime] = {}
         self._lock = threading.Lock()
+
+    def install(self, access: StudyAccess | None) -> None:
+        """Make this policy one of a node's resource policies and study-read observers — the one
+        wiring both roles use (a front-end's hospital users; a center's institutions' users)."""
+        if access is None:
+            return
+        access.policies.append(self)
+        access.observers.append(self)
 
     # ---- ResourcePolicy ------------------------------------------------------------------------
 

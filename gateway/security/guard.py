@@ -132,7 +132,8 @@ RULES: tuple[Rule, ...] = (
     # Cache requests: HIS → front-end → center (api/cache.py):
     Rule("POST", "/api/v1/cache-requests", "api:cache-requests"),
     Rule("GET", "/api/v1/cache-requests", "api:cache-requests"),
-    # Patient authorizations and the doctor workstation (api/doctor.py, front-end):
+    # Patient authorizations (api/doctor.py; front-end and center) and the doctor workstation
+    # (api/doctor.py, front-end):
     Rule("POST", "/api/v1/grants", "api:grants"),
     Rule("DELETE", "/api/v1/grants/*", "api:grants"),
     Rule("GET", "/api/v1/patients/*/history", "api:doctor"),
@@ -172,7 +173,7 @@ ROLE_SCOPES: dict[str, frozenset[str]] = {
     "frontend": frozenset({STOW, QIDO, WADO, "api:forwarding", "api:exams", "api:monitoring", "metrics"})
     | {"api:cache-requests", "api:grants", "api:doctor", "api:codes", "api:codes:write", "api:qc"},
     "center": frozenset({STOW, QIDO, WADO, "api:inventory", "api:manifest", "api:exams", "api:monitoring"})
-    | {"index:lookup", "index:retrievals", "api:cache-requests", "api:fetch", "api:qc"},
+    | {"index:lookup", "index:retrievals", "api:cache-requests", "api:fetch", "api:qc", "api:grants"},
     "index": frozenset({"index:register", "index:lookup", "index:retrievals"}),
 }
 

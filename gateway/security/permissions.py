@@ -71,6 +71,8 @@ ACTION_KINDS: dict[str, Kind] = {
     "api:send": Kind.STUDY,  # one-click send of a study the user may read (api/send.py checks it)
     "api:codes": Kind.OPERATIONS,  # the exam-item code maps of a front-end (R-CE-4)
     "api:codes:write": Kind.OPERATIONS,
+    # the doctor workstation (api/doctor.py, R-RT-1..3, R-VW-3): history, reminders, citations, fetch
+    "api:doctor": Kind.EXAM_RECORD,
     "api:inventory": Kind.NODE,
     "api:manifest": Kind.NODE,
     AUDIT_READ: Kind.AUDIT,
@@ -102,6 +104,9 @@ PERMISSIONS: tuple[Permission, ...] = (
     *_p(_R.DOCTOR, Reach.INSTITUTION, "qido", "wado"),
     # one-click send (R-VW-1 u): to their institution's workstations, of studies they may read
     *_p(_R.DOCTOR, Reach.INSTITUTION, "api:send"),
+    # the doctor workstation of their hospital's front-end, as themselves (the session names the
+    # doctor; each patient's data still needs that patient's grant, R-RT-4)
+    *_p(_R.DOCTOR, Reach.INSTITUTION, "api:doctor"),
     *_p(_R.PATIENT, Reach.OWN, "qido", "wado"),
     *_p(_R.AUDITOR, Reach.ALL, AUDIT_READ),
     *(p for role in Role for p in _p(role, Reach.OWN, SELF)),

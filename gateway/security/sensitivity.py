@@ -53,6 +53,7 @@ ACTION_LABELS: dict[str, tuple[Label, Access]] = {
     "wado": (Label.IMAGE, Access.READ),
     "qido": (Label.PERSONAL, Access.MASK),
     "api:exams": (Label.PERSONAL, Access.READ),
+    "api:doctor": (Label.REPORT, Access.READ),  # history with reports, same-exam reminders
     "audit:read": (Label.AUDIT, Access.READ),
 }
 
