@@ -23,7 +23,13 @@ context: HTTP cache warm, the viewer's image cache empty). Each run opens
 viewer's own timing hooks (``window.__ybyx.timings``, ``viewer_assets/src/main.js``):
 
 * **first image** — ``timings.firstImage``: ``performance.now()`` when the first image has been
-  painted, i.e. ms since navigation start (``performance.timeOrigin``);
+  painted (the viewport's first ``IMAGE_RENDERED`` of it; results before December 2026 took it when
+  ``setStack`` resolved, 100-200 ms before the paint), i.e. ms since navigation start
+  (``performance.timeOrigin``);
+* **breakdown** — when each step towards the first image was done (HTML, main chunk fetched and
+  evaluated, config, QIDO-RS, metadata, Cornerstone init, loader, WebGL engine, first frame
+  fetched and decoded, painted: ``STEPS``, documented in ``viewer_assets/src/timing.js``), median
+  of the cold runs, printed and saved with the results;
 * **stack rate** — ``timings.stackRate``: images / seconds of the prefetch of the whole stack
   (started right after the first image, all images requested at once, as the viewer does);
 * **stack loaded** — ``timings.stackLoaded``: ms since navigation start when every image is in the
@@ -93,6 +99,25 @@ READY_TIMEOUT_MS = 180_000
 # The Resource Timing buffer holds 250 entries by default: too few to count 300 image requests.
 # Raised before any page script runs (the viewer's code is not changed).
 INIT_SCRIPT = "performance.setResourceTimingBufferSize(5000);"
+# The viewer's steps to the first image, in order (viewer_assets/src/timing.js documents each one).
+STEPS = [
+    ("htmlResponse", "HTML response"),
+    ("earlyFetch", "inline script: study requests started"),
+    ("bundleFetched", "main JS chunk fetched"),
+    ("bundleEvaluated", "main JS chunk evaluated"),
+    ("configFetched", "config.json fetched"),
+    ("seriesListed", "QIDO-RS series listed"),
+    ("metadataLoaded", "WADO-RS series metadata"),
+    ("coreInit", "Cornerstone core init"),
+    ("loaderReady", "image loader + decode workers started"),
+    ("engineReady", "rendering engine + viewport (WebGL)"),
+    ("firstFrameRequested", "first frame requested"),
+    ("firstFrameFetched", "first frame fetched"),
+    ("firstDecoded", "first frame decoded (worker, codec)"),
+    ("stackSet", "stack viewport set (setStack done)"),
+    ("firstRendered", "first image painted (IMAGE_RENDERED)"),
+    ("firstImage", "first image shown (painted, overlay): the goal's number"),
+]
 RESOURCES_JS = """() => performance.getEntriesByType('resource')
   .filter((e) => e.name.includes('/frames/'))
   .map((e) => [e.transferSize, e.duration])"""
@@ -123,6 +148,7 @@ class Run:
     frame_accept: str = ""  # the Accept header of the first frame request (what the viewer asks for)
     frame_content_type: str = ""  # and the Content-Type answered (the transfer syntax sent)
     status: str = ""
+    steps: dict[str, float] = field(default_factory=dict)  # STEPS: ms since navigation start
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -219,6 +245,7 @@ def measure(ctx: BrowserContext, url: str, study: Study, kind: str, n: int) -> R
     run.first_image_ms = _num(timings.get("firstImage"))
     run.stack_rate = _num(timings.get("stackRate"))
     run.stack_loaded_ms = _num(timings.get("stackLoaded"))
+    run.steps = {k: v for k, _ in STEPS if (v := _num(timings.get(k))) is not None}
     run.frame_requests = len(resources)
     run.frame_bytes = int(sum(r[0] for r in resources))
     if run.first_image_ms is None or run.stack_rate is None or run.stack_loaded_ms is None:
@@ -310,6 +337,40 @@ def summarize(studies: list[Study], runs: list[Run]) -> list[dict[str, Any]]:
     return rows
 
 
+def breakdown(studies: list[Study], runs: list[Run]) -> list[dict[str, Any]]:
+    """Per step, the median over the valid cold runs of each study (ms since navigation start)."""
+    rows = []
+    for key, label in STEPS:
+        row: dict[str, Any] = {"step": key, "label": label}
+        for s in studies:
+            ok = [r for r in runs if r.study == s.label and r.kind == "cold" and r.valid]
+            row[s.label] = _median([r.steps.get(key) for r in ok])
+        if any(row[s.label] is not None for s in studies):
+            rows.append(row)
+    first = studies[0].label
+    return sorted(rows, key=lambda r: (r[first] is None, r[first] or 0.0))
+
+
+def breakdown_lines(report: dict[str, Any]) -> list[str]:
+    """The breakdown as a Markdown table: when each step was done (median) and since the previous."""
+    labels = [s["label"] for s in report["studies"]]
+    head = ["step"] + [f"{x} ms (+Δ)" for x in labels]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    prev: dict[str, float] = {}
+    for row in report["breakdown"]:
+        cells = [f"{row['label']} (`{row['step']}`)"]
+        for x in labels:
+            v = row[x]
+            if v is None:
+                cells.append("—")
+                continue
+            delta = f" (+{v - prev[x]:.0f})" if x in prev else ""
+            cells.append(f"{v:.0f}{delta}")
+            prev[x] = max(v, prev.get(x, v))
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
 def _verdict(value: float | None, goal: float, *, lower_is_better: bool) -> str:
     if value is None:
         return "VOID"
@@ -377,6 +438,16 @@ def markdown(report: dict[str, Any]) -> str:
         "|" + "---|" * len(HEADERS),
     ]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(report)]
+    lines += [
+        "",
+        "## Where the first image's time goes",
+        "",
+        "Median over the valid cold runs, ms since navigation start (`window.__ybyx.timings`, "
+        "steps documented in `viewer_assets/src/timing.js`), in the order of the median; "
+        "+Δ is the time since the latest step above it. Steps run partly in parallel.",
+        "",
+        *breakdown_lines(report),
+    ]
     lines += ["", "## Studies", ""]
     for s in report["studies"]:
         lines.append(
@@ -470,10 +541,13 @@ def main(argv: list[str] | None = None) -> int:
         "goals": {"first_image_ms_max": FIRST_IMAGE_GOAL_MS, "stack_images_per_s_min": STACK_RATE_GOAL},
         "studies": [asdict(s) for s in studies],
         "summary": summarize(studies, runs),
+        "breakdown": breakdown(studies, runs),
         "runs": [{**asdict(r), "valid": r.valid, "rate_from_open": r.rate_from_open} for r in runs],
         "environment": environment(load_before),
     }
     console.print(render(report))
+    console.print("where the first image's time goes (median of the cold runs):")
+    console.print("\n".join(breakdown_lines(report)))
     if not args.no_save:
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / f"viewer-{stamp}.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")

@@ -3,8 +3,17 @@ import { authHeaders, unauthorized } from './session.js';
 
 export const ROOT = `${window.location.origin}/dicom-web`;
 
+/** A response index.html's inline script already asked for (same path, same headers), once. */
+export function takeEarly(key) {
+  const early = window.__ybyx?.early;
+  const r = early?.[key];
+  if (r) delete early[key];
+  return r?.catch(() => null) ?? Promise.resolve(null);
+}
+
 async function get(path, accept = 'application/dicom+json') {
-  const r = await fetch(`${ROOT}${path}`, { headers: { Accept: accept, ...authHeaders() } });
+  const early = accept === 'application/dicom+json' ? await takeEarly(path) : null;
+  const r = early ?? (await fetch(`${ROOT}${path}`, { headers: { Accept: accept, ...authHeaders() } }));
   if (!r.ok) {
     const text = await r.text().catch(() => '');
     if (r.status === 401) unauthorized(`401 for ${path}`);

@@ -2,13 +2,18 @@
 // loaded here — Cornerstone core, the DICOM image loader (its codecs load in the decode worker on
 // demand) and the overlay; tools, MPR/MIP/3D and the rest are imported after the first image is
 // painted (R-PF-1: first image fast).
-import { init as coreInit, RenderingEngine, Enums, eventTarget, imageLoader, cache } from '@cornerstonejs/core';
+import {
+  init as coreInit, RenderingEngine, Enums, eventTarget, imageLoader, cache, getRenderingCapabilities,
+} from '@cornerstonejs/core';
 import { init as loaderInit } from '@cornerstonejs/dicom-image-loader';
 import { startSession, authHeaders, notifyParent, unauthorized } from './session.js';
 import { loadSettings } from './settings.js';
 import { loadSeriesList, imageIdsOf } from './study.js';
 import { thumbnailUrl, studyInfo, value } from './dicomweb.js';
 import { updateOverlay } from './overlay.js';
+import { mark, timings, collectResourceTimings } from './timing.js';
+
+mark('bundleEvaluated'); // (ES modules: runs after every static import above is evaluated)
 
 const $ = (s) => document.querySelector(s);
 
@@ -23,7 +28,7 @@ export const state = {
   layout: [1, 1],
   tools: null, // the lazily loaded tools module
 };
-window.__ybyx = { state, timings: {} };
+window.__ybyx.state = state;
 
 export function status(text, isError = false) {
   $('#status').innerHTML = '';
@@ -31,14 +36,6 @@ export function status(text, isError = false) {
   span.textContent = text;
   if (isError) span.className = 'error';
   $('#status').appendChild(span);
-}
-
-function mark(name) {
-  // from the start of navigation (performance.timeOrigin), as a user waits
-  const ms = Math.round(performance.now());
-  window.__ybyx.timings[name] = ms;
-  document.body.dataset[name] = String(ms);
-  return ms;
 }
 
 export function selectedCell() {
@@ -92,14 +89,37 @@ export function selectCell(i) {
   state.tools?.onSelect?.();
 }
 
+/** Resolves when `element`'s viewport has painted `imageId` (IMAGE_RENDERED), at the latest after
+ * 3 s (a render that never reports must not stop the viewer). Waiting for the paint before the
+ * rest of the stack and the tools load keeps them off the first image's way (R-PF-1). */
+function paintedOnce(element, imageId) {
+  return new Promise((resolve) => {
+    const done = () => {
+      element.removeEventListener(Enums.Events.IMAGE_RENDERED, onRendered);
+      clearTimeout(timer);
+      resolve();
+    };
+    const onRendered = (e) => {
+      const vp = e.detail?.viewport ?? state.engine?.getViewport(e.detail?.viewportId);
+      if (!vp?.getCurrentImageId || vp.getCurrentImageId() === imageId) done();
+    };
+    const timer = setTimeout(done, 3000);
+    element.addEventListener(Enums.Events.IMAGE_RENDERED, onRendered);
+  });
+}
+
 /** Show `series` in `cell` (at image `index`), resolves when its first image is painted. */
 export async function showSeries(cell, series, index = 0) {
   const viewport = viewportOf(cell);
   const ids = await imageIdsOf(series);
   if (!ids.length) throw new Error(`series ${series.number} has no images`);
   cell.series = series;
-  await viewport.setStack(ids, Math.min(index, ids.length - 1));
+  const at = Math.min(index, ids.length - 1);
+  const painted = paintedOnce(cell.vpEl, ids[at]);
+  await viewport.setStack(ids, at);
+  mark('stackSet');
   viewport.render();
+  await painted;
   updateOverlay(cell.el, viewport);
   document.querySelectorAll('.series-item').forEach((el) => el.classList.toggle('active', el.dataset.uid === series.uid));
   return ids;
@@ -158,9 +178,9 @@ async function prefetch(ids) {
   await Promise.all(promises);
   const seconds = (performance.now() - start) / 1000;
   const rate = total / Math.max(seconds, 0.001);
-  window.__ybyx.timings.stackRate = rate;
+  timings.stackRate = rate;
   document.body.dataset.stackRate = rate.toFixed(1);
-  mark('stackLoaded');
+  mark('stackLoaded', true);
   status(`loaded ${total} images in ${seconds.toFixed(2)} s (${rate.toFixed(1)} images/s)`);
 }
 
@@ -171,13 +191,14 @@ async function open({ study, compare }) {
   if (state.tools && state.cells.length !== 1) buildGrid(1, 1);
   $('#series').innerHTML = '';
   status(`opening study ${study}`);
-  const [list] = await Promise.all([loadSeriesList(study), coreReady]);
+  const [list] = await Promise.all([loadSeriesList(study).then((l) => (mark('seriesListed'), l)), coreReady]);
   state.series = list;
   if (!list.length) throw new Error(`study ${study} has no series here`);
   seriesNav(list);
   const first = list.find((s) => s.count > 0) ?? list[0];
   const ids = await showSeries(state.cells[0], first);
-  mark('firstImage');
+  mark('firstImage', true);
+  collectResourceTimings();
   notifyParent({ type: 'ybyx.opened', study });
   // after the first image: thumbnails, the rest of the stack, the tools
   loadThumbnails(list);
@@ -207,21 +228,30 @@ async function open({ study, compare }) {
 let coreReady;
 
 async function boot() {
-  const settings = await loadSettings();
-  if (settings.toolbar?.position === 'bottom') $('#app').className = 'toolbar-bottom';
+  // Cornerstone's start (WebGL, the decode workers) needs nothing from the settings: in parallel
   coreReady = (async () => {
-    await coreInit();
+    // one WebGL context for all viewports (Cornerstone's default is a pool of 7, each created
+    // up front: seconds of context creation and shader set-up in software WebGL, R-PF-1)
+    await coreInit({ rendering: { webGlContextCount: 1 } });
+    // vtk.js would probe this once more at the first texture (see vite.config.js reuseNorm16Probe)
+    globalThis.__ybyxNorm16Linear = Boolean(getRenderingCapabilities().norm16Linear);
+    mark('coreInit');
     loaderInit({
       maxWebWorkers: Math.max(1, Math.min(4, navigator.hardwareConcurrency || 2)),
       beforeSend: () => authHeaders(),
     });
+    mark('loaderReady');
     cache.setMaxCacheSize(1024 * 1024 * 1024);
     state.engine = new RenderingEngine('ybyx');
     buildGrid(1, 1);
+    mark('engineReady');
     // the canvases follow their cells (window resized, toolbar wrapped or moved): a stale canvas
     // size would stretch the image and break its aspect ratio
     new ResizeObserver(() => state.engine.resize(true, true)).observe($('#grid'));
   })();
+  const settings = await loadSettings();
+  mark('configFetched');
+  if (settings.toolbar?.position === 'bottom') $('#app').className = 'toolbar-bottom';
   const params = new URLSearchParams(window.location.search);
   const run = (req) =>
     open(req).catch((e) => {
@@ -241,6 +271,9 @@ async function boot() {
     status('no study: open /viewer/?study=UID#token=… or send a ybyx.open message');
   }
 }
+
+eventTarget.addEventListener(Enums.Events.IMAGE_LOADED, () => mark('firstDecoded'));
+document.addEventListener(Enums.Events.IMAGE_RENDERED, () => mark('firstRendered'), true);
 
 eventTarget.addEventListener(Enums.Events.IMAGE_LOAD_ERROR, (e) => {
   const error = e.detail?.error;

@@ -28,7 +28,9 @@ let settings = DEFAULTS;
 
 export async function loadSettings() {
   try {
-    const r = await fetch(new URL('config.json', window.location.href.split('?')[0].replace(/[^/]*$/, '')));
+    // (index.html's inline script has usually asked already)
+    const early = await window.__ybyx?.early?.['config.json']?.catch(() => null);
+    const r = early ?? (await fetch(new URL('config.json', window.location.href.split('?')[0].replace(/[^/]*$/, ''))));
     if (r.ok) settings = { ...DEFAULTS, ...(await r.json()) };
   } catch (e) {
     console.warn('viewer settings not loaded, defaults used', e);

@@ -2,6 +2,7 @@
 // metadata (WADO-RS series metadata) and the image ids Cornerstone loads (WADO-RS frames).
 import { wadors } from '@cornerstonejs/dicom-image-loader';
 import { ROOT, searchSeries, seriesMetadata, value, values } from './dicomweb.js';
+import { mark } from './timing.js';
 
 const byImageId = new Map();
 
@@ -41,6 +42,7 @@ function sortKey(ds) {
 export async function imageIdsOf(series) {
   if (series.imageIds) return series.imageIds;
   const instances = await seriesMetadata(series.study, series.uid);
+  mark('metadataLoaded');
   const withPixels = instances.filter((ds) => ds['7FE00010'] !== undefined || value(ds, '00280010'));
   // instance number first (the order the modality meant), position along the normal on ties
   withPixels.sort((a, b) => Number(value(a, '00200013') ?? 0) - Number(value(b, '00200013') ?? 0) || sortKey(a) - sortKey(b));
