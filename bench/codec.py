@@ -6,15 +6,20 @@
    stage step ms/image (``gateway.codec.compress``: encode, decode again, compare, header check)
    and the compression ratio (Part-10 file bytes before / after). Medians over the images/repeats.
 2. **Ingest**: a front-end (in this process, SQLite + folder, like the tests) receives a CT series
-   from dcmtk ``storescu`` with ``[compression] transfer_syntax = "none"`` and then ``"jpeg-ls"``.
-   Reported: C-STORE instances/s, the compression backlog (queued instances) sampled every 0.2 s —
-   its peak and its value when the sender finished — and how long the backlog took to drain after
-   that. "Keeps up" means the backlog did not grow over the run (it ends near zero).
+   from dcmtk ``storescu``: first with compression and QC off, then with ``"jpeg-ls"`` *and* image
+   QC on (issue 4's goal is for both), with ``[compression] workers`` and ``[qc] workers`` as given
+   (default: the product defaults, ``"auto"`` and 1) and QC's ``series_sample`` (default 9).
+   Reported for each queue (compression ``codec_queue``, QC ``qc_queue``), sampled every 0.2 s:
+   its peak, its value when the sender finished, its growth per second over the second half of the
+   send (a least-squares slope: > 0 = it grows), and how long it took to drain after the send. QC's
+   drain includes the series' pixel sample, queued when the first pass is done (what the
+   forwarder's QC gate does once the study has settled). "Keeps up" means neither backlog grows.
 
 Results: a table on the terminal and ``bench/results/codec-<timestamp>.{json,md}``.
 
     python bench/codec.py                       # CT 20 slices, DX 3 repeats, ingest 300 instances
     python bench/codec.py --ingest-instances 2000
+    python bench/codec.py --skip-codecs --ingest-instances 2000 --codec-workers 1 --qc-sample 0  # "before"
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ if str(ROOT) not in sys.path:  # `python bench/codec.py` puts bench/ on the path
     sys.path.insert(0, str(ROOT))
 
 from gateway.codec import CODECS, Codec, Status, compress  # noqa: E402
+from gateway.config import QcSection  # noqa: E402
 from gateway.frontend import Frontend  # noqa: E402
 from gateway.sample import ct_series, write_samples  # noqa: E402
 from tests.conftest import frontend_config  # noqa: E402
@@ -100,18 +106,56 @@ def phantom_images(work: Path, ct_slices: int) -> dict[str, list[bytes]]:
     return {"CT 512x512": ct, "DX 2500x2048": dx}
 
 
-def bench_ingest(work: Path, files: list[Path], syntax: str) -> dict[str, Any]:
-    cfg = frontend_config(work / f"fe-{syntax}", compression={"transfer_syntax": syntax})
+def _trend(samples: list[tuple[float, int]], started: float, sent: float) -> float:
+    """Least-squares growth (instances/s) of a backlog over the second half of the send."""
+    half = [(t, b) for t, b in samples if started + (sent - started) / 2 <= t <= sent]
+    return float(np.polyfit([t for t, _ in half], [b for _, b in half], 1)[0]) if len(half) > 3 else 0.0
+
+
+def bench_ingest(
+    work: Path,
+    files: list[Path],
+    syntax: str,
+    *,
+    qc: bool,
+    codec_workers: int | str | None = None,
+    qc_workers: int | str | None = None,
+    qc_sample: int | None = None,
+) -> dict[str, Any]:
+    """One storescu run into a fresh front-end; backlogs of both queues (module docstring)."""
+    name = f"{syntax}{'+qc' if qc else ''}-{time.monotonic_ns()}"
+    compression: dict[str, Any] = {"transfer_syntax": syntax}
+    if codec_workers is not None:
+        compression["workers"] = codec_workers
+    cfg = frontend_config(work / f"fe-{name}", compression=compression)
+    if qc:
+        rules = work / f"qc-{name}.toml"
+        rules.write_text(
+            'role = "qc"\n' + (f"series_sample = {qc_sample}\n" if qc_sample is not None else ""),
+            encoding="utf-8",
+        )
+        section: dict[str, Any] = {"enabled": True, "rules": rules}
+        if qc_workers is not None:
+            section["workers"] = qc_workers
+        cfg = cfg.model_copy(update={"qc": QcSection(**section)})
     fe = Frontend.start(cfg)
-    samples: list[tuple[float, int]] = []
+    queues: dict[str, list[tuple[float, int]]] = {"codec": [], "qc": []}
     stop = threading.Event()
+
+    def depth() -> dict[str, int]:
+        return {
+            "codec": fe.compression.backlog() if fe.compression is not None else 0,
+            "qc": fe.qc.book.waiting() if fe.qc is not None else 0,
+        }
 
     def sample() -> None:
         while not stop.is_set():
-            backlog = fe.compression.backlog() if fe.compression is not None else 0
-            samples.append((time.perf_counter(), backlog))
+            now = time.perf_counter()
+            for queue, n in depth().items():
+                queues[queue].append((now, n))
             stop.wait(0.2)
 
+    drained: dict[str, float] = {}
     try:
         sampler = threading.Thread(target=sample, daemon=True)
         started = time.perf_counter()
@@ -124,36 +168,59 @@ def bench_ingest(work: Path, files: list[Path], syntax: str) -> dict[str, Any]:
         )
         sent = time.perf_counter()
         assert run.returncode == 0, run.stderr[-2000:]
-        at_end = fe.compression.backlog() if fe.compression is not None else 0
-        while fe.compression is not None and fe.compression.backlog():
+        at_end = depth()
+        study = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        sampled = False
+        while len(drained) < 2 and time.perf_counter() - sent < 1800:
+            now = depth()
+            if now["qc"] == 0 and fe.qc is not None and not sampled:
+                sampled = True  # every header graded: the series' pixel sample (the gate's step)
+                if fe.qc.book.queue_samples(study):
+                    continue
+            for queue, n in now.items():
+                if n == 0 and queue not in drained:
+                    drained[queue] = time.perf_counter() - sent
             time.sleep(0.05)
-        drained = time.perf_counter()
         stop.set()
         sampler.join()
         held = fe.archive.catalog.counts()["instances"]
         assert held == len(files), f"front-end holds {held} of {len(files)}"
         counts = dict(fe.compression.counts) if fe.compression is not None else {}
+        measured = 0
+        if fe.qc is not None:
+            measured = sum(r.pixels == "measured" for r in fe.qc.book.results(study))
+        workers = {
+            "codec": fe.compression.workers if fe.compression is not None else 0,
+            "qc": fe.qc.worker.workers if fe.qc is not None else 0,
+        }
     finally:
         stop.set()
         fe.stop()
-    peak = max((b for _, b in samples), default=0)
-    # the backlog's trend over the second half of the send: > 0 instances/s means it grows
-    half = [(t, b) for t, b in samples if started + (sent - started) / 2 <= t <= sent]
-    slope = float(np.polyfit([t for t, _ in half], [b for _, b in half], 1)[0]) if len(half) > 3 else 0.0
-    return {
+    row: dict[str, Any] = {
         "compression": syntax,
+        "qc": qc,
+        "codec_workers": workers["codec"],
+        "qc_workers": workers["qc"],
+        "qc_series_sample": qc_sample if qc_sample is not None else (9 if qc else None),
         "instances": len(files),
         "send_seconds": round(sent - started, 2),
         "instances_per_s": round(len(files) / (sent - started), 1),
-        "backlog_peak": peak,
-        "backlog_when_sent": at_end,
-        "backlog_growth_per_s_second_half": round(slope, 2),
-        "drain_seconds_after_send": round(drained - sent, 2),
         "compressed": counts.get("compressed", 0),
         "ratio": round(counts["bytes_before"] / counts["bytes_after"], 2)
         if counts.get("bytes_after")
         else None,
+        "qc_pixel_measured": measured,
     }
+    for queue, samples in queues.items():
+        row[f"{queue}_backlog_peak"] = max((b for _, b in samples), default=0)
+        row[f"{queue}_backlog_when_sent"] = at_end[queue]
+        row[f"{queue}_growth_per_s_second_half"] = round(_trend(samples, started, sent), 2)
+        row[f"{queue}_drain_seconds_after_send"] = round(drained.get(queue, float("nan")), 2)
+    return row
+
+
+def _workers(text: str) -> int | str:
+    return text if text == "auto" else int(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,33 +228,55 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ct-slices", type=int, default=20)
     parser.add_argument("--dx-repeats", type=int, default=3)
     parser.add_argument("--ingest-instances", type=int, default=300)
+    parser.add_argument("--skip-codecs", action="store_true", help="only the ingest runs")
+    parser.add_argument("--skip-baseline", action="store_true", help="no run with both off")
+    parser.add_argument("--codec-workers", type=_workers, default=None, help='N or "auto" (default: config)')
+    parser.add_argument("--qc-workers", type=_workers, default=None, help='N or "auto" (default: config)')
+    parser.add_argument("--qc-sample", type=int, default=None, help="series_sample (0 = every slice)")
+    parser.add_argument("--label", default="", help="suffix of the result files")
     args = parser.parse_args(argv)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     results: dict[str, Any] = {
         "when": stamp,
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "load_average_at_start": os.getloadavg(),
+        },
         "codecs": [],
         "ingest": [],
     }
     with tempfile.TemporaryDirectory(prefix="ybyx-bench-codec-") as tmp:
         work = Path(tmp)
-        for image, files in phantom_images(work, args.ct_slices).items():
+        for image, files in ({} if args.skip_codecs else phantom_images(work, args.ct_slices)).items():
             repeats = 1 if image.startswith("CT") else args.dx_repeats
             for codec in CODECS.values():
                 row = {"image": image, **bench_codec(codec, files, repeats)}
                 results["codecs"].append(row)
                 print(row, flush=True)
         series = ct_series(work / "ingest", slices=args.ingest_instances, seed=11)
-        for syntax in ("none", "jpeg-ls"):
-            row = bench_ingest(work, series, syntax)
+        runs = [] if args.skip_baseline else [("none", False)]
+        for syntax, qc in [*runs, ("jpeg-ls", True)]:
+            row = bench_ingest(
+                work,
+                series,
+                syntax,
+                qc=qc,
+                codec_workers=args.codec_workers,
+                qc_workers=args.qc_workers,
+                qc_sample=args.qc_sample,
+            )
             results["ingest"].append(row)
             print(row, flush=True)
-    out = ROOT / "bench" / "results" / f"codec-{stamp}"
+    results["machine"]["load_average_at_end"] = os.getloadavg()
+    out = ROOT / "bench" / "results" / f"codec-{stamp}{'-' + args.label if args.label else ''}"
     out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     lines = [
         f"# Lossless compression benchmark {stamp}",
         "",
-        f"Python {results['machine']['python']}, {results['machine']['cpus']} CPUs.",
+        f"Python {results['machine']['python']}, {results['machine']['cpus']} CPUs, load average "
+        f"{results['machine']['load_average_at_start'][0]:.2f} at start, "
+        f"{results['machine']['load_average_at_end'][0]:.2f} at end.",
         "",
         "| image | codec | encode ms | decode ms | stage ms (encode+verify) | ratio |",
         "|---|---|---:|---:|---:|---:|",
@@ -199,14 +288,21 @@ def main(argv: list[str] | None = None) -> int:
     ]
     lines += [
         "",
-        "| compression | instances | C-STORE inst/s | backlog peak | backlog at end of send "
-        "| backlog growth /s (2nd half) | drain s after send | ratio |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "Backlogs: codec / QC queue. Growth: least-squares slope over the second half of the send.",
+        "",
+        "| compression | QC | workers codec/QC | series_sample | instances | C-STORE inst/s "
+        "| backlog peak | at end of send | growth /s (2nd half) | drain s after send | QC pixel-measured "
+        "| ratio |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [
-        f"| {r['compression']} | {r['instances']} | {r['instances_per_s']} | {r['backlog_peak']} "
-        f"| {r['backlog_when_sent']} | {r['backlog_growth_per_s_second_half']} "
-        f"| {r['drain_seconds_after_send']} | {r['ratio']} |"
+        f"| {r['compression']} | {'on' if r['qc'] else 'off'} | {r['codec_workers']}/{r['qc_workers']} "
+        f"| {r['qc_series_sample']} | {r['instances']} | {r['instances_per_s']} "
+        f"| {r['codec_backlog_peak']} / {r['qc_backlog_peak']} "
+        f"| {r['codec_backlog_when_sent']} / {r['qc_backlog_when_sent']} "
+        f"| {r['codec_growth_per_s_second_half']} / {r['qc_growth_per_s_second_half']} "
+        f"| {r['codec_drain_seconds_after_send']} / {r['qc_drain_seconds_after_send']} "
+        f"| {r['qc_pixel_measured']} | {r['ratio']} |"
         for r in results["ingest"]
     ]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")

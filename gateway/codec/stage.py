@@ -33,6 +33,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Connection, delete, func, select, update
@@ -198,7 +199,8 @@ class CompressionStage:
         data = b"".join(self.store.get(cur.blob_key))
         if hashlib.sha256(data).hexdigest() != cur.sha256:
             raise OSError(f"stored bytes of {sop_uid} do not match the catalogued SHA-256")
-        outcome = self._compress(data)
+        prepared = self._compress(data)
+        outcome = prepared.outcome
         self._count(outcome)
         if outcome.status is Status.MISMATCH:
             log.error("compression of %s kept the original: %s", sop_uid, outcome.reason)
@@ -207,31 +209,29 @@ class CompressionStage:
         if outcome.status is not Status.COMPRESSED or outcome.data is None:
             self._finish(queue_id)
             return outcome
-        self._replace(queue_id, sop_uid, cur.sha256, cur.blob_key, cur.source_sha256, outcome.data)
+        self._replace(queue_id, sop_uid, cur.sha256, cur.blob_key, cur.source_sha256, prepared)
         return outcome
 
-    def _compress(self, data: bytes) -> Outcome:
+    def _compress(self, data: bytes) -> Prepared:
         if self._pool is None:
-            return compress(data, self.codec, transcode_lossless=self.transcode_lossless)
+            return prepare(data, self.codec, transcode_lossless=self.transcode_lossless)
         # a child that dies (out of memory?) raises here: the queue row is retried later
-        return self._pool.run(compress, data, self.codec, transcode_lossless=self.transcode_lossless)
+        return self._pool.run(prepare, data, self.codec, transcode_lossless=self.transcode_lossless)
 
     def _replace(
-        self, queue_id: int, sop_uid: str, old_sha: str, old_key: str, source_sha: str | None, data: bytes
+        self,
+        queue_id: int,
+        sop_uid: str,
+        old_sha: str,
+        old_key: str,
+        source_sha: str | None,
+        prepared: Prepared,
     ) -> None:
-        with io.BytesIO(data) as fh:
-            ds, pixel_at = _read_header(fh)
-            ts = str(ds.file_meta.TransferSyntaxUID)
-            located = None
-            if pixel_at is not None:
-                complete, located = _check_pixel_element(fh, pixel_at, len(data), ts)
-                if not complete:
-                    raise ValueError("the compressed file's pixel data element is incomplete")
-                located = _frame_location(ds, ts, located)
-        study, series_uid, sop, _ = InstanceRecord.identify(ds)
+        data = prepared.outcome.data
+        assert data is not None
+        study, series_uid, sop, sha = prepared.study, prepared.series, prepared.sop, prepared.sha256
         if sop != sop_uid:
             raise ValueError(f"the compressed file names SOP Instance UID {sop}, not {sop_uid}")
-        sha = hashlib.sha256(data).hexdigest()
         key = blob_key(study, series_uid, sop, sha)
         size, stored_sha = self.store.put(key, io.BytesIO(data))
         if stored_sha != sha:
@@ -242,15 +242,13 @@ class CompressionStage:
                 update(instances)
                 .where(instances.c.sop_uid == sop_uid, instances.c.sha256 == old_sha)
                 .values(
-                    transfer_syntax=ts,
+                    transfer_syntax=prepared.transfer_syntax,
                     size=size,
                     sha256=sha,
                     blob_key=key,
-                    pixel_offset=located.offset if located is not None else None,
-                    pixel_length=located.length if located is not None else None,
-                    metadata_json=metadata_json(
-                        ds, study=study, series=series_uid, sop=sop, has_pixels=pixel_at is not None
-                    ),
+                    pixel_offset=prepared.pixel_offset,
+                    pixel_length=prepared.pixel_length,
+                    metadata_json=prepared.metadata_json,
                     source_sha256=source_sha or old_sha,
                 )
             ).rowcount
@@ -359,3 +357,52 @@ class CompressionStage:
             out = {k: float(v) for k, v in self.counts.items()}
         out["backlog"] = float(self.backlog())
         return out
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """:func:`compress`'s outcome and, when it compressed, what the catalog row needs of the new
+    file — worked out where the encoding ran (a child process), not in the node's process whose
+    interpreter lock the C-STORE threads need."""
+
+    outcome: Outcome
+    transfer_syntax: str = ""
+    study: str = ""
+    series: str = ""
+    sop: str = ""
+    sha256: str = ""
+    pixel_offset: int | None = None
+    pixel_length: int | None = None
+    metadata_json: str = ""
+
+
+def prepare(data: bytes, codec: Codec, *, transcode_lossless: bool = False) -> Prepared:
+    """Compress ``data`` (``transcode.compress``: verified bit for bit) and read the result's header
+    for the catalog: transfer syntax, identity, pixel data location, DICOM JSON, SHA-256."""
+    outcome = compress(data, codec, transcode_lossless=transcode_lossless)
+    new = outcome.data
+    if outcome.status is not Status.COMPRESSED or new is None:
+        return Prepared(outcome)
+    with io.BytesIO(new) as fh:
+        ds, pixel_at = _read_header(fh)
+        ts = str(ds.file_meta.TransferSyntaxUID)
+        located = None
+        if pixel_at is not None:
+            complete, located = _check_pixel_element(fh, pixel_at, len(new), ts)
+            if not complete:
+                raise ValueError("the compressed file's pixel data element is incomplete")
+            located = _frame_location(ds, ts, located)
+    study, series_uid, sop, _ = InstanceRecord.identify(ds)
+    return Prepared(
+        outcome,
+        transfer_syntax=ts,
+        study=study,
+        series=series_uid,
+        sop=sop,
+        sha256=hashlib.sha256(new).hexdigest(),
+        pixel_offset=located.offset if located is not None else None,
+        pixel_length=located.length if located is not None else None,
+        metadata_json=metadata_json(
+            ds, study=study, series=series_uid, sop=sop, has_pixels=pixel_at is not None
+        ),
+    )
