@@ -54,6 +54,48 @@ if TYPE_CHECKING:
 ConflictPolicy = Literal["keep-newest", "keep-first"]
 
 
+# The statements run for every stored instance, built once (issue 2 "Numbers"): building one
+# per call (``.values(**row)``, ``case(...)``) cost SQLAlchemy ~1 ms of CPU per instance in
+# argument coercion and cache-key generation, more than SQLite's own work. Executed with a
+# parameter dict, each is compiled once and then only bound.
+_EXISTING = select(
+    instances.c.id,
+    instances.c.sha256,
+    instances.c.version,
+    instances.c.size,
+    instances.c.blob_key,
+    instances.c.received_at,
+    instances.c.source_ae,
+    instances.c.source_sha256,
+).where(instances.c.sop_uid == bindparam("sop_uid"))
+_INSERT_INSTANCE = instances.insert()
+_TOUCH_STUDY = update(studies).where(studies.c.id == bindparam("pk")).values(updated_at=bindparam("now"))
+_IS_CACHED_COPY = (
+    select(cached_studies.c.id).where(cached_studies.c.study_uid == bindparam("study_uid")).limit(1)
+)
+
+
+def _queue_forward_stmt(ins: Any) -> Any:
+    """Upsert of a study's forward job (see :meth:`Catalog._queue_forward`), for one dialect."""
+    sending = forward_jobs.c.state == "sending"
+    return ins.values(
+        study_uid=bindparam("study_uid"),
+        state="queued",
+        attempts=0,
+        next_attempt_at=bindparam("now"),
+        last_error="",
+        enqueued_at=bindparam("now"),
+        updated_at=bindparam("now"),
+    ).on_conflict_do_update(
+        index_elements=[forward_jobs.c.study_uid],
+        set_={
+            "state": case((sending, "sending"), else_="queued"),
+            "updated_at": bindparam("now"),
+            "attempts": case((sending, forward_jobs.c.attempts), else_=0),
+        },
+    )
+
+
 class AddOutcome(StrEnum):
     STORED = "stored"  # new instance
     DUPLICATE = "duplicate"  # same UID, same bytes: nothing changed
@@ -234,6 +276,7 @@ class Catalog:
         self.write_hooks: list[Callable[[Connection, InstanceRecord, AddOutcome], None]] = []
         # Seals the sensitive columns (gateway/security/columns.py) when [encryption] is on.
         self.columns: ColumnCipher | None = None
+        self._queue_stmt = _queue_forward_stmt(self._insert(forward_jobs))
 
     @classmethod
     def open(cls, url: str, *, migrate_schema: bool = True, outbox: bool = False) -> Catalog:
@@ -315,18 +358,7 @@ class Catalog:
         self, conn: Connection, rec: InstanceRecord, policy: ConflictPolicy
     ) -> tuple[AddOutcome, _KnownSeries | None]:
         now = datetime.now(UTC)
-        existing = conn.execute(
-            select(
-                instances.c.id,
-                instances.c.sha256,
-                instances.c.version,
-                instances.c.size,
-                instances.c.blob_key,
-                instances.c.received_at,
-                instances.c.source_ae,
-                instances.c.source_sha256,
-            ).where(instances.c.sop_uid == rec.sop_uid)
-        ).first()
+        existing = conn.execute(_EXISTING, {"sop_uid": rec.sop_uid}).first()
         # the received bytes of an instance stored compressed (gateway/codec) are a duplicate too
         if existing is not None and rec.sha256 in (existing.sha256, existing.source_sha256):
             return AddOutcome.DUPLICATE, None
@@ -357,7 +389,7 @@ class Catalog:
             # there already and unchanged, so skip the three upserts (most of the SQL per instance).
             series_pk = known.series_pk
             if (now - known.touched).total_seconds() > 1:
-                conn.execute(update(studies).where(studies.c.id == known.study_pk).values(updated_at=now))
+                conn.execute(_TOUCH_STUDY, {"pk": known.study_pk, "now": now})
                 known = _KnownSeries(series_pk, known.study_pk, known.fingerprint, now)
             return self._put_instance(conn, rec, existing, series_pk, now), known
 
@@ -443,7 +475,7 @@ class Catalog:
             "source_sha256": None,
         }
         if existing is None:
-            conn.execute(instances.insert().values(sop_uid=rec.sop_uid, version=1, **inst_vals))
+            conn.execute(_INSERT_INSTANCE, {"sop_uid": rec.sop_uid, "version": 1, **inst_vals})
             self._queue_forward(conn, rec.study_uid, now)
             for hook in self.write_hooks:
                 hook(conn, rec, AddOutcome.STORED)
@@ -488,31 +520,10 @@ class Catalog:
         """
         if not self.outbox:
             return
-        copy = conn.execute(
-            select(cached_studies.c.id).where(cached_studies.c.study_uid == study_uid).limit(1)
-        ).first()
+        copy = conn.execute(_IS_CACHED_COPY, {"study_uid": study_uid}).first()
         if copy is not None:
             return
-        ins = self._insert(forward_jobs).values(
-            study_uid=study_uid,
-            state="queued",
-            attempts=0,
-            next_attempt_at=now,
-            last_error="",
-            enqueued_at=now,
-            updated_at=now,
-        )
-        requeue = case((forward_jobs.c.state == "sending", "sending"), else_="queued")
-        conn.execute(
-            ins.on_conflict_do_update(
-                index_elements=[forward_jobs.c.study_uid],
-                set_={
-                    "state": requeue,
-                    "updated_at": now,
-                    "attempts": case((forward_jobs.c.state == "sending", forward_jobs.c.attempts), else_=0),
-                },
-            )
-        )
+        conn.execute(self._queue_stmt, {"study_uid": study_uid, "now": now})
 
     # ---- reads -------------------------------------------------------------------------------
 
