@@ -499,6 +499,27 @@ class ExportAll:
         return sorted(common)
 
 
+@dataclass
+class _ExportState:
+    """Progress of one export target: the highest checkpoint seq known exported (read back from
+    the target's names on first use, so a restart resumes), and the back-off after failures."""
+
+    exported: int | None = None
+    failures: int = 0
+    retry_at: float = 0.0  # monotonic
+
+    def failed(self) -> None:
+        self.failures += 1
+        self.exported = None  # read the progress back from the target when it works again
+        delay = min(EXPORT_RETRY_MAX, EXPORT_RETRY_FIRST * 2 ** (self.failures - 1))
+        self.retry_at = time.monotonic() + delay
+
+
+#: After a failed export the target is tried again after 5 s, doubling up to 5 min.
+EXPORT_RETRY_FIRST = 5.0
+EXPORT_RETRY_MAX = 300.0
+
+
 def export_targets(cfg: AuditSection) -> list[ExportTarget]:
     """The configured targets: the folder, and the object-locked bucket if ``[audit.s3]`` is set
     (checked: created with object lock, or refused without it)."""
@@ -582,7 +603,7 @@ class AuditLog:
         self._thread: threading.Thread | None = None
         self._running = threading.Lock()  # guards _thread against put-after-stop
         self._export_lock = threading.Lock()
-        self._exported: int | None = None  # highest checkpoint seq known exported
+        self._export_states: dict[int, _ExportState] = {}  # per target (index in ExportAll)
         self.lost = 0  # records that could not be written (each logged at ERROR)
         self._last_periodic = 0.0
         self.group_seconds = group_seconds
@@ -891,35 +912,56 @@ class AuditLog:
         return cp
 
     def export_pending(self) -> int:
-        """Export checkpoints not yet exported, each after its segment; how many were exported."""
+        """Export checkpoints not yet exported, each after its segment, to every target (an
+        :class:`ExportAll` is several); how many the first target took. A target that fails is
+        skipped for a while (:class:`_ExportState` back-off) while the others go on, so an S3 outage
+        neither stops the folder export nor stalls the audit thread on every pass; the first
+        failure is raised once all due targets were tried."""
         if self.export is None:
             return 0
+        targets = self.export.targets if isinstance(self.export, ExportAll) else [self.export]
+        exported, failure = 0, None
         with self._export_lock:
-            if self._exported is None:
-                self.export.put(f"public-key-{self.key_id}.pem", public_pem(self.key.public_key()))
-                done = [int(n[11:23]) for n in self.export.names() if n.startswith("checkpoint-")]
-                self._exported = max(done, default=0)
-            with self.engine.connect() as conn:
-                pending = [
-                    Checkpoint.from_row(r)
-                    for r in conn.execute(
-                        select(audit_checkpoints)
-                        .where(audit_checkpoints.c.seq > self._exported)
-                        .order_by(audit_checkpoints.c.seq)
-                    )
-                ]
-                prev = conn.execute(
-                    select(func.max(audit_checkpoints.c.seq)).where(audit_checkpoints.c.seq <= self._exported)
-                ).scalar()
-            prev = int(prev or 0)
-            for cp in pending:
-                lines = [
-                    canonical_json(r.as_dict()) + "\n" for r in read_records(self.engine, prev + 1, cp.seq)
-                ]
-                self.export.put(segment_name(prev + 1, cp.seq), "".join(lines).encode("utf-8"))
-                self.export.put(checkpoint_name(cp.seq), cp.to_json())
-                self._exported = prev = cp.seq
-            return len(pending)
+            for i, target in enumerate(targets):
+                state = self._export_states.setdefault(i, _ExportState())
+                if time.monotonic() < state.retry_at:
+                    continue
+                try:
+                    n = self._export_to(target, state)
+                except Exception as exc:
+                    state.failed()
+                    failure = failure or exc
+                    continue
+                state.failures = 0
+                exported = n if i == 0 else exported
+        if failure is not None:
+            raise failure
+        return exported
+
+    def _export_to(self, target: ExportTarget, state: _ExportState) -> int:
+        if state.exported is None:
+            target.put(f"public-key-{self.key_id}.pem", public_pem(self.key.public_key()))
+            done = [int(n[11:23]) for n in target.names() if n.startswith("checkpoint-")]
+            state.exported = max(done, default=0)
+        with self.engine.connect() as conn:
+            pending = [
+                Checkpoint.from_row(r)
+                for r in conn.execute(
+                    select(audit_checkpoints)
+                    .where(audit_checkpoints.c.seq > state.exported)
+                    .order_by(audit_checkpoints.c.seq)
+                )
+            ]
+            prev = conn.execute(
+                select(func.max(audit_checkpoints.c.seq)).where(audit_checkpoints.c.seq <= state.exported)
+            ).scalar()
+        prev = int(prev or 0)
+        for cp in pending:
+            lines = [canonical_json(r.as_dict()) + "\n" for r in read_records(self.engine, prev + 1, cp.seq)]
+            target.put(segment_name(prev + 1, cp.seq), "".join(lines).encode("utf-8"))
+            target.put(checkpoint_name(cp.seq), cp.to_json())
+            state.exported = prev = cp.seq
+        return len(pending)
 
     def seal(self) -> Checkpoint | None:
         """Flush the queue, checkpoint the head (if anything is new) and export: used at stop."""

@@ -88,10 +88,11 @@ class ObjectLockExport:
         self.legal_hold = legal_hold
         self.clock = clock
         http = urllib3.PoolManager(
-            timeout=Timeout(connect=10.0, read=60.0),
+            # short: the export runs on the audit thread, and a failed pass is retried later anyway
+            timeout=Timeout(connect=5.0, read=30.0),
             maxsize=4,
             cert_reqs="CERT_REQUIRED" if secure else "CERT_NONE",
-            retries=Retry(total=3, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
+            retries=Retry(total=2, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
         )
         self._client = Minio(
             endpoint,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -257,6 +258,63 @@ def test_export_resumes_after_a_crash_without_duplicates(
         s3.names()
     )
     assert again.verify(s3).ok
+
+
+class Flaky:
+    """The S3 target behind a switch: ``down`` makes every call fail as an outage would."""
+
+    def __init__(self, inner: ObjectLockExport) -> None:
+        self.inner = inner
+        self.down = True
+        self.calls = 0
+
+    def _call(self) -> None:
+        self.calls += 1
+        if self.down:
+            raise OSError("simulated outage")
+
+    def put(self, name: str, data: bytes) -> None:
+        self._call()
+        self.inner.put(name, data)
+
+    def get(self, name: str) -> bytes | None:
+        self._call()
+        return self.inner.get(name)
+
+    def names(self) -> list[str]:
+        self._call()
+        return self.inner.names()
+
+
+def test_an_s3_outage_does_not_stop_the_folder_export_and_is_caught_up(
+    seaweedfs: S3Endpoint,  # noqa: F811
+    bucket: str,
+    tmp_path: Path,
+    trails: list[Trail],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("gateway.audit.EXPORT_RETRY_FIRST", 0.5)
+    s3 = s3_export(seaweedfs, bucket)
+    flaky = Flaky(s3)
+    folder = FolderExport(tmp_path / "export")
+    t = Trail(tmp_path, s3, export=ExportAll([folder, flaky]))
+    trails.append(t)
+    t.fill(5)
+    with pytest.raises(OSError, match="simulated outage"):
+        t.log.export_pending()
+    assert checkpoint_name(5) in folder.names()
+    t.fill(5)
+    calls = flaky.calls
+    assert t.log.export_pending() == 1  # the folder goes on; S3 waits for its retry time
+    assert flaky.calls == calls and checkpoint_name(10) in folder.names()
+    assert s3.names() == []
+
+    flaky.down = False
+    time.sleep(0.6)
+    t.log.export_pending()
+    assert s3.names() == folder.names()
+    assert all(len(s3.versions(n)) == 1 for n in s3.names())
+    assert t.verify(s3).ok
 
 
 def test_bucket_without_object_lock_is_refused(seaweedfs: S3Endpoint) -> None:  # noqa: F811
