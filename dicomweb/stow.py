@@ -83,6 +83,8 @@ from dicomweb.multipart import MultipartError, SpooledPart, check_boundary, pars
 from gateway.archive.blobstore import CHUNK, FolderBlobStore
 from gateway.archive.catalog import AddOutcome
 from gateway.ingest import Accepted, Refused
+from gateway.security.clients import institution_of
+from gateway.security.transfer_keys import uploading_for
 
 log = logging.getLogger(__name__)
 
@@ -157,9 +159,13 @@ async def store(request: Request) -> Response:
             return PlainTextResponse("the multipart/related body has no parts", status_code=400)
 
         source = _source(request)
-        results = [
-            await anyio.to_thread.run_sync(partial(_store_part, ctx, part, study, source)) for part in parts
-        ]
+        principal = getattr(request.state, "principal", None)
+        institution = await anyio.to_thread.run_sync(institution_of, ctx.ingest.catalog, principal)
+        with uploading_for(institution):  # sealed under the institution's transfer key (R-CE-2)
+            results = [
+                await anyio.to_thread.run_sync(partial(_store_part, ctx, part, study, source))
+                for part in parts
+            ]
     finally:
         await anyio.to_thread.run_sync(_remove, [p.path for p in parts])
     return _response(results, _dicomweb_root(request))

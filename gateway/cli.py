@@ -301,7 +301,9 @@ def cmd_clients(args: argparse.Namespace) -> int:
                 console.print(f"revoked {args.client_id}: it gets no more tokens")
                 return 0
             if args.clients_command == "add":
-                client, secret = registry.add(args.name, args.scopes, client_id=args.client_id)
+                client, secret = registry.add(
+                    args.name, args.scopes, client_id=args.client_id, institution=args.institution
+                )
                 cid = client.client_id
             else:
                 cid, secret = args.client_id, registry.reset_secret(args.client_id)
@@ -427,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("name")
             c.add_argument("--scopes", required=True, help='space-separated, e.g. "stow api:inventory"')
             c.add_argument("--client-id", help="choose the id (default: NAME-<random>)")
+            c.add_argument(
+                "--institution", help="the institution it uploads for: its transfer key seals them (R-CE-2)"
+            )
         elif name in ("reset-secret", "revoke"):
             c.add_argument("client_id")
         else:

@@ -34,6 +34,7 @@ from gateway.security.kms import NOT_ROTATABLE, PURPOSES
 console = Console(stderr=True)
 NodeConfig = FrontendConfig | CenterConfig | IndexConfig
 KEK = "kek"
+TRANSFER = "transfer"  # an institution's transfer key (gateway/security/transfer_keys.py)
 
 
 def _node(args: argparse.Namespace) -> NodeConfig:
@@ -147,6 +148,9 @@ def cmd_destroy(args: argparse.Namespace) -> int:
     from gateway.security.kms import KmsError
 
     cfg = _node(args)
+    if _purpose(args) != TRANSFER and not args.key_id:
+        console.print("destroy: give the KEY_ID (`ybyx keys list` shows them)")
+        return 2
     if _purpose(args) != KEK:
         return _managed(cfg, args, "destroy")
     catalog = Catalog.open(cfg.database.url)
@@ -233,6 +237,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         for purpose in PURPOSES:
             for key in kms.managed_keys(purpose):
                 print(f"{key.key_id}\t{key.state}\t{key.created}\t{purpose}")
+        for t in DataKeys(catalog, kms).transfer.list():
+            created = f"{t.created:%Y-%m-%dT%H:%M:%SZ}"
+            print(f"{t.key_id}\t{t.state}\t{created}\ttransfer {t.institution}\t{t.objects} data keys")
     finally:
         catalog.close()
     return 0
@@ -245,6 +252,8 @@ def _managed(cfg: NodeConfig, args: argparse.Namespace, operation: str) -> int:
     from gateway.security.kms import KmsError
 
     purpose = _purpose(args)
+    if purpose == TRANSFER:
+        return _transfer(cfg, args, operation)
     if operation == "rotate" and purpose in NOT_ROTATABLE:
         console.print(f"refused: {NOT_ROTATABLE[purpose]}")
         return 2
@@ -288,6 +297,62 @@ def _managed(cfg: NodeConfig, args: argparse.Namespace, operation: str) -> int:
         console.print(f"{active} is retired: it still verifies tokens it signed until you destroy it")
     if purpose == "pseudonym":
         console.print("back the key file up apart from the data: every pseudonym depends on this key")
+    return 0
+
+
+def _transfer(cfg: NodeConfig, args: argparse.Namespace, operation: str) -> int:
+    """An institution's transfer key (R-CE-2, ``gateway/security/transfer_keys.py``)."""
+    from gateway.archive import open_kms
+    from gateway.archive.catalog import Catalog
+    from gateway.archive.encrypted import DataKeys
+    from gateway.security.kms import KmsError
+
+    institution = getattr(args, "institution", None)
+    if not institution:
+        console.print("--purpose transfer needs --institution CODE")
+        return 2
+    if isinstance(cfg, IndexConfig) or not cfg.encryption.enabled:
+        console.print(f"{args.config}: transfer keys seal stored objects: set [encryption] enabled = true")
+        return 2
+    catalog = Catalog.open(cfg.database.url)
+    try:
+        keys = DataKeys(catalog, open_kms(cfg.encryption, catalog)).transfer
+        detail: dict[str, Any] = {"purpose": TRANSFER, "institution": institution}
+        active = keys.active(institution)
+        if operation == "generate":
+            if active is not None:
+                console.print(
+                    f"refused: institution {institution} has transfer key {active}; "
+                    "use `ybyx keys rotate --purpose transfer` for a new one"
+                )
+                return 2
+            key_id = keys.generate(institution)
+            _audit(cfg, catalog, "generate", key_id, **detail)
+            print(f"transfer key {key_id} of institution {institution}: its uploads are sealed under it")
+        elif operation == "rotate":
+            key_id, rewrapped, pruned = keys.rotate(institution)
+            _audit(cfg, catalog, "rotate", key_id, previous=active, rewrapped=rewrapped, **detail)
+            print(
+                f"new transfer key {key_id} of institution {institution} (was {active}); "
+                f"re-wrapped {rewrapped} data keys; removed {pruned} unused retired keys"
+            )
+        else:
+            depending = sum(k.objects for k in keys.list() if k.institution == institution)
+            if depending and not args.yes:
+                console.print(
+                    f"{depending} stored objects of institution {institution} are sealed under its "
+                    "transfer key: destroying it makes them unreadable for good. Pass --yes to do so."
+                )
+                return 2
+            destroyed, lost = keys.destroy(institution)
+            for key_id in destroyed:
+                _audit(cfg, catalog, "destroy", key_id, unreadable=lost, **detail)
+            print(f"destroyed the transfer keys of institution {institution}; {lost} objects are unreadable")
+    except KmsError as exc:
+        console.print(str(exc))
+        return 2
+    finally:
+        catalog.close()
     return 0
 
 
@@ -360,18 +425,21 @@ def add_parsers(ksub: Any) -> None:
         if name == "import":
             k.add_argument("--from", dest="source", required=True, help="the key file (hex or PEM)")
         if name == "destroy":
-            k.add_argument("key_id")
+            k.add_argument("key_id", nargs="?", help="the key (not with --purpose transfer)")
             k.add_argument("--yes", action="store_true", help="also when stored objects depend on it")
         k.set_defaults(func=func)
 
 
 def add_purpose(parser: Any, *, required: bool = False) -> None:
-    """``--purpose``: the KEK (default) or a managed key of the KMS."""
-    choices = list(PURPOSES) if required else [KEK, *PURPOSES]
+    """``--purpose``: the KEK (default), a managed key of the KMS, or an institution's transfer key
+    (``--institution``)."""
+    choices = list(PURPOSES) if required else [KEK, *PURPOSES, TRANSFER]
     parser.add_argument(
         "--purpose",
         choices=choices,
         required=required,
         default=None if required else KEK,
-        help="which key: the KEK (default) or a managed key of the KMS",
+        help="which key: the KEK (default), a managed key of the KMS, or a transfer key",
     )
+    if not required:
+        parser.add_argument("--institution", help="with --purpose transfer: whose transfer key (R-CE-2)")

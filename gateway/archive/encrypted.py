@@ -48,6 +48,7 @@ from gateway.security.envelope import (
     open_stream,
 )
 from gateway.security.kms import KeyDestroyed, Kms, KmsError
+from gateway.security.transfer_keys import ITK, TOMBSTONE, TransferKeys
 
 
 def _context(dek_id: str) -> bytes:
@@ -75,10 +76,16 @@ class DataKeys:
     def __init__(self, catalog: Catalog, kms: Kms) -> None:
         self.catalog = catalog
         self.kms = kms
+        self.transfer = TransferKeys(catalog, kms)  # per-institution transfer keys (R-CE-2)
 
     def add(self, blob_key: str, dek_id: str, dek: bytes) -> None:
-        kek = self.kms.active()
-        wrapped = base64.b64encode(self.kms.wrap(kek, dek, _context(dek_id))).decode()
+        # an institution's upload: wrapped by its transfer key (which the KEK wraps), else the KEK
+        by_institution = None if blob_key.startswith(":") else self.transfer.wrap(dek_id, dek)
+        if by_institution is not None:
+            kek, wrapped = by_institution
+        else:
+            kek = self.kms.active()
+            wrapped = base64.b64encode(self.kms.wrap(kek, dek, _context(dek_id))).decode()
         with self.catalog.write() as conn:
             if conn.dialect.name == "postgresql":
                 # No WAL flush of its own: the catalog commit that references the object (ingest
@@ -101,6 +108,8 @@ class DataKeys:
             ).first()
         if row is None:
             raise SealError(f"{where}: its data key {dek_id} is not in the catalog (deleted or shredded)")
+        if row.kek_id.startswith(ITK):  # under an institution's transfer key (R-CE-2)
+            return self.transfer.unwrap(row.kek_id, row.wrapped, dek_id, where)
         try:
             return self.kms.unwrap(row.kek_id, base64.b64decode(row.wrapped), _context(dek_id))
         except KeyDestroyed as exc:
@@ -145,7 +154,13 @@ class DataKeys:
             with self.catalog.engine.connect() as conn:
                 rows = conn.execute(
                     select(data_keys.c.id, data_keys.c.dek_id, data_keys.c.kek_id, data_keys.c.wrapped)
-                    .where(data_keys.c.kek_id != target, data_keys.c.id > last_id)
+                    .where(
+                        data_keys.c.kek_id != target,
+                        data_keys.c.id > last_id,
+                        # transfer-key-wrapped data keys follow their transfer key, which is re-wrapped
+                        ~data_keys.c.kek_id.like(ITK + "%"),
+                        data_keys.c.kek_id != TOMBSTONE,
+                    )
                     .order_by(data_keys.c.id)
                     .limit(batch)
                 ).all()
@@ -249,6 +264,7 @@ class EncryptedBlobStore:
         self.keys = keys
         self.segment_size = segment_size
         self._cache = _KeyCache(cache_size, cache_seconds)
+        keys.transfer.cache_seconds = min(keys.transfer.cache_seconds, cache_seconds)
 
     def __repr__(self) -> str:
         return f"EncryptedBlobStore({self.inner!r})"
@@ -382,3 +398,4 @@ class EncryptedBlobStore:
     def forget_cached_keys(self) -> None:
         """Drop every cached DEK (after a key was destroyed in this process)."""
         self._cache.clear()
+        self.keys.transfer.forget_cached_keys()

@@ -279,6 +279,8 @@ oauth_clients = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("secret_set_at", DateTime(timezone=True), nullable=False),
     Column("revoked_at", DateTime(timezone=True)),
+    # its institution's uploads are sealed under that institution's transfer key (R-CE-2, 0017)
+    Column("institution", String(64)),
 )
 
 # ---- audit trail, issue 6 §4, R-SE-4 (gateway/audit.py) -------------------------------------------

@@ -62,6 +62,7 @@ class Client:
     created_at: datetime
     secret_set_at: datetime
     revoked_at: datetime | None
+    institution: str | None = None  # whose transfer key seals its uploads (R-CE-2, transfer_keys.py)
 
     @property
     def active(self) -> bool:
@@ -102,8 +103,12 @@ class ClientRegistry:
         scopes: str | frozenset[str] | set[str] | list[str],
         *,
         client_id: str | None = None,
+        institution: str | None = None,
     ) -> tuple[Client, str]:
-        """Register a client; returns it and its secret (the only time the secret is seen)."""
+        """Register a client; returns it and its secret (the only time the secret is seen).
+        ``institution``: the institution (code) it uploads for (R-CE-2)."""
+        if institution is not None and not CLIENT_ID.match(institution):
+            raise ClientError(f"institution {institution!r}: 1-64 letters, digits, '.', '_', '-'")
         if not CLIENT_ID.match(name):
             raise ClientError(f"name {name!r}: 1-64 letters, digits, '.', '_', '-' (starting alphanumeric)")
         cid = client_id or f"{name}-{secrets.token_hex(4)}"
@@ -122,13 +127,14 @@ class ClientRegistry:
                         scopes=format_scopes(granted),
                         created_at=now,
                         secret_set_at=now,
+                        institution=institution,
                     )
                 )
         except IntegrityError:
             raise ClientError(
                 f"client id {cid!r} exists (`ybyx clients reset-secret` gives it a new secret)"
             ) from None
-        return Client(cid, name, granted, now, now, None), secret
+        return Client(cid, name, granted, now, now, None, institution), secret
 
     def reset_secret(self, client_id: str) -> str:
         """A new secret for an active client (the old one stops working at once); shown once."""
@@ -188,6 +194,23 @@ class ClientRegistry:
         return _client(row)
 
 
+def institution_of(catalog: Catalog, principal: object) -> str | None:
+    """The institution a request's caller uploads for (R-CE-2): a user's own institution, or the
+    institution a client was registered for (``ybyx clients add … --institution``); else None."""
+    kind = getattr(principal, "kind", "")
+    if kind == "user":
+        return getattr(principal, "institution", "") or None
+    if kind != "client":
+        return None
+    with catalog.engine.connect() as conn:
+        found = conn.execute(
+            select(oauth_clients.c.institution).where(
+                oauth_clients.c.client_id == getattr(principal, "id", "")
+            )
+        ).scalar()
+    return str(found) if found else None
+
+
 def _client(row: object) -> Client:
     return Client(
         client_id=row.client_id,  # type: ignore[attr-defined]
@@ -196,6 +219,7 @@ def _client(row: object) -> Client:
         created_at=row.created_at,  # type: ignore[attr-defined]
         secret_set_at=row.secret_set_at,  # type: ignore[attr-defined]
         revoked_at=row.revoked_at,  # type: ignore[attr-defined]
+        institution=row.institution,  # type: ignore[attr-defined]
     )
 
 
