@@ -268,6 +268,7 @@ class Catalog:
         self._is_sqlite = engine.dialect.name == "sqlite"
         # SQLite has one writer; serialising writers in-process avoids busy waits between threads.
         self._write_lock = threading.Lock() if self._is_sqlite else None
+        self._writer: Connection | None = None  # SQLite: the one write connection (see write)
         self._known_series = _SeriesCache()
         self.outbox = outbox
         self._pixel_sql: tuple[str, list[str] | None] | None = None  # see pixel_row
@@ -286,6 +287,9 @@ class Catalog:
         return cls(engine, outbox=outbox)
 
     def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
         self.engine.dispose()
 
     @contextmanager
@@ -295,8 +299,19 @@ class Catalog:
             with self.engine.begin() as conn:
                 yield conn
             return
-        with self._write_lock, self.engine.connect().execution_options(immediate=True) as conn, conn.begin():
-            yield conn
+        with self._write_lock:
+            # One connection serves every SQLite write (they are serialised by the lock anyway):
+            # checking one out of the pool per stored instance cost ~0.2 ms of CPU.
+            writer = self._writer
+            if writer is None or writer.closed or writer.invalidated:
+                writer = self._writer = self.engine.connect().execution_options(immediate=True)
+            try:
+                with writer.begin():
+                    yield writer
+            except BaseException:
+                self._writer = None  # rolled back; a fresh connection for the next writer
+                writer.close()
+                raise
 
     def _insert(self, table: Any) -> Any:
         dialect = sqlite if self._is_sqlite else postgresql
