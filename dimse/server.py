@@ -256,11 +256,14 @@ class DicomServer:
 
     def _on_store(self, event: evt.Event) -> Dataset:
         calling = event.assoc.requestor.ae_title
+        server = self._server
         result = self.ingest.accept_file(
             event.dataset_path,
             source=calling,
             expected_sop_uid=str(cast(Any, event.request).AffectedSOPInstanceUID),
             who=audit_events.peer_actor(self.cfg, event.assoc),
+            # others are being received now: let ingest use its helper processes (issue 2)
+            offload=server is not None and len(server.active_associations) > 1,
         )
         if isinstance(result, Accepted):
             return _status(0x0000)

@@ -179,6 +179,11 @@ class IngestSection(Strict):
         default=None, description="where received files wait to be stored; default <storage.path>/.spool"
     )
     quarantine: Path = Path("data/quarantine")
+    helpers: Annotated[int, Field(ge=0, le=64)] | Literal["auto"] = Field(
+        default="auto",
+        description="processes that read headers and build catalog records while several "
+        'associations are received at once (issue 2); 0 = none, "auto" = CPUs - 1',
+    )
 
 
 class ForwardSection(Strict):

@@ -17,6 +17,7 @@ from gateway.security.kms import Kms
 from gateway.security.managed import node_kms, record_created
 from gateway.security.node import NodeSecurity
 from gateway.security.resources import StudyOwnership
+from gateway.workpool import resolve_workers
 
 
 def _audit_new_kek(archive: Archive, audit: AuditLog) -> None:
@@ -90,11 +91,18 @@ class NodeCore:
             quarantine=cfg.ingest.quarantine,
             policy=cfg.ingest.on_conflict,
             audit=audit,
+            helpers=ingest_helpers(cfg.ingest.helpers),
         )
         # beside the blobs by default: received files are linked into place, not copied
         spool = cfg.ingest.spool or cfg.storage.path / ".spool"
         return cls(archive, security, audit, ingest, spool, kms)
 
     def close(self) -> None:
+        self.ingest.close()
         stop_audit(self.audit)
         self.archive.close()
+
+
+def ingest_helpers(setting: int | str) -> int:
+    """``[ingest] helpers`` as a count: ``"auto"`` leaves one CPU to the receiving threads."""
+    return resolve_workers("auto") - 1 if setting == "auto" else int(setting)

@@ -15,6 +15,7 @@ No timings are asserted (the machine is shared); ``bench/ingest.py`` measures.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -396,8 +397,9 @@ def test_ingest_stores_the_right_bytes_and_closes_files(tmp_path: Path) -> None:
     spool.mkdir()
     try:
         ingest_once = spool / "warm.dcm"
-        shutil.copyfile(series[0], ingest_once)
-        assert isinstance(ingest.accept_file(ingest_once, source="T"), Accepted)  # lazy imports done
+        for _ in range(2):  # lazy imports done; the catalog's write and (duplicate) read connections open
+            shutil.copyfile(series[0], ingest_once)
+            assert isinstance(ingest.accept_file(ingest_once, source="T"), Accepted)
         before = _fds()
         for i, src in enumerate(series):
             path = spool / f"{i}.dcm"
@@ -429,3 +431,93 @@ def test_early_writeback_is_best_effort(monkeypatch: pytest.MonkeyPatch, tmp_pat
     ingest_module._start_writeback(tmp_path / "missing")  # the real read reports it, not this
     monkeypatch.setattr(ingest_module, "_sync_file_range", None)
     ingest_module._start_writeback(path)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def test_examine_in_a_helper_process_is_examine_here(tmp_path: Path) -> None:
+    """The helper's answer is the calling thread's answer: same record, same refusal."""
+    from datetime import UTC, datetime
+
+    from gateway.ingest import Helpers, Unfit, examine
+
+    series = ct_series(tmp_path / "ct", slices=3)
+    truncated = tmp_path / "cut.dcm"
+    truncated.write_bytes(series[1].read_bytes()[:-1000])
+    helpers = Helpers(1)
+    try:
+        assert helpers.examine(str(series[0]), "T", None, datetime.now(UTC)) is None  # not ready yet
+        assert helpers.wait_ready(120), "helper process did not start"
+        when = datetime.now(UTC)
+        for path in series:
+            here = examine(str(path), "MOD", None, when)
+            there = helpers.examine(str(path), "MOD", None, when)
+            assert isinstance(here, InstanceRecord) and there == here
+        wrong = helpers.examine(str(series[2]), "MOD", "1.2.3.4", when)
+        assert isinstance(wrong, Unfit) and wrong.kind == "mismatch"
+        cut = helpers.examine(str(truncated), "MOD", None, when)
+        assert isinstance(cut, Unfit) and cut.kind == "malformed" and "truncated" in cut.reason
+        assert helpers.used == len(series) + 2
+    finally:
+        helpers.close()
+
+
+def test_associations_received_together_are_examined_in_helpers(
+    frontend: Frontend, tmp_path: Path
+) -> None:
+    """While another association is open, every instance storescu sends is read by a helper
+    process (and stored right); alone again, instances are read in the receiving thread."""
+    import subprocess
+
+    from dimse.server import DicomServer
+    from tests.conftest import dcmtk
+
+    ingest = Ingest(
+        frontend.archive.catalog, frontend.archive.store, quarantine=tmp_path / "quarantine", helpers=1
+    )
+    assert ingest.helpers is not None
+    ingest.helpers.start()
+    assert ingest.helpers.wait_ready(120), "helper process did not start"
+    spool = frontend.cfg.storage.path / ".spool"
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    server = DicomServer(frontend.cfg.dicom, ingest, frontend.archive.catalog, frontend.archive.store, spool)
+    series = ct_series(tmp_path / "ct", slices=13)
+
+    def storescu(files: list[Path]) -> None:
+        done = subprocess.run(
+            [dcmtk("storescu"), "-aec", "YBYX", "127.0.0.1", str(port), *map(str, files)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0 and "E:" not in done.stdout + done.stderr, done.stdout + done.stderr
+
+    try:
+        assert server.start(listen_socket=listener) == port
+        idle = _scu(Verification).associate("127.0.0.1", port, ae_title="YBYX")
+        assert idle.is_established
+        try:
+            storescu(series[:10])  # with the idle association open: two at once
+        finally:
+            idle.release()
+        assert ingest.helpers.used == 10
+        assert _wait(lambda: len(_server_associations(server)) == 0)
+        storescu(series[10:])  # alone
+        assert ingest.helpers.used == 10
+        for src in series:
+            sop = str(dcmread(src, stop_before_pixels=True).SOPInstanceUID)
+            [inst] = frontend.archive.catalog.locate({"SOPInstanceUID": sop})
+            stored = b"".join(frontend.archive.store.get(inst.blob_key))
+            assert hashlib.sha256(stored).hexdigest() == inst.sha256
+            # the data set as sent (the file meta is the receiver's own)
+            assert dcmread(io.BytesIO(stored)).PixelData == dcmread(src).PixelData
+    finally:
+        server.stop()
+        ingest.close()
+
+
+def _server_associations(server: Any) -> list[Any]:
+    live = server._server
+    return [] if live is None else list(live.active_associations)
