@@ -113,6 +113,9 @@ def cmd_frontend(args: argparse.Namespace) -> int:
 
     cfg = _frontend_config(args.config)
     fe = _start(Frontend.start, cfg, args.config)
+    if fe.ingest.helpers is not None:
+        # a long-running node: start the ingest helpers now, not at the first parallel burst
+        fe.ingest.helpers.start()
     console.print(
         f"front-end {cfg.dicom.ae_title}: DICOM on {cfg.dicom.host}:{fe.dicom_port}, "
         f"HTTP on {cfg.http.host}:{fe.http_port}"
