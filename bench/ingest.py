@@ -38,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -190,6 +191,7 @@ class YbyxServer:
         root.mkdir(parents=True, exist_ok=True)
         self.root = root
         self.port = free_port()
+        self.http_port = free_port()
         self.db = root / "catalog.db"
         config = root / "frontend.toml"
         config.write_text(
@@ -206,7 +208,7 @@ class YbyxServer:
                     'institution = "BENCH_HOSPITAL"',
                     "[http]",
                     'host = "127.0.0.1"',
-                    f"port = {free_port()}",
+                    f"port = {self.http_port}",
                     "[storage]",
                     'backend = "folder"',
                     'path = "blobs"',
@@ -235,9 +237,25 @@ class YbyxServer:
         self.pid = self.proc.pid
         try:
             _wait_echo(self.port, YBYX_AE, self.proc, self.log_path, "ybyx frontend")
+            self._wait_helpers()
         except BaseException:
             self.stop()
             raise
+
+    def _wait_helpers(self) -> None:
+        """Wait until the node's ingest helper processes are up (``/healthz``), as on a node that
+        has been running for a while: their one-time start is not part of steady-state ingest."""
+        deadline = time.monotonic() + START_TIMEOUT
+        url = f"http://127.0.0.1:{self.http_port}/healthz"
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as answer:
+                    if json.load(answer).get("ingest_helpers") in ("ready", "none"):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"ybyx ingest helpers not ready after {START_TIMEOUT:.0f}s")
 
     def count(self) -> int:
         """Catalogued instances whose blob file exists (read-only, straight from SQLite)."""

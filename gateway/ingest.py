@@ -300,6 +300,14 @@ class Helpers:
         """Start the processes now (they are otherwise started by the first request for them)."""
         self._started()
 
+    @property
+    def started(self) -> bool:
+        return self._pool is not None
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
     def wait_ready(self, timeout: float) -> bool:
         """Whether the processes are started and ready within ``timeout`` seconds."""
         return self._ready.wait(timeout)

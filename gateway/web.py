@@ -39,7 +39,11 @@ log = logging.getLogger(__name__)
 
 
 async def _health(request: Request) -> JSONResponse:
-    return JSONResponse({"status": "ok", "role": request.app.state.role})
+    """Liveness and role; ``ingest_helpers`` says whether the ingest helper processes are
+    ``ready``, ``starting`` or ``none`` (off, or not yet needed) — e.g. for a benchmark to wait on."""
+    helpers = request.app.state.dicomweb.ingest.helpers
+    state = "none" if helpers is None or not helpers.started else "ready" if helpers.ready else "starting"
+    return JSONResponse({"status": "ok", "role": request.app.state.role, "ingest_helpers": state})
 
 
 def build_app(
