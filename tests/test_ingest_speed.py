@@ -521,3 +521,16 @@ def test_associations_received_together_are_examined_in_helpers(
 def _server_associations(server: Any) -> list[Any]:
     live = server._server
     return [] if live is None else list(live.active_associations)
+
+
+def test_healthz_says_when_the_ingest_helpers_are_ready(frontend: Frontend) -> None:
+    import httpx
+
+    url = f"http://127.0.0.1:{frontend.http_port}/healthz"
+    helpers = frontend.ingest.helpers
+    assert helpers is not None, '[ingest] helpers = "auto" gives one per CPU beyond the first (2 here)'
+    assert httpx.get(url, timeout=10).json()["ingest_helpers"] == "none"  # not needed yet
+    helpers.start()
+    assert helpers.wait_ready(120)
+    ready = {"status": "ok", "role": "frontend", "ingest_helpers": "ready"}
+    assert httpx.get(url, timeout=10).json() == ready
