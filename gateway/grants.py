@@ -42,7 +42,8 @@ from typing import Any, Protocol
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
-from sqlalchemy import or_, select, update
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 
 from gateway.archive.blobstore import BlobStore
 from gateway.archive.catalog import Catalog
@@ -502,44 +503,51 @@ class GrantBook:
     def add(self, grant: RetrievalGrant) -> RetrievalGrant:
         """Keep a verified grant. A token's nonce is accepted once: a grant whose nonce is already
         on record is refused (:class:`GrantRejected`, a replay); evidence without a nonce (a grant
-        made by the node itself) given twice is the first grant (idempotent)."""
+        made by the node itself) given twice is the first grant (idempotent).
+
+        The check is the unique index on ``retrieval_grants.nonce`` (migration 0018), not a lookup
+        before the insert: two posts of the same token at the same moment (PostgreSQL runs them in
+        parallel transactions) would both find nothing and both insert; the index lets exactly one
+        commit and the other's IntegrityError becomes the same replay refusal."""
         c = retrieval_grants.c
-        with self.catalog.write() as conn:
-            if grant.nonce:
-                used = conn.execute(
-                    select(c.grant_id).where(
-                        or_(
-                            c.evidence == grant.nonce,
-                            c.evidence.startswith(grant.nonce + ":", autoescape=True),
+        try:
+            with self.catalog.write() as conn:
+                if not grant.nonce:
+                    same = conn.execute(
+                        select(c.grant_id).where(
+                            c.evidence == grant.evidence, c.person_key == grant.person_key, c.evidence != ""
                         )
+                    ).first()
+                    if same is not None:
+                        return next(g for g in self._rows(conn, c.grant_id == same.grant_id))
+                conn.execute(
+                    retrieval_grants.insert().values(
+                        grant_id=grant.grant_id,
+                        person_key=grant.person_key,
+                        institution=grant.institution,
+                        doctor=grant.doctor,
+                        window_from=grant.window_from.strftime("%Y%m%d") if grant.window_from else None,
+                        window_to=grant.window_to.strftime("%Y%m%d") if grant.window_to else None,
+                        studies=json.dumps(sorted(grant.studies)) if grant.studies is not None else None,
+                        issued_at=grant.issued_at,
+                        expires_at=grant.expires_at,
+                        method=grant.method.value,
+                        evidence=grant.evidence[:256],
+                        nonce=grant.nonce or None,
+                        recorded_at=self.clock(),
                     )
-                ).first()
-                if used is not None:
-                    raise GrantRejected(f"replay: the nonce {grant.nonce!r} was already used for a grant")
-            same = conn.execute(
-                select(c.grant_id).where(
-                    c.evidence == grant.evidence, c.person_key == grant.person_key, c.evidence != ""
                 )
-            ).first()
-            if same is not None:
-                return next(g for g in self._rows(conn, c.grant_id == same.grant_id))
-            conn.execute(
-                retrieval_grants.insert().values(
-                    grant_id=grant.grant_id,
-                    person_key=grant.person_key,
-                    institution=grant.institution,
-                    doctor=grant.doctor,
-                    window_from=grant.window_from.strftime("%Y%m%d") if grant.window_from else None,
-                    window_to=grant.window_to.strftime("%Y%m%d") if grant.window_to else None,
-                    studies=json.dumps(sorted(grant.studies)) if grant.studies is not None else None,
-                    issued_at=grant.issued_at,
-                    expires_at=grant.expires_at,
-                    method=grant.method.value,
-                    evidence=grant.evidence[:256],
-                    recorded_at=self.clock(),
-                )
-            )
+        except IntegrityError:
+            if grant.nonce and self._nonce_used(grant.nonce):
+                replay = f"replay: the nonce {grant.nonce!r} was already used for a grant"
+                raise GrantRejected(replay) from None
+            raise
         return grant
+
+    def _nonce_used(self, nonce: str) -> bool:
+        with self.catalog.engine.connect() as conn:
+            found = conn.execute(select(retrieval_grants.c.id).where(retrieval_grants.c.nonce == nonce))
+            return found.first() is not None
 
     def revoke(self, grant_id: str) -> RetrievalGrant | None:
         """The patient withdraws a grant (R-RT-4, R-SE-7): from now on it allows nothing, here
@@ -574,6 +582,7 @@ class GrantBook:
                 studies=frozenset(json.loads(r.studies)) if r.studies is not None else None,
                 grant_id=r.grant_id,
                 revoked_at=_aware(r.revoked_at) if r.revoked_at is not None else None,
+                nonce=r.nonce or "",
             )
 
 

@@ -14,9 +14,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,9 +27,9 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from sqlalchemy import select
+from sqlalchemy import event, func, select
 
-from gateway.archive.schema import audit_log
+from gateway.archive.schema import audit_log, retrieval_grants
 from gateway.frontend import Frontend
 from gateway.grants import GrantMethod, sign_token
 from gateway.identity import IdType, person_key
@@ -76,6 +78,10 @@ class Desk:
 
 @pytest.fixture
 def desk(tmp_path: Path, start_fed_frontend: Callable[..., Frontend]) -> Desk:
+    return make_desk(tmp_path, start_fed_frontend)
+
+
+def make_desk(tmp_path: Path, start_fed_frontend: Callable[..., Frontend], **sections: Any) -> Desk:
     keys = {m: Ed25519PrivateKey.generate() for m in GrantMethod}
 
     def pem(method: GrantMethod) -> str:
@@ -99,6 +105,7 @@ def desk(tmp_path: Path, start_fed_frontend: Callable[..., Frontend]) -> Desk:
             "face_max_age_seconds": 120,
             "consent_operators": [{"id": OPERATOR, "public_key": pem(GrantMethod.WRITTEN)}],
         },
+        **sections,
     )
     return Desk(fe, keys)
 
@@ -211,3 +218,47 @@ def test_without_a_center_the_doctor_routes_answer_503_with_the_reason(desk: Des
     ):
         assert r.status_code == 503, (r.request.url, r.status_code, r.text)
         assert "no center configured ([forward] center_url)" in r.json()["reason"], r.text
+
+
+RACERS = 4
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_the_same_token_posted_at_the_same_moment_is_one_grant_and_the_others_are_replays(
+    tmp_path: Path, start_fed_frontend: Callable[..., Frontend], request: pytest.FixtureRequest, backend: str
+) -> None:
+    """Issue 5 §6 (R-RT-4, R-SE-7): a nonce is accepted once even when posts race. On PostgreSQL
+    the transactions run in parallel: every post is held just before its INSERT until all have
+    got there, so a check made before the insert (a lookup) sees no grant in any of them; the
+    unique index on the nonce must let exactly one commit. SQLite serialises the writers."""
+    pg = backend == "postgresql"
+    sections = {"database": {"url": request.getfixturevalue("fresh_pg_url")}} if pg else {}
+    desk = make_desk(tmp_path, start_fed_frontend, **sections)
+    engine = desk.fe.archive.catalog.engine
+    gate = threading.Barrier(RACERS if pg else 1, timeout=30)
+    held: list[str] = []
+
+    def hold_insert(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().upper().startswith("INSERT INTO RETRIEVAL_GRANTS"):
+            held.append(statement)
+            gate.wait()
+
+    token = desk.token(GrantMethod.INSURANCE_QR)
+    event.listen(engine, "before_cursor_execute", hold_insert)
+    try:
+        with ThreadPoolExecutor(RACERS) as pool:
+            answers = list(pool.map(lambda _: desk.post(GrantMethod.INSURANCE_QR, token), range(RACERS)))
+    finally:
+        event.remove(engine, "before_cursor_execute", hold_insert)
+
+    statuses = sorted(r.status_code for r in answers)
+    assert statuses == [201] + [422] * (RACERS - 1), [(r.status_code, r.text) for r in answers]
+    for r in answers:
+        if r.status_code == 422:
+            assert "replay: the nonce" in r.json()["error"], r.text
+    if pg:
+        assert len(held) == RACERS  # the race happened: every post got as far as its INSERT
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(retrieval_grants)).scalar_one() == 1
+    audited = [a for a in refusals(desk.fe) if "replay" in a["reason"]]
+    assert len(audited) == RACERS - 1 and all(a["status"] == 422 for a in audited)

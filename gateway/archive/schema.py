@@ -446,8 +446,12 @@ retrieval_grants = Table(
     Column("evidence", String(256), nullable=False),
     Column("recorded_at", DateTime(timezone=True), nullable=False),
     Column("revoked_at", DateTime(timezone=True)),  # the patient withdrew it before its expiry
+    # "<method tag>:<jti>" of the token the grant came from (NULL: made by the node itself); the
+    # unique index accepts a token once even when two posts of it race (gateway/grants.py)
+    Column("nonce", String(80)),
 )
 Index("ix_retrieval_grants_person", retrieval_grants.c.person_key, retrieval_grants.c.institution)
+Index("ux_retrieval_grants_nonce", retrieval_grants.c.nonce, unique=True)
 
 # One-click citations of a report's findings/impression (R-VW-3): a unique id per copy, for tracing.
 citations = Table(
