@@ -511,7 +511,10 @@ _DW_WHY = {
     406: "None of the Accept media types can be served",
     413: "The body is larger than [http] max_request_mb",
     415: 'Content-Type must be multipart/related; type="application/dicom"',
+    410: "The instance's encryption key was destroyed (crypto-shredding): it can no longer be read",
 }
+#: WADO-RS reads of object bytes: a crypto-shredded instance is 410 before any body (dicomweb/wado.py)
+_DW_READS = ("retrieve", "frames", "bulk", "rendered", "thumbnail")
 
 
 def _text(description: str) -> dict[str, Any]:
@@ -572,8 +575,15 @@ def _dicomweb(method: str, path: str, kind: str) -> dict[str, Any]:
             **{str(s): _error(s) for s in (401, 403, 429)},
             # PS3.18 errors are plain text naming what was wrong (dicomweb/*.py)
             **{str(s): _text(_DW_WHY[s]) for s in (*_DW_ERRORS, *((413, 415) if method == "POST" else ()))},
+            **({"410": _text(_DW_WHY[410])} if kind in _DW_READS else {}),
         },
     }
+    if kind == "retrieve" and path != _I:
+        out["responses"]["206"] = {
+            "description": "Partial Content (PS3.18 §10.4.3): instances whose encryption key was destroyed"
+            " are left out, a Warning: 299 header naming each",
+            "content": {_DW_MEDIA[kind]: {}},
+        }
     if method == "POST":
         out["requestBody"] = {
             "required": True,

@@ -26,7 +26,9 @@ worker thread: catalog and blob reads block) and reads the archive through
 
 Errors carry a plain-text message: 400 malformed parameters (frame numbers, window, viewport,
 quality, UIDs, tags), 404 unknown study/series/instance or no pixel data, 406 an Accept header
-this server cannot satisfy (the message says what it can serve).
+this server cannot satisfy (the message says what it can serve), 410 an instance whose encryption
+key was destroyed (crypto-shredding; checked before the response starts — a study or series with
+only some such instances is 206 without them, a ``Warning`` header naming each).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import json
 import logging
 import re
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from pydicom import dcmread
@@ -74,8 +77,10 @@ from dicomweb.render import (
 from gateway.archive import Archive
 from gateway.archive.blobstore import BlobStore, FolderBlobStore
 from gateway.archive.catalog import PixelRow, StoredInstance
+from gateway.archive.encrypted import shredded
 from gateway.qc.dicom_json import with_private_blocks
 from gateway.qc.service import QcService
+from gateway.security.envelope import KeyGone
 
 log = logging.getLogger(__name__)
 
@@ -277,8 +282,56 @@ def _instance_parts(store: BlobStore, plan: list[tuple[StoredInstance, str]]) ->
         yield headers, body
 
 
+#: Warning headers naming skipped (crypto-shredded) instances, at most; then one saying how many more.
+MAX_SKIP_WARNINGS = 20
+GONE = "its encryption key was destroyed (crypto-shredding); it can no longer be read"
+
+
+def _gone(inst: StoredInstance) -> HTTPException:
+    return HTTPException(410, f"instance {inst.sop_uid}: {GONE}")
+
+
+@contextmanager
+def _key_gone_is_410(inst: StoredInstance) -> Iterator[None]:
+    """An object whose data key was destroyed answers 410 Gone, not a 500 or a broken body."""
+    try:
+        yield
+    except KeyGone:
+        raise _gone(inst) from None
+
+
+def _without_shredded(
+    request: Request, target: Target, plan: list[tuple[StoredInstance, str]]
+) -> tuple[list[tuple[StoredInstance, str]], list[str]]:
+    """The plan without the instances whose key was destroyed, checked before the response starts
+    (one catalog query per 500 instances, no object read); the Warning header values naming the
+    ones left out. All of them shredded → 410 Gone (for a study or series: how many)."""
+    gone = shredded(context(request).archive.store, [inst.blob_key for inst, _ in plan])
+    if not gone:
+        return plan, []
+    skipped = [inst for inst, _ in plan if inst.blob_key in gone]
+    kept = [(inst, ts) for inst, ts in plan if inst.blob_key not in gone]
+    for inst in skipped:
+        log.warning("WADO-RS: %s not served: %s", inst.sop_uid, gone[inst.blob_key])
+    if not kept:
+        if target.level == "instance":
+            raise _gone(skipped[0])
+        raise HTTPException(410, f"all {len(skipped)} instances of this {target.level}: {GONE}")
+    service = service_url(request)  # the form of QIDO-RS's warnings (PS3.18 §8.3.4.2)
+    texts = [f"instance {inst.sop_uid} left out, {GONE}" for inst in skipped]
+    if len(texts) > MAX_SKIP_WARNINGS:
+        more = len(texts) - MAX_SKIP_WARNINGS
+        texts = [*texts[:MAX_SKIP_WARNINGS], f"and {more} more instances left out, {GONE}"]
+    return kept, [f"299 {service}: {text}" for text in texts]
+
+
 def retrieve(request: Request) -> Response:
-    """Retrieve Study/Series/Instance (PS3.18 §10.4.1.1.1): every instance as a multipart part."""
+    """Retrieve Study/Series/Instance (PS3.18 §10.4.1.1.1): every instance as a multipart part.
+
+    Instances whose encryption key was destroyed (R-SE-10 crypto-shredding) are found before the
+    response starts: a shredded instance, or a study/series all of whose instances are, is 410
+    Gone; a study or series with some shredded is 206 Partial Content (PS3.18 §10.4.3) without
+    them, one ``Warning: 299`` header per instance left out."""
     target = _target(request)
     wanted = _dicom_requests(request)
     found = _instances(request, target)
@@ -293,9 +346,17 @@ def retrieve(request: Request) -> Response:
                 + (" or as 1.2.840.10008.1.2.1" if can_decode(inst.transfer_syntax) else ""),
             )
         plan.append((inst, ts))
+    plan, warnings = _without_shredded(request, target, plan)
     writer = MultipartWriter(DICOM)
     store = context(request).archive.store
-    return StreamingResponse(writer.iter(_instance_parts(store, plan)), media_type=writer.content_type)
+    response = StreamingResponse(
+        writer.iter(_instance_parts(store, plan)),
+        status_code=206 if warnings else 200,
+        media_type=writer.content_type,
+    )
+    for value in warnings:
+        response.headers.append("Warning", value)
+    return response
 
 
 # --------------------------------------------------------------------------- metadata
@@ -519,12 +580,14 @@ def _frames(request: Request, numbers: list[int], target: Target, row: PixelRow 
     archive = context(request).archive
     if row is None:
         row = _pixel_row(archive, target)
-    src = indexed_pixels(archive.store, row)
-    if src is not None:
-        fast = _indexed_frames_response(request, src, numbers)
-        if fast is not None:
-            return fast
-    return _frames_response(request, _pixels(request, row.instance), numbers)
+    # the first frame is read before any answer: a destroyed key is 410, not a broken body
+    with _key_gone_is_410(row.instance):
+        src = indexed_pixels(archive.store, row)
+        if src is not None:
+            fast = _indexed_frames_response(request, src, numbers)
+            if fast is not None:
+                return fast
+        return _frames_response(request, _pixels(request, row.instance), numbers)
 
 
 async def frames(request: Request) -> Response:
@@ -582,6 +645,11 @@ def bulk(request: Request) -> Response:
         raise HTTPException(400, f"bulk data tag {tag_text!r} is not 8 hexadecimal digits (e.g. 7FE00010)")
     tag = int(tag_text, 16)
     inst = _one_instance(request)
+    with _key_gone_is_410(inst):
+        return _bulk(request, inst, tag, tag_text)
+
+
+def _bulk(request: Request, inst: StoredInstance, tag: int, tag_text: str) -> Response:
     if tag in PIXEL_TAGS:
         src = _pixels(request, inst)
         if src.tag != tag:
@@ -682,7 +750,8 @@ def _render(request: Request, *, thumbnail: bool) -> Response:
     src: PixelSource | None = None
     for inst in candidates:
         try:
-            src = open_pixels(context(request).archive.store, inst)
+            with _key_gone_is_410(inst):
+                src = open_pixels(context(request).archive.store, inst)
             break
         except NoPixelData:
             if target.level == "instance":

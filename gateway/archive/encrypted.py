@@ -25,7 +25,7 @@ import base64
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -41,6 +41,7 @@ from gateway.security.envelope import (
     HEADER_SIZE,
     SEGMENT_SIZE,
     Header,
+    KeyGone,
     SealError,
     SealingReader,
     new_data_key,
@@ -107,13 +108,42 @@ class DataKeys:
                 select(data_keys.c.kek_id, data_keys.c.wrapped).where(data_keys.c.dek_id == dek_id)
             ).first()
         if row is None:
-            raise SealError(f"{where}: its data key {dek_id} is not in the catalog (deleted or shredded)")
-        if row.kek_id.startswith(ITK):  # under an institution's transfer key (R-CE-2)
-            return self.transfer.unwrap(row.kek_id, row.wrapped, dek_id, where)
+            raise KeyGone(f"{where}: its data key {dek_id} is not in the catalog (deleted or shredded)")
+        return self._open(row.kek_id, row.wrapped, dek_id, where)
+
+    def gone(self, blob_keys: Sequence[str], *, batch: int = 500) -> dict[str, str | None]:
+        """For each of ``blob_keys`` that has data keys: None when one opens, else why none does
+        (:class:`KeyGone`, crypto-shredded). One catalog query per ``batch`` keys and an unwrap
+        per data key (the KMS or the cached transfer key), no object read. Keys without any data
+        key row are left out (a plain object from before encryption, or its row deleted):
+        :meth:`EncryptedBlobStore.gone` reads their header."""
+        out: dict[str, str | None] = {}
+        c = data_keys.c
+        for start in range(0, len(blob_keys), batch):
+            chunk = list(dict.fromkeys(blob_keys[start : start + batch]))
+            with self.catalog.engine.connect() as conn:
+                rows = conn.execute(
+                    select(c.blob_key, c.dek_id, c.kek_id, c.wrapped).where(c.blob_key.in_(chunk))
+                ).all()
+            reasons: dict[str, str | None] = {}  # blob key -> None once one of its data keys opens
+            for r in rows:
+                if reasons.get(r.blob_key, "") is None:
+                    continue
+                try:
+                    self._open(r.kek_id, r.wrapped, r.dek_id, f"blob {r.blob_key}")
+                    reasons[r.blob_key] = None
+                except KeyGone as exc:
+                    reasons[r.blob_key] = str(exc)
+            out.update(reasons)
+        return out
+
+    def _open(self, kek_id: str, wrapped: str, dek_id: str, where: str) -> bytes:
+        if kek_id.startswith(ITK):  # under an institution's transfer key (R-CE-2)
+            return self.transfer.unwrap(kek_id, wrapped, dek_id, where)
         try:
-            return self.kms.unwrap(row.kek_id, base64.b64decode(row.wrapped), _context(dek_id))
+            return self.kms.unwrap(kek_id, base64.b64decode(wrapped), _context(dek_id))
         except KeyDestroyed as exc:
-            raise SealError(f"{where}: unreadable, {exc}") from None
+            raise KeyGone(f"{where}: unreadable, {exc}") from None
 
     def forget(self, blob_key: str, *, keep: str | None = None) -> None:
         """Drop the DEKs of ``blob_key`` (all, or all but ``keep``): those versions are gone."""
@@ -319,6 +349,22 @@ class EncryptedBlobStore:
             return body
         return self._plain(key, found[0], found[1], body)
 
+    def gone(self, keys: Sequence[str]) -> dict[str, str]:
+        """Which of the objects ``keys`` can no longer be read because their data key was destroyed
+        (:class:`KeyGone`: crypto-shredding), with the reason. WADO-RS asks before a response
+        starts, so a shredded object is a clear status rather than a body that breaks off. Data
+        keys are checked in batches from the catalog; an object without any (stored plain before
+        encryption, or its key row deleted) has its header read."""
+        judged = self.keys.gone(keys)
+        found = {key: why for key, why in judged.items() if why is not None}
+        for key in keys:
+            if key not in judged:
+                try:
+                    self._key(key, fresh=True)
+                except KeyGone as exc:
+                    found[key] = str(exc)
+        return found
+
     def is_sealed(self, key: str) -> bool:
         return self._key(key, fresh=True) is not None
 
@@ -399,3 +445,9 @@ class EncryptedBlobStore:
         """Drop every cached DEK (after a key was destroyed in this process)."""
         self._cache.clear()
         self.keys.transfer.forget_cached_keys()
+
+
+def shredded(store: BlobStore, keys: Sequence[str]) -> dict[str, str]:
+    """The objects of ``keys`` whose data key was destroyed, with the reason ({} for a store
+    that does not seal: nothing in it can be shredded)."""
+    return store.gone(keys) if isinstance(store, EncryptedBlobStore) else {}

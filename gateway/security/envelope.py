@@ -51,6 +51,12 @@ class SealError(OSError):
     never key material."""
 
 
+class KeyGone(SealError):
+    """A sealed object whose data key was destroyed (crypto-shredding: its KEK or its
+    institution's transfer key destroyed, or its data key deleted): unreadable for good, not
+    damaged. WADO-RS answers 410 Gone for it (``dicomweb/wado.py``)."""
+
+
 @dataclass(frozen=True)
 class Header:
     """The clear header of a sealed object."""

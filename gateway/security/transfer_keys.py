@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import func, insert, select, update
 
 from gateway.archive.schema import data_keys
-from gateway.security.envelope import SealError
+from gateway.security.envelope import KeyGone, SealError
 from gateway.security.kms import KeyDestroyed, Kms, KmsError
 
 if TYPE_CHECKING:
@@ -117,7 +117,7 @@ class TransferKeys:
         institution = row.blob_key[len(BLOB_PREFIX) :]
         key_id: str = row.dek_id
         if row.kek_id == TOMBSTONE:
-            raise SealError(
+            raise KeyGone(
                 f"{where}: unreadable, the transfer key {key_id} of institution {institution} was destroyed"
             )
         try:
@@ -127,7 +127,7 @@ class TransferKeys:
                 _kek_context(institution, key_id),
             )
         except KeyDestroyed as exc:
-            raise SealError(f"{where}: unreadable, {exc}") from None
+            raise KeyGone(f"{where}: unreadable, {exc}") from None
         with self._lock:
             self._cache[key_id] = (time.monotonic(), institution, key)
         return key
@@ -144,7 +144,7 @@ class TransferKeys:
                 ).where(data_keys.c.dek_id == key_id, data_keys.c.blob_key.like(BLOB_PREFIX + "%"))
             ).first()
         if row is None:
-            raise SealError(f"{where}: its transfer key {key_id} is not in the catalog")
+            raise KeyGone(f"{where}: its transfer key {key_id} is not in the catalog (destroyed)")
         return self._open(row, where)
 
     def active(self, institution: str) -> str | None:
