@@ -331,6 +331,42 @@ def test_first_image_overlay_thumbnails_and_load_rate(page: Page, studies: Studi
     shot(page, "ct512")
 
 
+def test_the_study_is_asked_for_at_html_parse_and_each_step_is_timed(page: Page, studies: Studies) -> None:
+    """Issue 7 §5, R-PF-1: index.html's inline script asks for the series list and the shown
+    series' metadata before the main chunk is evaluated, and the viewer uses those answers (one
+    request each, not two); every step towards the first image is marked, in its order."""
+    seen: list[str] = []
+    page.on("request", lambda r: seen.append(urllib.parse.urlparse(r.url).path))
+    timings = open_viewer(page, studies, studies.phantom)
+    shown = page.evaluate("window.__ybyx.state.cells[0].series.uid")
+    study = f"/dicom-web/studies/{studies.phantom}"
+    assert seen.count(f"{study}/series") == 1, seen
+    assert seen.count(f"{study}/series/{shown}/metadata") == 1, seen
+    assert seen.count("/viewer/config.json") == 1, seen
+    assert timings["earlyFetch"] < timings["bundleEvaluated"], timings
+    order = [
+        "htmlResponse",
+        "bundleFetched",
+        "bundleEvaluated",
+        "coreInit",
+        "loaderReady",
+        "engineReady",
+        "metadataLoaded",
+        "firstFrameRequested",
+        "firstFrameFetched",
+        "firstDecoded",
+        "stackSet",
+        "firstRendered",
+        "firstImage",
+    ]
+    missing = [step for step in [*order, "configFetched", "seriesListed"] if step not in timings]
+    assert not missing, (missing, timings)
+    assert [timings[s] for s in order] == sorted(timings[s] for s in order), {s: timings[s] for s in order}
+    marks = page.evaluate("performance.getEntriesByType('mark').map(m => m.name)")
+    wanted = {f"ybyx:{s}" for s in ("bundleEvaluated", "coreInit", "stackSet", "firstImage")}
+    assert wanted <= set(marks), marks
+
+
 # ---- display tools -------------------------------------------------------------------------------
 
 
