@@ -30,15 +30,13 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
-import urllib3
-from minio import Minio
 from minio.commonconfig import COMPLIANCE, GOVERNANCE
 from minio.datatypes import Object
 from minio.error import MinioException, S3Error
 from minio.retention import Retention
 from urllib3.exceptions import HTTPError, MaxRetryError
-from urllib3.util import Retry, Timeout
 
+from gateway.archive.s3 import minio_client
 from gateway.audit import ExportConflict, utcnow
 
 if TYPE_CHECKING:
@@ -87,20 +85,17 @@ class ObjectLockExport:
         self.retain_days = retain_days
         self.legal_hold = legal_hold
         self.clock = clock
-        http = urllib3.PoolManager(
-            # short: the export runs on the audit thread, and a failed pass is retried later anyway
-            timeout=Timeout(connect=5.0, read=30.0),
-            maxsize=4,
-            cert_reqs="CERT_REQUIRED" if secure else "CERT_NONE",
-            retries=Retry(total=2, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
-        )
-        self._client = Minio(
+        # short reads, few retries: the export runs on the audit thread, and a failed pass is
+        # retried later anyway
+        self._client = minio_client(
             endpoint,
-            access_key=access_key,
-            secret_key=secret_key,
+            access_key,
+            secret_key,
             secure=secure,
             region=region,
-            http_client=http,
+            read_timeout=30.0,
+            retries=2,
+            pool_size=4,
         )
 
     @classmethod

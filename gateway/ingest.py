@@ -321,7 +321,8 @@ class Helpers:
             return None
         try:
             answer = pool.run(examine, path, source, expected_sop_uid, received_at)
-            self.used += 1
+            with self._lock:
+                self.used += 1
             return answer
         except Exception:  # a helper died (the pool replaces itself) or the pool is shut down
             log.warning("ingest helper failed; reading %s in the receiving thread", path, exc_info=True)

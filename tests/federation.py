@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +16,34 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from gateway.center import Center
 from gateway.config import CenterConfig, FrontendConfig, IndexConfig, parse_config
 from gateway.frontend import Frontend
+from gateway.identity import IdType, person_key
 from gateway.security.credentials import write_secret
 from index.service import NationalIndex
 from tests.conftest import TEST_SECURITY
 from tests.peers.ports import free_port
 
 KEY = bytes(range(32))
+CST = timezone(timedelta(hours=8))
+PERSON = person_key(IdType.RESIDENT_ID, "11010519491231002X", KEY)
+
+
+def index_record(study: str, at: datetime, **kw: Any) -> dict[str, Any]:
+    """A study's national index record (``POST /api/v1/index-records``) for :data:`PERSON`."""
+    return {
+        "study_uid": study,
+        "person_key": PERSON,
+        "id_type": "resident-id",
+        "exam_time": at.isoformat(),
+        "modality": "CT",
+        "body_part": "CHEST",
+        "exam_item_code": "CT001",
+        "exam_item_name": "胸部CT平扫",
+        "hospital_code": "H1",
+        "hospital_level": "三级甲等",
+        "province": "52",
+        "center": "urn:ybyx:center:52",
+        **kw,
+    }
 # what a center needs at the index, and what a center needs at another center
 CENTER_AT_INDEX = "index:register index:lookup index:retrievals"
 CENTER_AT_CENTER = "wado qido api:fetch"

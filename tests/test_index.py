@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,35 +15,17 @@ import httpx
 import pytest
 
 from gateway.center import Center
-from gateway.identity import IdType, person_key
 from gateway.security.guard import ROLE_SCOPES, required_scope
 from index.service import NationalIndex
 from tests.conftest import auth, node_url
-from tests.federation import KEY, exam_body, store_study, tiny_study
+from tests.federation import CST, PERSON, exam_body, index_record, store_study, tiny_study
 from tests.peers.ports import free_port
 from tests.test_security_routes import fill, walk
 
-CST = timezone(timedelta(hours=8))
-PERSON = person_key(IdType.RESIDENT_ID, "11010519491231002X", KEY)
 USCC = "91350100M000100Y43"
 
 
-def record(study: str, at: datetime, **kw: Any) -> dict[str, Any]:
-    return {
-        "study_uid": study,
-        "person_key": PERSON,
-        "id_type": "resident-id",
-        "exam_time": at.isoformat(),
-        "modality": "CT",
-        "body_part": "CHEST",
-        "exam_item_code": "CT001",
-        "exam_item_name": "胸部CT平扫",
-        "hospital_code": "H1",
-        "hospital_level": "三级甲等",
-        "province": "52",
-        "center": "urn:ybyx:center:52",
-        **kw,
-    }
+record = index_record
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +18,12 @@ from sqlalchemy import select, update
 from gateway.archive.catalog import make_engine
 from gateway.archive.schema import audit_log, index_records
 from gateway.config import IndexConfig, parse_config
-from gateway.identity import IdType, person_key
 from gateway.security.columns import PREFIX
 from index.service import NationalIndex
 from tests.conftest import TEST_SECURITY, auth, node_url
-from tests.federation import KEY
+from tests.federation import CST, PERSON, index_record
 from tests.peers.ports import free_port
 
-CST = timezone(timedelta(hours=8))
-PERSON = person_key(IdType.RESIDENT_ID, "11010519491231002X", KEY)
 DIAGNOSIS = "右肺上叶结节，建议随访"
 DESCRIPTION = "右肺上叶见一约8mm磨玻璃结节"
 
@@ -46,23 +43,8 @@ def config(root: Path, db_url: str, *, sealed: bool) -> IndexConfig:
 
 
 def record(study: str, **kw: Any) -> dict[str, Any]:
-    return {
-        "study_uid": study,
-        "person_key": PERSON,
-        "id_type": "resident-id",
-        "exam_time": datetime(2025, 3, 1, 9, 30, tzinfo=CST).isoformat(),
-        "modality": "CT",
-        "body_part": "CHEST",
-        "exam_item_code": "CT001",
-        "exam_item_name": "胸部CT平扫",
-        "hospital_code": "H1",
-        "hospital_level": "三级甲等",
-        "province": "52",
-        "center": "urn:ybyx:center:52",
-        "description": DESCRIPTION,
-        "diagnosis": DIAGNOSIS,
-        **kw,
-    }
+    text = {"description": DESCRIPTION, "diagnosis": DIAGNOSIS, **kw}
+    return index_record(study, datetime(2025, 3, 1, 9, 30, tzinfo=CST), **text)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

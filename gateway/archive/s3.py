@@ -40,6 +40,32 @@ from urllib3.util import Retry, Timeout
 
 from gateway.archive.blobstore import CHUNK, BlobNotFound, sha256_file
 
+
+def minio_client(
+    endpoint: str,
+    access_key: str,
+    secret_key: str,
+    *,
+    secure: bool,
+    region: str | None,
+    read_timeout: float = 120.0,
+    retries: int = 3,
+    pool_size: int = 10,
+) -> Minio:
+    """A ``minio`` client on our own connection pool instead of the SDK default (5 retries, a 5 min
+    connect timeout): a dead endpoint must fail within seconds, not minutes, so that start-up
+    checks report it promptly. The one way ybyx makes S3 clients (blob store, audit export)."""
+    http = urllib3.PoolManager(
+        timeout=Timeout(connect=10.0, read=read_timeout),
+        maxsize=pool_size,
+        cert_reqs="CERT_REQUIRED" if secure else "CERT_NONE",
+        retries=Retry(total=retries, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
+    )
+    return Minio(
+        endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region, http_client=http
+    )
+
+
 PART_SIZE: Final = 16 << 20
 """Multipart part size; also the largest object sent as a single PUT."""
 
@@ -143,22 +169,7 @@ class S3BlobStore:
         self.prefix = f"{prefix}/" if prefix else ""
         self.create_bucket = create_bucket
         self._bucket_ready = False
-        # Our own pool instead of the SDK default (5 retries, 5 min connect timeout): a dead
-        # endpoint must fail within seconds, not minutes, so start-up checks report it promptly.
-        http = urllib3.PoolManager(
-            timeout=Timeout(connect=10.0, read=120.0),
-            maxsize=10,
-            cert_reqs="CERT_REQUIRED" if secure else "CERT_NONE",
-            retries=Retry(total=3, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
-        )
-        self._client = Minio(
-            endpoint,
-            access_key=access_key,
-            secret_key=secret_key,
-            secure=secure,
-            region=region,
-            http_client=http,
-        )
+        self._client = minio_client(endpoint, access_key, secret_key, secure=secure, region=region)
 
     def __repr__(self) -> str:
         return f"S3BlobStore({self.endpoint!r}, bucket={self.bucket!r}, prefix={self.prefix!r})"

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, delete, func, select, update
+from sqlalchemy import Connection, bindparam, delete, func, select, update
 
 from gateway.archive.blobstore import BlobStore
 from gateway.archive.catalog import AddOutcome, Catalog
@@ -56,6 +56,10 @@ DELETE_GRACE = timedelta(seconds=60)  # default of [compression] delete_grace_se
 SWEEP_EVERY = 1.0  # seconds between sweeps of retired blobs by the worker threads
 SWEEP_BATCH = 200
 BATCH = 8  # queue rows a worker thread takes per query
+
+
+_UNQUEUE = delete(codec_queue).where(codec_queue.c.sop_uid == bindparam("sop"))
+_QUEUE = codec_queue.insert()
 
 
 class Current(NamedTuple):
@@ -111,16 +115,18 @@ class CompressionStage:
     def enqueue(self, conn: Connection, rec: InstanceRecord, outcome: AddOutcome) -> None:
         """Catalog write hook: queue a newly stored instance in its own transaction."""
         now = utcnow()
-        conn.execute(delete(codec_queue).where(codec_queue.c.sop_uid == rec.sop_uid))
+        # statements built once: this runs in every stored instance's transaction (C-STORE path)
+        conn.execute(_UNQUEUE, {"sop": rec.sop_uid})
         conn.execute(
-            codec_queue.insert().values(
-                sop_uid=rec.sop_uid,
-                study_uid=rec.study_uid,
-                attempts=0,
-                next_attempt_at=now,
-                last_error="",
-                enqueued_at=now,
-            )
+            _QUEUE,
+            {
+                "sop_uid": rec.sop_uid,
+                "study_uid": rec.study_uid,
+                "attempts": 0,
+                "next_attempt_at": now,
+                "last_error": "",
+                "enqueued_at": now,
+            },
         )
         self._threads.wake()
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, delete, func, or_, select, update
+from sqlalchemy import Connection, and_, bindparam, delete, func, or_, select, update
 
 from gateway.archive.catalog import AddOutcome, Catalog
 from gateway.archive.record import InstanceRecord
@@ -65,17 +65,9 @@ class QcBook:
     def enqueue(self, conn: Connection, rec: InstanceRecord, outcome: AddOutcome) -> None:
         """Catalog write hook: queue a newly stored instance (or new bytes) in its own transaction."""
         now = self.clock()
-        conn.execute(delete(qc_queue).where(qc_queue.c.sop_uid == rec.sop_uid))
-        conn.execute(
-            qc_queue.insert().values(
-                sop_uid=rec.sop_uid,
-                study_uid=rec.study_uid,
-                attempts=0,
-                next_attempt_at=now,
-                last_error="",
-                enqueued_at=now,
-            )
-        )
+        # statements built once: this runs in every stored instance's transaction (C-STORE path)
+        conn.execute(_UNQUEUE, {"sop": rec.sop_uid})
+        _queue(conn, [(rec.sop_uid, rec.study_uid)], now)
 
     def backfill(self) -> int:
         """Queue instances stored while QC was off (no result for their current version) and take
@@ -97,21 +89,7 @@ class QcBook:
         with self.catalog.write() as conn:
             conn.execute(update(qc_queue).values(next_attempt_at=now))
             rows = conn.execute(ungraded).all()
-            if rows:
-                conn.execute(
-                    qc_queue.insert(),
-                    [
-                        {
-                            "sop_uid": r.sop_uid,
-                            "study_uid": r.study_uid,
-                            "attempts": 0,
-                            "next_attempt_at": now,
-                            "last_error": "",
-                            "enqueued_at": now,
-                        }
-                        for r in rows
-                    ],
-                )
+            _queue(conn, [(r.sop_uid, r.study_uid) for r in rows], now)
         return len(rows)
 
     def claim(self, *, limit: int = 8, study_uid: str | None = None) -> list[dict[str, Any]]:
@@ -203,21 +181,7 @@ class QcBook:
                 conn.execute(select(qc_queue.c.sop_uid).where(qc_queue.c.sop_uid.in_(wanted))).scalars()
             )
             new = [sop for sop in wanted if sop not in queued]
-            if new:
-                conn.execute(
-                    qc_queue.insert(),
-                    [
-                        {
-                            "sop_uid": sop,
-                            "study_uid": study_uid,
-                            "attempts": 0,
-                            "next_attempt_at": now,
-                            "last_error": "",
-                            "enqueued_at": now,
-                        }
-                        for sop in new
-                    ],
-                )
+            _queue(conn, [(sop, study_uid) for sop in new], now)
         return len(new)
 
     def current(self, sop_uid: str) -> dict[str, Any] | None:
@@ -440,3 +404,25 @@ class QcBook:
         if row is None:
             return None
         return {**json.loads(row.report), "received_at": _iso(row.received_at)}
+
+
+_UNQUEUE = delete(qc_queue).where(qc_queue.c.sop_uid == bindparam("sop"))
+
+
+def _queue(conn: Connection, items: list[tuple[str, str]], now: datetime) -> None:
+    """Queue (SOP Instance UID, Study Instance UID) pairs for grading, in the caller's transaction."""
+    if items:
+        conn.execute(
+            qc_queue.insert(),
+            [
+                {
+                    "sop_uid": sop,
+                    "study_uid": study,
+                    "attempts": 0,
+                    "next_attempt_at": now,
+                    "last_error": "",
+                    "enqueued_at": now,
+                }
+                for sop, study in items
+            ],
+        )

@@ -289,18 +289,23 @@ class LocalKms:
 
     def destroy(self, key_id: str) -> KeyInfo:
         doc = copy.deepcopy(self._load())
-        for entry in doc["keys"]:
+        return self._destroy_in(doc, doc, key_id, "KEK")
+
+    def _destroy_in(self, doc: dict[str, Any], ring: dict[str, Any], key_id: str, what: str) -> KeyInfo:
+        """Shred ``key_id``'s material in ``ring`` (the KEKs, or one purpose's managed keys) of the
+        key file ``doc``, and save it."""
+        for entry in ring["keys"]:
             if entry["id"] == key_id:
                 if entry["state"] == "destroyed":
-                    raise KeyDestroyed(f"KEK {key_id} was already destroyed")
+                    raise KeyDestroyed(f"{what} {key_id} was already destroyed")
                 entry.pop("material", None)
                 entry["state"] = "destroyed"
                 entry["destroyed"] = _now()
-                if doc.get("active") == key_id:
-                    doc["active"] = ""
+                if ring.get("active") == key_id:
+                    ring["active"] = ""
                 self._save(doc)
                 return KeyInfo(key_id, "destroyed", entry["created"], entry["destroyed"])
-        raise KmsError(f"KEK {key_id}: not in {self.path}")
+        raise KmsError(f"{what} {key_id}: not in {self.path}")
 
     def list_keys(self) -> list[KeyInfo]:
         return [
@@ -376,18 +381,7 @@ class LocalKms:
         self._ring(purpose)
         doc = copy.deepcopy(self._load())
         ring = doc.get("managed", {}).get(purpose, {"active": "", "keys": []})
-        for entry in ring["keys"]:
-            if entry["id"] == key_id:
-                if entry["state"] == "destroyed":
-                    raise KeyDestroyed(f"{purpose} key {key_id} was already destroyed")
-                entry.pop("material", None)
-                entry["state"] = "destroyed"
-                entry["destroyed"] = _now()
-                if ring.get("active") == key_id:
-                    ring["active"] = ""
-                self._save(doc)
-                return KeyInfo(key_id, "destroyed", entry["created"], entry["destroyed"])
-        raise KmsError(f"{purpose} key {key_id}: not in {self.path}")
+        return self._destroy_in(doc, ring, key_id, f"{purpose} key")
 
     def retired_at(self, purpose: str, key_id: str) -> str:
         """When a managed key stopped being the active one ("" if it still is or never was)."""
