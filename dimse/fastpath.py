@@ -73,8 +73,10 @@ import os
 import queue
 import select
 import socket
+import struct
 import threading
 import time
+from pathlib import Path
 from typing import Any, cast
 
 import pynetdicom
@@ -86,6 +88,8 @@ from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT, A_RELEASE
 from pynetdicom.transport import AssociationSocket, RequestHandler
 from pynetdicom.utils import make_target
+
+from dimse.store_receiver import StoreFunction, StoreReceiver
 
 log = logging.getLogger(__name__)
 # The reactors log what pynetdicom's own would, under its logger.
@@ -102,6 +106,9 @@ def _supported(version: str) -> bool:
 
 
 ENABLED = _supported(pynetdicom.__version__) and os.environ.get("YBYX_DIMSE_FASTPATH", "1") != "0"
+# The lean C-STORE receive path (dimse/store_receiver.py) on top; YBYX_LEAN_STORE=0 leaves C-STORE
+# to pynetdicom's own path (for comparison in bench/ingest.py and the tests of both).
+LEAN_STORE = os.environ.get("YBYX_LEAN_STORE", "1") != "0"
 
 
 def _moot(event: str, state: str) -> bool:
@@ -116,9 +123,15 @@ class _EventDUL(DULServiceProvider):
     _wake_w: socket.socket | None
     _wake_lock: threading.Lock
     _bell: threading.Event
+    _store: tuple[StoreFunction, Path, threading.Lock] | None
+    _receiver: StoreReceiver | None
 
-    def _fast_init(self, bell: threading.Event) -> None:
+    def _fast_init(
+        self, bell: threading.Event, store: tuple[StoreFunction, Path, threading.Lock] | None = None
+    ) -> None:
         self._bell = bell
+        self._store = store
+        self._receiver = None
         # Guards the wake-up sockets against being written while the reactor closes them (a
         # closed descriptor number can be reused by another thread's file at once).
         self._wake_lock = threading.Lock()
@@ -192,12 +205,82 @@ class _EventDUL(DULServiceProvider):
         if assoc.dimse.msg_queue.queue or self.to_user_queue.queue or assoc._kill:
             self._bell.set()
 
+    # ---- reading PDUs: pynetdicom 3.0.4 _read_pdu_data, C-STORE data taken by the receiver --------
+
+    def _store_receiver(self) -> StoreReceiver | None:
+        if self._receiver is None and self._store is not None:
+            store, spool, send_lock = self._store
+            self._receiver = StoreReceiver(self.assoc, store, spool, send_lock, start_writeback)
+        return self._receiver
+
+    def _read_pdu_data(self) -> None:
+        """3.0.4's ``_read_pdu_data`` (same events for the same failures), except that while the
+        association is established a P-DATA-TF PDU goes to the :class:`StoreReceiver` first; what
+        it leaves (other DIMSE messages) is decoded by pynetdicom as before."""
+        sock = cast(AssociationSocket, self.socket)
+        try:
+            header = sock.recv(6)
+        except (OSError, TimeoutError) as exc:
+            _pnd_log.error("Connection closed before the entire PDU was received")
+            _pnd_log.exception(exc)
+            self.event_queue.put("Evt17")
+            return
+        try:
+            pdu_type, _, pdu_length = struct.unpack(">BBL", header)
+        except struct.error:
+            self.event_queue.put("Evt17")
+            return
+        if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
+            _pnd_log.error(f"Unknown PDU type received '0x{pdu_type:02X}'")
+            self.event_queue.put("Evt19")
+            return
+        try:
+            body = sock.recv(pdu_length)
+        except (OSError, TimeoutError) as exc:
+            _pnd_log.error("Connection closed before the entire PDU was received")
+            _pnd_log.exception(exc)
+            self.event_queue.put("Evt17")
+            return
+        if len(body) != pdu_length:
+            _pnd_log.error(
+                f"The received PDU is shorter than expected ({len(body) + 6} of "
+                f"{6 + pdu_length} bytes received)"
+            )
+            self.event_queue.put("Evt17")
+            return
+
+        bytestream: bytes | bytearray = header + body
+        receiver = self._store_receiver() if pdu_type == 0x04 else None
+        if receiver is not None and self.state_machine.current_state == "Sta6":
+            try:
+                with memoryview(body) as view:
+                    rest = receiver.take(view, pynetdicom_busy=self.assoc.dimse.message is not None)
+            except ValueError:
+                rest = None  # malformed items: pynetdicom decodes and reports the PDU as before
+            if rest is not None:
+                if not rest:
+                    return  # all of it was C-STORE data for the receiver
+                items = b"".join(struct.pack(">IB", len(pdv) + 1, cid) + pdv for cid, pdv in rest)
+                bytestream = struct.pack(">BBL", 0x04, 0, len(items)) + items
+
+        try:
+            pdu, event = self._decode_pdu(bytearray(bytestream))
+            self.event_queue.put(event)
+        except Exception as exc:
+            _pnd_log.error("Unable to decode the received PDU data")
+            _pnd_log.exception(exc)
+            self.event_queue.put("Evt19")
+            return
+        self._recv_pdu.put(pdu)
+
     # ---- the reactor: pynetdicom 3.0.4 DULServiceProvider.run_reactor, waits replaced -----------
 
     def run_reactor(self) -> None:
         try:
             self._run_event_reactor()
         finally:
+            if self._receiver is not None:
+                self._receiver.close()
             self._bell.set()  # the association thread checks dul.is_alive()
             with self._wake_lock:
                 for sock in (self._wake_r, self._wake_w):
@@ -364,8 +447,47 @@ class _EventAssociation(Association):
                 return
 
 
-def upgrade(assoc: Association) -> Association:
-    """Give a new acceptor (threads not yet started) the event-driven reactors."""
+def start_writeback(fd: int) -> None:
+    """Ask the kernel to start writing ``fd``'s dirty pages to disk now, without waiting.
+
+    Not a durability step (the blob store's fsync is): it lets the disk work while the header is
+    checked and the record built, so that the fsync mostly finds the data written already.
+    """
+    if _sync_file_range is not None:
+        _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+
+
+def _libc_sync_file_range() -> Any:
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):  # not Linux/glibc: no early write-back, fsync does it all
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _libc_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2  # start write-out of the dirty pages; do not wait (linux/fs.h)
+
+
+def _locked_send(assoc: Association, lock: threading.Lock) -> None:
+    """Make ``assoc.dimse.send_msg`` hold ``lock``: the receiver's C-STORE responses (sent from the
+    DUL thread) then never land between the PDUs of a message another thread is sending."""
+    send_msg = assoc.dimse.send_msg
+
+    def locked(primitive: Any, context_id: int) -> None:
+        with lock:
+            send_msg(primitive, context_id)
+
+    assoc.dimse.send_msg = locked  # type: ignore[method-assign]
+
+
+def upgrade(assoc: Association, store: StoreFunction | None = None, spool: Path | None = None) -> Association:
+    """Give a new acceptor (threads not yet started) the event-driven reactors, and, with ``store``
+    and ``spool``, the lean C-STORE receive path (:mod:`dimse.store_receiver`)."""
     if not ENABLED or assoc.is_alive() or assoc.dul.is_alive():
         return assoc
     bell = threading.Event()
@@ -376,15 +498,26 @@ def upgrade(assoc: Association) -> Association:
     dul.__class__ = _EventDUL
     if type(dul.socket) is AssociationSocket:
         dul.socket.__class__ = _BulkSocket
-    cast(_EventDUL, dul)._fast_init(bell)
+    receiving = None
+    if store is not None and spool is not None and LEAN_STORE:
+        lock = threading.Lock()
+        _locked_send(assoc, lock)
+        receiving = (store, spool, lock)
+    cast(_EventDUL, dul)._fast_init(bell, receiving)
     return assoc
 
 
 class EventRequestHandler(RequestHandler):
-    """pynetdicom's request handler, with each association upgraded by :func:`upgrade`."""
+    """pynetdicom's request handler, with each association upgraded by :func:`upgrade` (with the
+    lean C-STORE path when the server has ``store_function`` and ``spool`` attributes)."""
 
     def _create_association(self) -> Association:
-        return upgrade(super()._create_association())
+        server = self.server
+        return upgrade(
+            super()._create_association(),
+            getattr(server, "store_function", None),
+            getattr(server, "spool", None),
+        )
 
 
 _warned = False

@@ -42,6 +42,7 @@ from dimse.contexts import (
     no_delay_assoc,
     retrieve_contexts,
 )
+from dimse.store_receiver import Received, StoreRequest
 from gateway.archive.blobstore import BlobStore
 from gateway.archive.catalog import Catalog, StoredInstance
 from gateway.archive.query import Level, QueryError
@@ -115,6 +116,11 @@ class _NoDelayServer(ThreadedAssociationServer):
         return sock, addr
 
 
+def _receiving(server: ThreadedAssociationServer) -> int:
+    """Established associations of ``server`` (pynetdicom lists every acceptor thread)."""
+    return sum(1 for assoc in server.active_associations if assoc.is_established)
+
+
 def _status(code: int, comment: str = "") -> Dataset:
     ds = Dataset()
     ds.Status = code
@@ -144,6 +150,10 @@ class DicomServer:
         self.commitments = CommitmentReporter(catalog, cfg)
         self._server: _NoDelayServer | None = None
         self._thread: threading.Thread | None = None
+        # C-STORE requests handled so far by each receive path (dimse/store_receiver.py or
+        # pynetdicom's own): for the operator (/healthz) and the tests
+        self.stores = {"lean": 0, "pynetdicom": 0}
+        self._stores_lock = threading.Lock()
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -216,6 +226,9 @@ class DicomServer:
             ),
         )
         ae._servers.append(server)  # as start_server does, so server.shutdown() can deregister it
+        # the lean C-STORE receive path of every association it accepts (dimse/store_receiver.py)
+        server.store_function = self.store_received  # type: ignore[attr-defined]
+        server.spool = self.spool  # type: ignore[attr-defined]
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, name="dimse-scp", daemon=True)
         self._thread.start()
@@ -255,19 +268,37 @@ class DicomServer:
         audit_events.rejected(self.audit, self.cfg, event)
 
     def _on_store(self, event: evt.Event) -> Dataset:
-        calling = event.assoc.requestor.ae_title
+        """C-STORE through pynetdicom's own receive path (the lean one off, or a request it left)."""
+        status, comment = self._store(
+            event.assoc,
+            Path(event.dataset_path),
+            str(cast(Any, event.request).AffectedSOPInstanceUID),
+            None,
+        )
+        return _status(status, comment)
+
+    def store_received(self, assoc: Any, request: StoreRequest, received: Received) -> tuple[int, str]:
+        """C-STORE through the lean receive path: the data set is in ``received``, hashed."""
+        return self._store(assoc, received.path, request.sop_instance_uid, (received.size, received.sha256))
+
+    def _store(self, assoc: Any, path: Path, sop_uid: str, known: tuple[int, str] | None) -> tuple[int, str]:
         server = self._server
+        with self._stores_lock:
+            self.stores["pynetdicom" if known is None else "lean"] += 1
         result = self.ingest.accept_file(
-            event.dataset_path,
-            source=calling,
-            expected_sop_uid=str(cast(Any, event.request).AffectedSOPInstanceUID),
-            who=audit_events.peer_actor(self.cfg, event.assoc),
-            # others are being received now: let ingest use its helper processes (issue 2)
-            offload=server is not None and len(server.active_associations) > 1,
+            path,
+            source=assoc.requestor.ae_title,
+            expected_sop_uid=sop_uid,
+            who=audit_events.peer_actor(self.cfg, assoc),
+            # others are being received now: let ingest use its helper processes (issue 2). Only
+            # established associations count: a bare TCP probe also makes one, which waits for
+            # its A-ASSOCIATE-RQ until the ACSE timeout.
+            offload=server is not None and _receiving(server) > 1,
+            known=known,
         )
         if isinstance(result, Accepted):
-            return _status(0x0000)
-        return _status(STORE_STATUS[result.kind], result.reason)
+            return 0x0000, ""
+        return STORE_STATUS[result.kind], result.reason
 
     def _criteria(self, identifier: Dataset) -> tuple[Level, dict[str, str], list[str]]:
         level_name = str(identifier.get("QueryRetrieveLevel", "")).upper()

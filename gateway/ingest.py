@@ -208,11 +208,16 @@ class Unreadable:
 
 
 def examine(
-    path: str, source: str, expected_sop_uid: str | None, received_at: datetime
+    path: str,
+    source: str,
+    expected_sop_uid: str | None,
+    received_at: datetime,
+    known: tuple[int, str] | None = None,
 ) -> InstanceRecord | Unfit | Unreadable:
     """Steps 1-2 of the module docstring and the record of step 4, for the received file at ``path``:
-    the header checked, the bytes hashed, the catalog record built. Reads the file only; a pure
-    function of its arguments, so it runs the same in a helper process (:class:`Helpers`)."""
+    the header checked, the bytes hashed (unless ``known`` gives their size and SHA-256, computed by
+    whoever wrote the file), the catalog record built. Reads the file only; a pure function of its
+    arguments, so it runs the same in a helper process (:class:`Helpers`)."""
     try:
         with open(path, "rb") as fh:
             ds, pixel_offset = _read_header(fh)
@@ -248,7 +253,7 @@ def examine(
         return Unfit("MediaStorageSOPInstanceUID differs from SOPInstanceUID", "mismatch", sop)
 
     try:
-        size, sha = sha256_file(Path(path))
+        size, sha = known or sha256_file(Path(path))
     except OSError as exc:
         return Unreadable(f"storage unavailable: {exc}", sop)
     try:
@@ -313,14 +318,19 @@ class Helpers:
         return self._ready.wait(timeout)
 
     def examine(
-        self, path: str, source: str, expected_sop_uid: str | None, received_at: datetime
+        self,
+        path: str,
+        source: str,
+        expected_sop_uid: str | None,
+        received_at: datetime,
+        known: tuple[int, str] | None = None,
     ) -> InstanceRecord | Unfit | Unreadable | None:
         """The answer from a helper, or None when none is ready (the caller does it itself)."""
         pool = self._started()
         if pool is None or not self._ready.is_set():
             return None
         try:
-            answer = pool.run(examine, path, source, expected_sop_uid, received_at)
+            answer = pool.run(examine, path, source, expected_sop_uid, received_at, known)
             with self._lock:
                 self.used += 1
             return answer
@@ -389,6 +399,7 @@ class Ingest:
         expected_sop_uid: str | None = None,
         who: Actor | None = None,
         offload: bool = False,
+        known: tuple[int, str] | None = None,
     ) -> Accepted | Refused:
         """Store the Part-10 file at ``path`` (the caller keeps ownership of ``path``).
 
@@ -398,10 +409,13 @@ class Ingest:
         ``offload``: the caller is receiving other instances at the same time (several
         associations): the header is read and the record built in a helper process when the node
         has them, so that the receiving threads keep the interpreter lock.
+
+        ``known``: the file's size and SHA-256, computed by the caller while it wrote the file (and
+        the caller started its write-back): not read again here.
         """
         who = who or Actor(source, "", "", "")
         result = self._accept_file(
-            path, source=source, expected_sop_uid=expected_sop_uid, who=who, offload=offload
+            path, source=source, expected_sop_uid=expected_sop_uid, who=who, offload=offload, known=known
         )
         if isinstance(result, Refused) and self.audit is not None:
             self.audit.record_as(
@@ -418,11 +432,18 @@ class Ingest:
         return result
 
     def _accept_file(
-        self, path: Path, *, source: str, expected_sop_uid: str | None, who: Actor, offload: bool
+        self,
+        path: Path,
+        *,
+        source: str,
+        expected_sop_uid: str | None,
+        who: Actor,
+        offload: bool,
+        known: tuple[int, str] | None,
     ) -> Accepted | Refused:
-        if isinstance(self.store, FolderBlobStore):
+        if known is None and isinstance(self.store, FolderBlobStore):
             _start_writeback(path)
-        examined = self._examine(path, source, expected_sop_uid, offload)
+        examined = self._examine(path, source, expected_sop_uid, offload, known)
         if isinstance(examined, Unfit):
             return self._refuse(path, source, examined.reason, examined.kind, examined.sop)
         if isinstance(examined, Unreadable):
@@ -453,16 +474,21 @@ class Ingest:
         return Accepted(rec.sop_uid, rec.sop_class_uid, rec.study_uid, outcome, rec.sha256, size)
 
     def _examine(
-        self, path: Path, source: str, expected_sop_uid: str | None, offload: bool
+        self,
+        path: Path,
+        source: str,
+        expected_sop_uid: str | None,
+        offload: bool,
+        known: tuple[int, str] | None,
     ) -> InstanceRecord | Unfit | Unreadable:
         """:func:`examine` here, or in a helper process when the caller says others are being
         received at the same time (see :class:`Helpers`)."""
         received_at = datetime.now(UTC)
         if offload and self.helpers is not None:
-            answer = self.helpers.examine(str(path), source, expected_sop_uid, received_at)
+            answer = self.helpers.examine(str(path), source, expected_sop_uid, received_at, known)
             if answer is not None:
                 return answer
-        return examine(str(path), source, expected_sop_uid, received_at)
+        return examine(str(path), source, expected_sop_uid, received_at, known)
 
     def _drop_received_copy(self, sop: str, key: str) -> None:
         """A duplicate of the bytes once received for an instance now stored losslessly compressed
