@@ -39,14 +39,20 @@ association reactor's hard-coded sleep.
   ``test_commitment``'s hang-up test.)
 
 One deliberate difference: in Sta13 (the association is over, awaiting the transport close) a local
-A-RELEASE response or A-ABORT request (Evt14, Evt15) is dropped with a log line instead of raising
-``InvalidEventError`` and ending the DUL thread with a traceback. It happens when a thread that
-paused the reactor to send on the association (storage commitment's N-EVENT-REPORT) times out
-while the peer was releasing: the reactor answers the release and the timed-out sender aborts, both
-for an association already closing. Faster responses made that race visible in ``test_commitment``
+P-DATA request, A-RELEASE response or A-ABORT request (Evt9, Evt14, Evt15) is dropped with a log
+line instead of raising ``InvalidEventError`` and ending the DUL thread with a traceback. It happens
+when a thread that paused the reactor to send on the association (storage commitment's
+N-EVENT-REPORT) times out while the peer was releasing: the reactor answers the release and the
+timed-out sender aborts, both for an association already closing; and when a C-STORE response the
+store receiver queued (``dimse/store_receiver.py``) finds the association aborted meanwhile (by the
+server stopping, say). Faster responses made the first race visible in ``test_commitment``
 (modality hangs up right after its N-ACTION); 3.0.4's thread would die the same way on that timing.
 
-Nothing else changes: PDU decoding, the state machine, the chunked write of data sets, events and
+**C-STORE.** While established, every P-DATA-TF PDU read goes first to the association's
+:class:`dimse.store_receiver.StoreReceiver` (when the server has a ``store_sink``), which takes the
+C-STORE requests it recognises and leaves the rest to pynetdicom's decoding, as before.
+
+Nothing else changes: PDU decoding (of what the receiver leaves), the state machine, events and
 statuses are pynetdicom's own. Only associations accepted by :class:`dimse.server.DicomServer` get
 these classes (its request handler upgrades each new ``Association`` before its threads start);
 the library's classes are not patched, and our SCU associations are untouched.
@@ -76,7 +82,6 @@ import socket
 import struct
 import threading
 import time
-from pathlib import Path
 from typing import Any, cast
 
 import pynetdicom
@@ -85,11 +90,11 @@ from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.fsm import InvalidEventError
 from pynetdicom.pdu import A_ABORT_RQ
-from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT, A_RELEASE
+from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT, A_RELEASE, P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
 from pynetdicom.utils import make_target
 
-from dimse.store_receiver import StoreFunction, StoreReceiver
+from dimse.store_receiver import StoreReceiver, StoreSink
 
 log = logging.getLogger(__name__)
 # The reactors log what pynetdicom's own would, under its logger.
@@ -112,8 +117,9 @@ LEAN_STORE = os.environ.get("YBYX_LEAN_STORE", "1") != "0"
 
 
 def _moot(event: str, state: str) -> bool:
-    """A local release response / abort request for an association already awaiting close."""
-    return state == "Sta13" and event in ("Evt14", "Evt15")
+    """A local P-DATA request (a C-STORE response the receiver queued, dimse/store_receiver.py),
+    release response or abort request for an association already awaiting close."""
+    return state == "Sta13" and event in ("Evt9", "Evt14", "Evt15")
 
 
 class _EventDUL(DULServiceProvider):
@@ -123,11 +129,11 @@ class _EventDUL(DULServiceProvider):
     _wake_w: socket.socket | None
     _wake_lock: threading.Lock
     _bell: threading.Event
-    _store: tuple[StoreFunction, Path, threading.Lock] | None
+    _store: tuple[StoreSink, threading.Lock] | None
     _receiver: StoreReceiver | None
 
     def _fast_init(
-        self, bell: threading.Event, store: tuple[StoreFunction, Path, threading.Lock] | None = None
+        self, bell: threading.Event, store: tuple[StoreSink, threading.Lock] | None = None
     ) -> None:
         self._bell = bell
         self._store = store
@@ -189,8 +195,8 @@ class _EventDUL(DULServiceProvider):
                 pass
 
     def _drop_moot(self, event: str) -> None:
-        """Discard the queued primitive behind a moot Evt14/Evt15 (its FSM action would have)."""
-        kinds: tuple[type, ...] = (A_RELEASE,) if event == "Evt14" else (A_ABORT, A_P_ABORT)
+        """Discard the queued primitive behind a moot Evt9/Evt14/Evt15 (its FSM action would have)."""
+        kinds: tuple[type, ...] = {"Evt9": (P_DATA,), "Evt14": (A_RELEASE,)}.get(event, (A_ABORT, A_P_ABORT))
         try:
             head = self.to_provider_queue.queue[0]
         except IndexError:
@@ -209,8 +215,8 @@ class _EventDUL(DULServiceProvider):
 
     def _store_receiver(self) -> StoreReceiver | None:
         if self._receiver is None and self._store is not None:
-            store, spool, send_lock = self._store
-            self._receiver = StoreReceiver(self.assoc, store, spool, send_lock, start_writeback)
+            sink, send_lock = self._store
+            self._receiver = StoreReceiver(self.assoc, sink, send_lock)
         return self._receiver
 
     def _read_pdu_data(self) -> None:
@@ -447,32 +453,6 @@ class _EventAssociation(Association):
                 return
 
 
-def start_writeback(fd: int) -> None:
-    """Ask the kernel to start writing ``fd``'s dirty pages to disk now, without waiting.
-
-    Not a durability step (the blob store's fsync is): it lets the disk work while the header is
-    checked and the record built, so that the fsync mostly finds the data written already.
-    """
-    if _sync_file_range is not None:
-        _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
-
-
-def _libc_sync_file_range() -> Any:
-    import ctypes
-
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):  # not Linux/glibc: no early write-back, fsync does it all
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_sync_file_range = _libc_sync_file_range()
-_SYNC_FILE_RANGE_WRITE = 2  # start write-out of the dirty pages; do not wait (linux/fs.h)
-
-
 def _locked_send(assoc: Association, lock: threading.Lock) -> None:
     """Make ``assoc.dimse.send_msg`` hold ``lock``: the receiver's C-STORE responses (sent from the
     DUL thread) then never land between the PDUs of a message another thread is sending."""
@@ -485,9 +465,9 @@ def _locked_send(assoc: Association, lock: threading.Lock) -> None:
     assoc.dimse.send_msg = locked  # type: ignore[method-assign]
 
 
-def upgrade(assoc: Association, store: StoreFunction | None = None, spool: Path | None = None) -> Association:
-    """Give a new acceptor (threads not yet started) the event-driven reactors, and, with ``store``
-    and ``spool``, the lean C-STORE receive path (:mod:`dimse.store_receiver`)."""
+def upgrade(assoc: Association, sink: StoreSink | None = None) -> Association:
+    """Give a new acceptor (threads not yet started) the event-driven reactors, and, with a
+    ``sink``, the lean C-STORE receive path (:mod:`dimse.store_receiver`)."""
     if not ENABLED or assoc.is_alive() or assoc.dul.is_alive():
         return assoc
     bell = threading.Event()
@@ -499,25 +479,20 @@ def upgrade(assoc: Association, store: StoreFunction | None = None, spool: Path 
     if type(dul.socket) is AssociationSocket:
         dul.socket.__class__ = _BulkSocket
     receiving = None
-    if store is not None and spool is not None and LEAN_STORE:
+    if sink is not None and LEAN_STORE:
         lock = threading.Lock()
         _locked_send(assoc, lock)
-        receiving = (store, spool, lock)
+        receiving = (sink, lock)
     cast(_EventDUL, dul)._fast_init(bell, receiving)
     return assoc
 
 
 class EventRequestHandler(RequestHandler):
     """pynetdicom's request handler, with each association upgraded by :func:`upgrade` (with the
-    lean C-STORE path when the server has ``store_function`` and ``spool`` attributes)."""
+    lean C-STORE path when the server has a ``store_sink``)."""
 
     def _create_association(self) -> Association:
-        server = self.server
-        return upgrade(
-            super()._create_association(),
-            getattr(server, "store_function", None),
-            getattr(server, "spool", None),
-        )
+        return upgrade(super()._create_association(), getattr(self.server, "store_sink", None))
 
 
 _warned = False

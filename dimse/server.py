@@ -43,13 +43,13 @@ from dimse.contexts import (
     retrieve_contexts,
 )
 from dimse.store_receiver import Received, StoreRequest
-from gateway.archive.blobstore import BlobStore
+from gateway.archive.blobstore import BlobStore, FolderBlobStore
 from gateway.archive.catalog import Catalog, StoredInstance
 from gateway.archive.query import Level, QueryError
 from gateway.audit import AuditLog
 from gateway.codec.decode import decompressed, sendable_syntax
 from gateway.config import DicomSection
-from gateway.ingest import Accepted, Ingest
+from gateway.ingest import Accepted, Ingest, Pending
 from gateway.security.tls import client_context, server_context
 
 log = logging.getLogger(__name__)
@@ -148,6 +148,8 @@ class DicomServer:
         self.store = store
         self.spool = spool
         self.commitments = CommitmentReporter(catalog, cfg)
+        # the folder store links the spool file into place: its fsync can start at once
+        self.spool_sync = isinstance(store, FolderBlobStore)
         self._server: _NoDelayServer | None = None
         self._thread: threading.Thread | None = None
         # C-STORE requests handled so far by each receive path (dimse/store_receiver.py or
@@ -227,8 +229,7 @@ class DicomServer:
         )
         ae._servers.append(server)  # as start_server does, so server.shutdown() can deregister it
         # the lean C-STORE receive path of every association it accepts (dimse/store_receiver.py)
-        server.store_function = self.store_received  # type: ignore[attr-defined]
-        server.spool = self.spool  # type: ignore[attr-defined]
+        server.store_sink = self  # type: ignore[attr-defined]
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, name="dimse-scp", daemon=True)
         self._thread.start()
@@ -277,11 +278,36 @@ class DicomServer:
         )
         return _status(status, comment)
 
+    # ---- the lean C-STORE receive path (dimse.store_receiver.StoreSink) ---------------------------
+
+    def header_arrived(self, assoc: Any, request: StoreRequest, path: Path, prefix: int) -> Pending | None:
+        return self.ingest.begin(
+            path, prefix, source=assoc.requestor.ae_title, expected_sop_uid=request.sop_instance_uid
+        )
+
+    def drop_early(self, early: Any) -> None:
+        cast(Pending, early).cancel()
+
     def store_received(self, assoc: Any, request: StoreRequest, received: Received) -> tuple[int, str]:
         """C-STORE through the lean receive path: the data set is in ``received``, hashed."""
-        return self._store(assoc, received.path, request.sop_instance_uid, (received.size, received.sha256))
+        return self._store(
+            assoc,
+            received.path,
+            request.sop_instance_uid,
+            (received.size, received.sha256),
+            received.durable,
+            cast("Pending | None", received.early),
+        )
 
-    def _store(self, assoc: Any, path: Path, sop_uid: str, known: tuple[int, str] | None) -> tuple[int, str]:
+    def _store(
+        self,
+        assoc: Any,
+        path: Path,
+        sop_uid: str,
+        known: tuple[int, str] | None,
+        durable: Callable[[], None] | None = None,
+        pending: Pending | None = None,
+    ) -> tuple[int, str]:
         server = self._server
         with self._stores_lock:
             self.stores["pynetdicom" if known is None else "lean"] += 1
@@ -295,6 +321,8 @@ class DicomServer:
             # its A-ASSOCIATE-RQ until the ACSE timeout.
             offload=server is not None and _receiving(server) > 1,
             known=known,
+            durable=durable,
+            pending=pending,
         )
         if isinstance(result, Accepted):
             return 0x0000, ""

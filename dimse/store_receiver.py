@@ -40,9 +40,10 @@ import struct
 import tempfile
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.pdu_primitives import P_DATA
@@ -86,17 +87,40 @@ class StoreRequest:
     move_originator_id: int | None
 
 
+class StoreSink(Protocol):
+    """Where a :class:`StoreReceiver` puts what it receives (:class:`dimse.server.DicomServer`)."""
+
+    spool: Path  # where data sets are written while received
+    spool_sync: bool  # fsync each received file as soon as it is complete (the store links it)
+
+    def header_arrived(self, assoc: Any, request: StoreRequest, path: Path, prefix: int) -> Any:
+        """The first ``prefix`` bytes of the file are written (more follow): start reading the
+        header now if that helps; what is returned comes back as :attr:`Received.early`."""
+        ...
+
+    def store_received(self, assoc: Any, request: StoreRequest, received: Received) -> tuple[int, str]:
+        """Store the complete file; the (status, error comment) of the C-STORE-RSP."""
+        ...
+
+    def drop_early(self, early: Any) -> None:
+        """A data set whose header was being read early will not be stored (the association
+        ended, the spool could not be written): let go of ``early``."""
+        ...
+
+
 @dataclass(frozen=True)
 class Received:
-    """The spool file holding the request's data set as a Part-10 file, with its size and SHA-256."""
+    """The spool file holding the request's data set as a Part-10 file, with its size and SHA-256.
+
+    ``durable``: when the receiver started the file's fsync (``sync`` on), returns once the bytes
+    are on disk (raises ``OSError`` if the fsync failed); None when it did not.
+    """
 
     path: Path
     size: int
     sha256: str
-
-
-# (status, error comment) for the C-STORE-RSP
-StoreFunction = Callable[[Any, StoreRequest, Received], tuple[int, str]]
+    durable: Callable[[], None] | None = None
+    early: Any = None  # what StoreSink.header_arrived returned, if it was called
 
 
 def parse_command(data: bytes | memoryview) -> dict[int, bytes] | None:
@@ -181,6 +205,25 @@ def file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -
     return b"\0" * 128 + b"DICM" + _explicit(0x00020000, b"UL", struct.pack("<I", len(group))) + group
 
 
+_fsyncs: ThreadPoolExecutor | None = None
+_fsyncs_lock = threading.Lock()
+
+
+def _fsync_pool() -> ThreadPoolExecutor:
+    global _fsyncs
+    with _fsyncs_lock:
+        if _fsyncs is None:
+            _fsyncs = ThreadPoolExecutor(max_workers=4, thread_name_prefix="spool-fsync")
+        return _fsyncs
+
+
+def _fsync_and_close(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class _Spool:
     """One data set being received: the file, its running hash and size."""
 
@@ -192,6 +235,8 @@ class _Spool:
         self.hash = hashlib.sha256()
         self.size = 0
         self.error: OSError | None = None
+        self.early: Any = None  # StoreSink.header_arrived's answer
+        self.early_asked = False
         self.write(file_meta(request.sop_class_uid, request.sop_instance_uid, request.transfer_syntax))
 
     def write(self, data: bytes | memoryview) -> None:
@@ -206,37 +251,34 @@ class _Spool:
         except OSError as exc:
             self.error = exc
 
-    def finish(self, start_writeback: Callable[[int], None] | None) -> None:
+    def finish(self, sync: bool) -> Future[None] | None:
+        """Close the file; with ``sync``, in a thread after its fsync, whose future is returned:
+        the disk works while the header is read and the record built (ingest waits for it before
+        placing the blob)."""
         fd, self.fd = self.fd, None
         if fd is None:
-            return
-        try:
-            if start_writeback is not None and self.error is None:
-                start_writeback(fd)
-        finally:
-            os.close(fd)
+            return None
+        if sync and self.error is None:
+            try:
+                return _fsync_pool().submit(_fsync_and_close, fd)
+            except RuntimeError:  # the interpreter is shutting down: do it here
+                _fsync_and_close(fd)
+                return None
+        os.close(fd)
+        return None
 
     def discard(self) -> None:
-        self.finish(None)
+        self.finish(False)
         self.path.unlink(missing_ok=True)
 
 
 class StoreReceiver:
     """The C-STORE requests of one accepted association (see the module docstring)."""
 
-    def __init__(
-        self,
-        assoc: Any,
-        store: StoreFunction,
-        spool: Path,
-        send_lock: threading.Lock,
-        start_writeback: Callable[[int], None] | None = None,
-    ) -> None:
+    def __init__(self, assoc: Any, sink: StoreSink, send_lock: threading.Lock) -> None:
         self.assoc = assoc
-        self.store = store
-        self.spool = spool
+        self.sink = sink
         self.send_lock = send_lock
-        self.start_writeback = start_writeback
         self._current: _Spool | None = None
         self._contexts: dict[int, tuple[str, str]] | None = None  # id -> (abstract, transfer syntax)
 
@@ -312,36 +354,47 @@ class StoreReceiver:
                 if control & 2:
                     self._current = None
                     self._complete(current)
+                elif not current.early_asked and current.error is None:
+                    # the header is normally all in the first fragment: have it read now, while
+                    # the pixel data arrives
+                    current.early_asked = True
+                    current.early = self.sink.header_arrived(
+                        self.assoc, current.request, current.path, current.size
+                    )
             elif current is None and control == 0x03 and not pynetdicom_busy:
                 request = self._request(context_id, pdv[1:])
                 if request is None:
                     rest.append((context_id, bytes(pdv)))
                     continue
                 try:
-                    self._current = _Spool(self.spool, request)
+                    self._current = _Spool(self.sink.spool, request)
                 except OSError as exc:
-                    log.error("cannot open a spool file in %s: %s", self.spool, exc)
+                    log.error("cannot open a spool file in %s: %s", self.sink.spool, exc)
                     rest.append((context_id, bytes(pdv)))  # pynetdicom's receive tries its own
             else:
                 rest.append((context_id, bytes(pdv)))
         return rest
 
     def _complete(self, spool: _Spool) -> None:
-        spool.finish(self.start_writeback)
+        synced = spool.finish(self.sink.spool_sync)
         request = spool.request
         try:
             if spool.error is not None:
                 log.error("writing the spool file %s failed: %s", spool.path, spool.error)
                 status, comment = OUT_OF_RESOURCES, f"storage unavailable: {spool.error}"
+                if spool.early is not None:
+                    self.sink.drop_early(spool.early)
             else:
+                durable = synced.result if synced is not None else None
+                received = Received(spool.path, spool.size, spool.hash.hexdigest(), durable, spool.early)
                 try:
-                    status, comment = self.store(
-                        self.assoc, request, Received(spool.path, spool.size, spool.hash.hexdigest())
-                    )
+                    status, comment = self.sink.store_received(self.assoc, request, received)
                 except Exception:
                     log.exception("storing %s failed", request.sop_instance_uid)
                     status, comment = PROCESSING_FAILURE, ""
         finally:
+            if synced is not None:
+                synced.exception()  # wait: the descriptor is closed by then (a failure was reported)
             spool.path.unlink(missing_ok=True)
         self._respond(request, status, comment)
 
@@ -361,4 +414,6 @@ class StoreReceiver:
                 "association ended while receiving %s: the partial data set was discarded",
                 current.request.sop_instance_uid,
             )
+            if current.early is not None:
+                self.sink.drop_early(current.early)
             current.discard()

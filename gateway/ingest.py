@@ -28,17 +28,22 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import multiprocessing
 import os
+import queue
 import re
 import shutil
+import signal
 import struct
 import threading
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from io import BytesIO
+from multiprocessing.connection import Connection as Connection_
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -50,7 +55,6 @@ from gateway.archive.catalog import AddOutcome, Catalog, ConflictPolicy
 from gateway.archive.record import InstanceRecord, InvalidInstance
 from gateway.archive.schema import instance_versions, instances
 from gateway.audit import Actor, AuditLog, EventType, Result
-from gateway.workpool import ChildPool
 
 log = logging.getLogger(__name__)
 
@@ -125,60 +129,86 @@ def _read_header(fh: BinaryIO) -> tuple[Dataset, int | None]:
 
 @dataclass(frozen=True)
 class PixelValue:
-    """Where the Pixel Data (7FE0,0010) value is in the file (catalog ``pixel_offset``)."""
+    """Where a pixel data (7FE0,xxxx) element's value is in the file (catalog ``pixel_offset``)."""
 
     offset: int  # first byte of the value (encapsulated: the Basic Offset Table item's tag)
     length: int | None  # None: undefined length (encapsulated)
+    pixel_data: bool = True  # (7FE0,0010) itself, not Float / Double Float Pixel Data
 
 
-def _check_pixel_element(
-    fh: BinaryIO, offset: int, size: int, transfer_syntax: str
-) -> tuple[bool, PixelValue | None]:
-    """Whether the pixel data element at ``offset`` is complete in a file of ``size`` bytes, and
-    where its value is when it is Pixel Data (7FE0,0010).
+def _pixel_element(fh: BinaryIO, offset: int, transfer_syntax: str) -> tuple[int, PixelValue | None] | None:
+    """The group of the element at ``offset`` and, when it is Pixel Data (7FE0,0010), where its
+    value is; None when the element's header is cut short.
 
-    pydicom's header read stops before the element, so a file cut short in its pixel data would
-    look fine; here the element's length (or, when encapsulated, its sequence delimiter) is checked
-    against the file's end without reading the pixel bytes.
+    pydicom's header read stops before the element, so its value is never read here: whether the
+    file holds all of it is checked against the file's end by :func:`_value_complete`.
     """
     fh.seek(offset)
     head = fh.read(12)
     if len(head) < 8:
-        return False, None
+        return None
     big = transfer_syntax == ExplicitVRBigEndian
     endian = ">" if big else "<"
     group, elem = struct.unpack(f"{endian}HH", head[:4])
     if group != 0x7FE0:
-        # trailing non-pixel elements (e.g. padding); pydicom parsed everything before
-        return True, None
+        return group, None
     if transfer_syntax == ImplicitVRLittleEndian:
         (length,) = struct.unpack("<I", head[4:8])
         start = offset + 8
     elif head[4:6] in (b"OB", b"OW", b"OF", b"OD", b"OL", b"UN", b"OV"):
         if len(head) < 12:
-            return False, None
+            return None
         (length,) = struct.unpack(f"{endian}I", head[8:12])
         start = offset + 12
     else:
         (length,) = struct.unpack(f"{endian}H", head[6:8])
         start = offset + 8
-    value = PixelValue(start, None if length == 0xFFFFFFFF else length) if elem == 0x0010 else None
-    if length == 0xFFFFFFFF:
-        # Encapsulated: the value ends with a sequence delimitation item (FFFE,E0DD). It is
-        # normally the file's last 8 bytes; allow a little trailing padding after it.
-        tail_len = min(size - start, 4096)
-        fh.seek(size - tail_len)
-        return b"\xfe\xff\xdd\xe0\x00\x00\x00\x00" in fh.read(tail_len), value
-    return start + length <= size, value
+    return group, PixelValue(start, None if length == 0xFFFFFFFF else length, elem == 0x0010)
+
+
+def _value_complete(fh: BinaryIO, value: PixelValue, size: int) -> bool:
+    """Whether the file ``fh`` of ``size`` bytes holds all of the pixel data ``value``."""
+    if value.length is not None:
+        return value.offset + value.length <= size
+    # Encapsulated: the value ends with a sequence delimitation item (FFFE,E0DD). It is normally
+    # the file's last 8 bytes; allow a little trailing padding after it.
+    tail_len = min(size - value.offset, 4096)
+    if tail_len < 8:
+        return False
+    fh.seek(size - tail_len)
+    return b"\xfe\xff\xdd\xe0\x00\x00\x00\x00" in fh.read(tail_len)
+
+
+def _complete_in(path: str, value: PixelValue, size: int) -> bool:
+    """:func:`_value_complete` of the file at ``path`` (opened only for encapsulated data)."""
+    if value.length is not None:
+        return value.offset + value.length <= size
+    with open(path, "rb") as fh:
+        return _value_complete(fh, value, size)
+
+
+def _check_pixel_element(
+    fh: BinaryIO, offset: int, size: int, transfer_syntax: str
+) -> tuple[bool, PixelValue | None]:
+    """Whether the element at ``offset`` (where the header read stopped) is complete in ``fh`` of
+    ``size`` bytes, and where its value is when it is Pixel Data (7FE0,0010). For files in
+    memory (``gateway/codec``); received files go through :func:`read_header` and :func:`complete`."""
+    located = _pixel_element(fh, offset, transfer_syntax)
+    if located is None:
+        return False, None
+    group, value = located
+    if group != 0x7FE0 or value is None:
+        return True, None
+    return _value_complete(fh, value, size), value if value.pixel_data else None
 
 
 def _frame_location(ds: Dataset, transfer_syntax: str, value: PixelValue | None) -> PixelValue | None:
-    """``value`` if WADO-RS frames can be cut from it with the catalog's columns alone.
+    """``value`` if WADO-RS frames can be cut from it with the catalog's columns alone (Pixel Data).
 
     Not for big-endian native data (frames are byte-swapped), native YBR_FULL_422 (two samples per
     pixel) or BitsAllocated not a whole number of bytes: those keep parsing the header per request.
     """
-    if value is None or transfer_syntax == ExplicitVRBigEndian:
+    if value is None or not value.pixel_data or transfer_syntax == ExplicitVRBigEndian:
         return None
     if value.length is None:
         return value
@@ -207,37 +237,70 @@ class Unreadable:
     sop: str | None
 
 
-def examine(
+@dataclass(frozen=True)
+class Header:
+    """What :func:`read_header` found: the catalog record but for what only the whole file gives
+    (size, SHA-256, blob key), and where the pixel data element is, to be checked at the end."""
+
+    record: InstanceRecord
+    pixel_start: int | None  # offset of the pixel data element's tag; None: no pixel data
+    value: PixelValue | None  # its value (None: not a Pixel Data element we can locate frames in)
+    encapsulated: bool
+    frames_locatable: bool  # ``value`` may be stored for WADO-RS frames (:func:`_frame_location`)
+
+
+_NO_HASH = "0" * 64
+_TRUNCATED = "pixel data is truncated (the file ends inside the pixel data element)"
+
+
+def read_header(
     path: str,
     source: str,
     expected_sop_uid: str | None,
     received_at: datetime,
-    known: tuple[int, str] | None = None,
-) -> InstanceRecord | Unfit | Unreadable:
-    """Steps 1-2 of the module docstring and the record of step 4, for the received file at ``path``:
-    the header checked, the bytes hashed (unless ``known`` gives their size and SHA-256, computed by
-    whoever wrote the file), the catalog record built. Reads the file only; a pure function of its
-    arguments, so it runs the same in a helper process (:class:`Helpers`)."""
+    prefix: int | None = None,
+) -> Header | Unfit | Unreadable | None:
+    """Step 1-2 of the module docstring for the file at ``path``: the header read and checked and
+    the catalog record built, without the pixel data. Reads the file only; a pure function of its
+    arguments, so it runs the same in a helper process (:class:`Helpers`).
+
+    ``prefix``: only the first ``prefix`` bytes are there yet (a data set still being received).
+    The answer is then a :class:`Header` only if the header ends inside them, at the pixel data
+    element; anything else — the header longer than the prefix, no pixel data, a damaged element
+    — is None ("not known yet": the whole file is read once it is complete, and judged then).
+    """
     try:
         with open(path, "rb") as fh:
-            ds, pixel_offset = _read_header(fh)
+            if prefix is not None:
+                fh = BytesIO(fh.read(prefix))  # type: ignore[assignment]  # never past the prefix
+            ds, pixel_start = _read_header(fh)
+            has_pixels = pixel_start is not None
             ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if ds.file_meta else ""
             if not ts:
                 raise InvalidInstance("file meta has no TransferSyntaxUID")
-            size = os.fstat(fh.fileno()).st_size
-            located: PixelValue | None = None
-            if pixel_offset is not None and ts != DeflatedExplicitVRLittleEndian:
-                complete, located = _check_pixel_element(fh, pixel_offset, size, ts)
-                if not complete:
-                    raise _Malformed("pixel data is truncated (the file ends inside the pixel data element)")
-                located = _frame_location(ds, ts, located)
-        study, series_uid, sop, _sop_class = InstanceRecord.identify(ds)
+            value: PixelValue | None = None
+            encapsulated = False
+            if pixel_start is not None and ts != DeflatedExplicitVRLittleEndian:
+                located = _pixel_element(fh, pixel_start, ts)
+                if located is None:
+                    if prefix is not None:
+                        return None
+                    raise _Malformed(_TRUNCATED)
+                group, value = located
+                if group != 0x7FE0:  # trailing non-pixel elements (e.g. padding): parsed already
+                    pixel_start = None
+                encapsulated = value is not None and value.length is None
+            elif prefix is not None:
+                return None  # no pixel data within the prefix, or deflated: wait for the whole file
+        _study, _series, sop, _sop_class = InstanceRecord.identify(ds)
         media_sop = ds.file_meta.get("MediaStorageSOPInstanceUID")
     except InvalidInstance as exc:
-        return Unfit(str(exc), "missing-attribute", expected_sop_uid)
+        return None if prefix is not None else Unfit(str(exc), "missing-attribute", expected_sop_uid)
     except OSError as exc:  # our own spool file could not be read: not the sender's fault
-        return Unreadable(f"storage unavailable: {exc}", expected_sop_uid)
+        return None if prefix is not None else Unreadable(f"storage unavailable: {exc}", expected_sop_uid)
     except Exception as exc:
+        if prefix is not None:
+            return None
         # pydicom reports damaged data with many exception types (ValueError, EOFError,
         # struct.error, NotImplementedError for an unknown VR, BytesLengthException…): all of
         # them mean the same to the sender (fuzzed in tests/test_fuzz.py, issue 6 §8)
@@ -251,63 +314,172 @@ def examine(
         )
     if media_sop not in (None, "", sop):
         return Unfit("MediaStorageSOPInstanceUID differs from SOPInstanceUID", "mismatch", sop)
-
+    frames = _frame_location(ds, ts, value) is not None
     try:
-        size, sha = known or sha256_file(Path(path))
-    except OSError as exc:
-        return Unreadable(f"storage unavailable: {exc}", sop)
-    try:
-        return InstanceRecord.from_dataset(
+        record = InstanceRecord.from_dataset(
             ds,
             transfer_syntax=ts,
-            has_pixels=pixel_offset is not None,
-            size=size,
-            sha256=sha,
-            blob_key=blob_key(study, series_uid, sop, sha),
+            has_pixels=has_pixels,
+            size=0,
+            sha256=_NO_HASH,
+            blob_key="",
             received_at=received_at,
             source_ae=source,
-            pixel_offset=located.offset if located is not None else None,
-            pixel_length=located.length if located is not None else None,
+            pixel_offset=value.offset if value is not None and frames else None,
+            pixel_length=value.length if value is not None and frames else None,
         )
     except Exception as exc:
+        if prefix is not None:
+            return None
         # Only the data set's own values can fail here (a length that does not fit the VR, an
         # undecodable value): refuse it as malformed before any byte is placed (issue 6 §8).
         return Unfit(f"not readable as DICOM: {exc}", "malformed", sop)
+    return Header(record, pixel_start, value, encapsulated, frames)
 
 
-def _warm() -> bool:
-    return True
+def complete(header: Header, path: str, known: tuple[int, str] | None) -> InstanceRecord | Unfit | Unreadable:
+    """The record of the whole file at ``path``: its pixel data element checked against the file's
+    end (a truncated file is refused here) and the size, SHA-256 and blob key filled in (``known``:
+    size and SHA-256 computed by whoever wrote the file; otherwise the file is hashed)."""
+    rec = header.record
+    try:
+        size, sha = known or sha256_file(Path(path))
+        if (
+            header.pixel_start is not None
+            and header.value is not None
+            and not _complete_in(path, header.value, size)
+        ):
+            return Unfit(
+                f"not readable as DICOM: {_TRUNCATED}",
+                "malformed",
+                rec.sop_uid,
+            )
+    except OSError as exc:
+        return Unreadable(f"storage unavailable: {exc}", rec.sop_uid)
+    return replace(
+        rec, size=size, sha256=sha, blob_key=blob_key(rec.study_uid, rec.series_uid, rec.sop_uid, sha)
+    )
+
+
+def examine(
+    path: str,
+    source: str,
+    expected_sop_uid: str | None,
+    received_at: datetime,
+    known: tuple[int, str] | None = None,
+) -> InstanceRecord | Unfit | Unreadable:
+    """:func:`read_header` and :func:`complete` of a whole file: the header checked, the bytes
+    hashed (unless ``known`` gives their size and SHA-256), the catalog record built."""
+    header = read_header(path, source, expected_sop_uid, received_at)
+    if not isinstance(header, Header):
+        assert header is not None  # only a prefix read answers "not known yet"
+        return header
+    return complete(header, path, known)
+
+
+def _helper_main(conn: Connection_) -> None:
+    """A helper process: :func:`read_header` for each request received on ``conn`` until it closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node stops its helpers itself
+    read_header("", "", None, datetime.now(UTC))  # imports pydicom and the record code now
+    conn.send("ready")
+    while True:
+        try:
+            args = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            answer: object = read_header(*args)
+        except Exception as exc:  # read_header catches the data set's faults; this is a bug
+            answer = exc
+        conn.send(answer)
+
+
+class _Helper:
+    """One helper process and our end of its pipe."""
+
+    def __init__(self) -> None:
+        ctx = multiprocessing.get_context("spawn")  # never fork: the node has threads and sockets
+        self.conn, theirs = ctx.Pipe()
+        self.process = ctx.Process(target=_helper_main, args=(theirs,), name="ingest-helper", daemon=True)
+        self.process.start()
+        theirs.close()
+
+    def wait_ready(self, timeout: float) -> bool:
+        return self.conn.poll(timeout) and self.conn.recv() == "ready"
+
+    def close(self) -> None:
+        self.conn.close()
+        self.process.join(5)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(5)
+
+
+class Pending:
+    """A header being read by a helper (:meth:`Helpers.begin`)."""
+
+    def __init__(self, helpers: Helpers, helper: _Helper, path: str) -> None:
+        self._helpers = helpers
+        self._helper: _Helper | None = helper
+        self._path = path
+        self._answer: Header | Unfit | Unreadable | None = None
+
+    def result(self) -> Header | Unfit | Unreadable | None:
+        """The helper's answer (waits for it; None: not known, read the file here)."""
+        helper, self._helper = self._helper, None
+        if helper is not None:
+            try:
+                answer = helper.conn.recv()
+            except (EOFError, OSError):  # the helper died (out of memory?): replace it
+                self._helpers._lost(helper)
+                return None
+            self._answer = self._helpers._answered(helper, answer, self._path)
+        return self._answer
+
+    def cancel(self) -> None:
+        """Not wanted any more (the association ended): wait for the helper and free it."""
+        self.result()
 
 
 class Helpers:
-    """Helper processes for :func:`examine` while several associations are being received.
+    """Helper processes for :func:`read_header`, beside the threads receiving associations.
 
-    **Why.** One node process receives every association; pynetdicom's PDU handling and the
-    catalog write need its interpreter lock, and so did reading the header and building the record
-    (~1.5 ms of a CT slice's ~4.5 ms of CPU). With two associations the second core then sat
-    mostly idle (issue 2: "several associations must proceed in parallel"). In a helper process
-    that part runs beside the node's threads. With one association the round trip to a helper
-    would only add latency, so the caller asks for it (``offload``) only when others are in flight.
+    **Why.** One node process receives every association; the receive loop and the catalog write
+    need its interpreter lock, and so did reading the header and building the record (~0.65 of
+    the ~1.4 ms a CT slice holds the lock, ~1.2 ms of its ~4 ms from request to answer). In a
+    helper process that part runs on another CPU, and *while the data set is still arriving*: the
+    DICOM receiver (``dimse/store_receiver.py``) asks for it as soon as the first part of the data
+    set is on disk (:meth:`Ingest.begin`), so that by the last byte the record is mostly built
+    (issue 2: one association as fast as Orthanc; several in parallel).
 
-    The pool starts on the first request for it and is used once its processes have imported
-    what they need (until then, and whenever it is broken, the work is done in the calling
-    thread): no request ever waits for a process to start.
+    Each helper is a process with its own pipe: a receiving thread takes an idle helper, sends it
+    the request and waits on the pipe (without the interpreter lock) — no feeder or result threads
+    in between, which in a ``ProcessPoolExecutor`` cost more hand-overs of the lock than the work
+    saved (measured: the pool's one helper round trip was 70% of a store's time with two
+    associations). When no helper is idle, none is ready yet, or one died, the work is done in the
+    calling thread: no request ever waits for a process to start.
     """
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
         self._lock = threading.Lock()
-        self._pool: ChildPool | None = None
+        self._idle: queue.SimpleQueue[_Helper] = queue.SimpleQueue()
+        self._all: list[_Helper] = []
         self._ready = threading.Event()
+        self._closed = False
         self.used = 0  # instances examined by a helper (a count for tests and the bench)
 
     def start(self) -> None:
         """Start the processes now (they are otherwise started by the first request for them)."""
-        self._started()
+        with self._lock:
+            if self._all or self._closed:
+                return
+            self._all = [_Helper() for _ in range(self.workers)]
+        threading.Thread(target=self._warm, name="ingest-helpers", daemon=True).start()
 
     @property
     def started(self) -> bool:
-        return self._pool is not None
+        return bool(self._all)
 
     @property
     def ready(self) -> bool:
@@ -317,52 +489,72 @@ class Helpers:
         """Whether the processes are started and ready within ``timeout`` seconds."""
         return self._ready.wait(timeout)
 
-    def examine(
-        self,
-        path: str,
-        source: str,
-        expected_sop_uid: str | None,
-        received_at: datetime,
-        known: tuple[int, str] | None = None,
-    ) -> InstanceRecord | Unfit | Unreadable | None:
-        """The answer from a helper, or None when none is ready (the caller does it itself)."""
-        pool = self._started()
-        if pool is None or not self._ready.is_set():
-            return None
-        try:
-            answer = pool.run(examine, path, source, expected_sop_uid, received_at, known)
-            with self._lock:
-                self.used += 1
-            return answer
-        except Exception:  # a helper died (the pool replaces itself) or the pool is shut down
-            log.warning("ingest helper failed; reading %s in the receiving thread", path, exc_info=True)
-            return None
-
-    def _started(self) -> ChildPool | None:
-        with self._lock:
-            if self._pool is None:
-                self._pool = ChildPool(self.workers)
-                threading.Thread(
-                    target=self._warm, args=(self._pool,), name="ingest-helpers", daemon=True
-                ).start()
-            return self._pool
-
-    def _warm(self, pool: ChildPool) -> None:
-        try:
-            for _ in range(self.workers):
-                pool.run(_warm)
-            pool.run(examine, "", "", None, datetime.now(UTC))  # imports pydicom and the record
-        except Exception:
+    def _warm(self) -> None:
+        ready = 0
+        for helper in list(self._all):
+            try:
+                if helper.wait_ready(120):
+                    self._idle.put(helper)
+                    ready += 1
+            except (EOFError, OSError):
+                pass
+        if not ready:
             log.warning("ingest helpers did not start; associations are read in their own threads")
             return
         self._ready.set()
 
+    def begin(
+        self, path: str, source: str, expected_sop_uid: str | None, received_at: datetime, prefix: int | None
+    ) -> Pending | None:
+        """Have an idle helper :func:`read_header` (of the first ``prefix`` bytes, if given); the
+        answer is taken with :meth:`Pending.result`. None when no helper is idle or ready."""
+        if not self._ready.is_set():
+            self.start()
+            return None
+        try:
+            helper = self._idle.get_nowait()
+        except queue.Empty:
+            return None
+        try:
+            helper.conn.send((path, source, expected_sop_uid, received_at, prefix))
+        except (OSError, ValueError):
+            self._lost(helper)
+            return None
+        return Pending(self, helper, path)
+
+    def _answered(self, helper: _Helper, answer: object, path: str) -> Header | Unfit | Unreadable | None:
+        self._idle.put(helper)
+        if isinstance(answer, Exception):
+            log.error("ingest helper failed on %s: %r; reading it in the receiving thread", path, answer)
+            return None
+        with self._lock:
+            self.used += 1
+        return cast("Header | Unfit | Unreadable | None", answer)
+
+    def _lost(self, helper: _Helper) -> None:
+        log.warning("an ingest helper died; its work is done in the receiving thread")
+        threading.Thread(target=self._replace, args=(helper,), daemon=True).start()
+
+    def _replace(self, dead: _Helper) -> None:
+        dead.close()
+        with self._lock:
+            if self._closed:
+                return
+            fresh = _Helper()
+            self._all = [fresh if h is dead else h for h in self._all]
+        try:
+            if fresh.wait_ready(120):
+                self._idle.put(fresh)
+        except (EOFError, OSError):
+            log.warning("a replacement ingest helper did not start")
+
     def close(self) -> None:
         with self._lock:
-            pool, self._pool = self._pool, None
+            self._closed = True
+            helpers, self._all = self._all, []
             self._ready.clear()
-        if pool is not None:
-            pool.shutdown()
+        for helper in helpers:
+            helper.close()
 
 
 class Ingest:
@@ -400,6 +592,8 @@ class Ingest:
         who: Actor | None = None,
         offload: bool = False,
         known: tuple[int, str] | None = None,
+        durable: Callable[[], None] | None = None,
+        pending: Pending | None = None,
     ) -> Accepted | Refused:
         """Store the Part-10 file at ``path`` (the caller keeps ownership of ``path``).
 
@@ -411,11 +605,21 @@ class Ingest:
         has them, so that the receiving threads keep the interpreter lock.
 
         ``known``: the file's size and SHA-256, computed by the caller while it wrote the file (and
-        the caller started its write-back): not read again here.
+        the caller started its write-back): not read again here. ``durable``: the caller started the
+        file's fsync; returns once it is done (raises ``OSError`` if it failed). Awaited before the
+        blob is placed, which then only makes the new name durable. ``pending``: the header as read
+        by a helper while the file arrived (:meth:`begin`).
         """
         who = who or Actor(source, "", "", "")
         result = self._accept_file(
-            path, source=source, expected_sop_uid=expected_sop_uid, who=who, offload=offload, known=known
+            path,
+            source=source,
+            expected_sop_uid=expected_sop_uid,
+            who=who,
+            offload=offload,
+            known=known,
+            durable=durable,
+            pending=pending,
         )
         if isinstance(result, Refused) and self.audit is not None:
             self.audit.record_as(
@@ -440,17 +644,23 @@ class Ingest:
         who: Actor,
         offload: bool,
         known: tuple[int, str] | None,
+        durable: Callable[[], None] | None,
+        pending: Pending | None,
     ) -> Accepted | Refused:
         if known is None and isinstance(self.store, FolderBlobStore):
             _start_writeback(path)
-        examined = self._examine(path, source, expected_sop_uid, offload, known)
+        examined = self._examine(path, source, expected_sop_uid, offload, known, pending)
         if isinstance(examined, Unfit):
             return self._refuse(path, source, examined.reason, examined.kind, examined.sop)
         if isinstance(examined, Unreadable):
             return Refused(examined.reason, "storage", examined.sop)
         rec = examined
         try:
-            size, sha_stored = self.store.put_file(rec.blob_key, path, known=(rec.size, rec.sha256))
+            if durable is not None:
+                durable()  # the caller's fsync of the file, started when its last byte came in
+            size, sha_stored = self.store.put_file(
+                rec.blob_key, path, known=(rec.size, rec.sha256), synced=durable is not None
+            )
         except OSError as exc:
             log.error("blob store write failed for %s: %s", rec.sop_uid, exc)
             return Refused(f"storage unavailable: {exc}", "storage", rec.sop_uid)
@@ -480,15 +690,29 @@ class Ingest:
         expected_sop_uid: str | None,
         offload: bool,
         known: tuple[int, str] | None,
+        pending: Pending | None,
     ) -> InstanceRecord | Unfit | Unreadable:
-        """:func:`examine` here, or in a helper process when the caller says others are being
-        received at the same time (see :class:`Helpers`)."""
-        received_at = datetime.now(UTC)
-        if offload and self.helpers is not None:
-            answer = self.helpers.examine(str(path), source, expected_sop_uid, received_at, known)
-            if answer is not None:
-                return answer
-        return examine(str(path), source, expected_sop_uid, received_at, known)
+        """:func:`examine`, its header part taken from ``pending`` when a helper read it while the
+        file arrived, else read by a helper now when the caller says others are being received at
+        the same time, else read here (see :class:`Helpers`)."""
+        header = pending.result() if pending is not None else None
+        if header is None and offload and self.helpers is not None:
+            asked = self.helpers.begin(str(path), source, expected_sop_uid, datetime.now(UTC), None)
+            header = asked.result() if asked is not None else None
+        if header is None:
+            header = read_header(str(path), source, expected_sop_uid, datetime.now(UTC))
+        if not isinstance(header, Header):
+            assert header is not None  # only a prefix read answers "not known yet"
+            return header
+        return complete(header, str(path), known)
+
+    def begin(self, path: Path, prefix: int, *, source: str, expected_sop_uid: str | None) -> Pending | None:
+        """Have a helper read the header of the file being received at ``path`` from its first
+        ``prefix`` bytes, now, while the rest arrives; pass the answer to :meth:`accept_file`
+        (``pending``). None when there are no helpers or none is idle."""
+        if self.helpers is None:
+            return None
+        return self.helpers.begin(str(path), source, expected_sop_uid, datetime.now(UTC), prefix)
 
     def _drop_received_copy(self, sop: str, key: str) -> None:
         """A duplicate of the bytes once received for an instance now stored losslessly compressed

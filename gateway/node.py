@@ -105,4 +105,4 @@ class NodeCore:
 
 def ingest_helpers(setting: int | str) -> int:
     """``[ingest] helpers`` as a count: ``"auto"`` leaves one CPU to the receiving threads."""
-    return resolve_workers("auto") - 1 if setting == "auto" else int(setting)
+    return resolve_workers("auto") if setting == "auto" else int(setting)

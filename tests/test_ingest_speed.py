@@ -161,10 +161,12 @@ def test_moot_release_or_abort_after_the_end_is_dropped_once() -> None:
     released): the primitive is discarded (else the reactor would see it again forever)."""
     import queue as queue_module
 
-    from pynetdicom.pdu_primitives import A_ABORT, A_RELEASE
+    from pynetdicom.pdu_primitives import A_ABORT, A_RELEASE, P_DATA
 
     assert fastpath._moot("Evt15", "Sta13") and fastpath._moot("Evt14", "Sta13")
-    assert not fastpath._moot("Evt15", "Sta6") and not fastpath._moot("Evt9", "Sta13")
+    assert fastpath._moot("Evt9", "Sta13")  # a C-STORE response queued as the association ended
+    assert not fastpath._moot("Evt15", "Sta6") and not fastpath._moot("Evt9", "Sta6")
+    assert not fastpath._moot("Evt10", "Sta13")
     provider: queue_module.Queue[Any] = queue_module.Queue()
     fake = SimpleNamespace(to_provider_queue=provider)
     provider.put(A_ABORT())
@@ -175,6 +177,12 @@ def test_moot_release_or_abort_after_the_end_is_dropped_once() -> None:
     fastpath._EventDUL._drop_moot(fake, "Evt15")  # type: ignore[arg-type]  # not its primitive
     assert provider.queue[0] is release
     fastpath._EventDUL._drop_moot(fake, "Evt14")  # type: ignore[arg-type]
+    assert provider.empty()
+    response: Any = P_DATA()
+    provider.put(response)
+    fastpath._EventDUL._drop_moot(fake, "Evt14")  # type: ignore[arg-type]  # not its primitive
+    assert provider.queue[0] is response
+    fastpath._EventDUL._drop_moot(fake, "Evt9")  # type: ignore[arg-type]
     assert provider.empty()
 
 
@@ -436,54 +444,80 @@ def test_early_writeback_is_best_effort(monkeypatch: pytest.MonkeyPatch, tmp_pat
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def test_examine_in_a_helper_process_is_examine_here(tmp_path: Path) -> None:
-    """The helper's answer is the calling thread's answer: same record, same refusal."""
+def test_header_read_by_a_helper_or_from_a_prefix_is_the_whole_files(tmp_path: Path) -> None:
+    """A helper's answer is the calling thread's, and so is a header read from the first bytes of
+    a file still being received — or "not known yet" (None) when they do not hold all of it."""
     from datetime import UTC, datetime
 
-    from gateway.ingest import Helpers, Unfit, examine
+    from gateway.ingest import Header, Helpers, Unfit, complete, examine, read_header
 
     series = ct_series(tmp_path / "ct", slices=3)
     truncated = tmp_path / "cut.dcm"
     truncated.write_bytes(series[1].read_bytes()[:-1000])
+    no_pixels = tmp_path / "nopix.dcm"
+    ds = dcmread(series[2])
+    del ds.PixelData
+    ds.save_as(no_pixels, enforce_file_format=True)
     helpers = Helpers(1)
     try:
-        assert helpers.examine(str(series[0]), "T", None, datetime.now(UTC)) is None  # not ready yet
+        assert helpers.begin(str(series[0]), "T", None, datetime.now(UTC), None) is None  # not ready
         assert helpers.wait_ready(120), "helper process did not start"
         when = datetime.now(UTC)
         for path in series:
             here = examine(str(path), "MOD", None, when)
-            there = helpers.examine(str(path), "MOD", None, when)
-            assert isinstance(here, InstanceRecord) and there == here
-        wrong = helpers.examine(str(series[2]), "MOD", "1.2.3.4", when)
+            assert isinstance(here, InstanceRecord)
+            size = path.stat().st_size
+            for prefix in (None, 65536, size):
+                pending = helpers.begin(str(path), "MOD", None, when, prefix)
+                assert pending is not None
+                header = pending.result()
+                assert isinstance(header, Header), prefix
+                assert complete(header, str(path), None) == here
+                local = read_header(str(path), "MOD", None, when, prefix)
+                assert isinstance(local, Header) and complete(local, str(path), None) == here
+            pixel_tag = here.pixel_offset - 12 if here.pixel_offset is not None else None
+            assert pixel_tag is not None
+            for short in (300, pixel_tag, pixel_tag + 8):  # the header, or the element's, cut short
+                assert read_header(str(path), "MOD", None, when, short) is None, short
+        assert read_header(str(no_pixels), "MOD", None, when, 65536) is None  # may go on: wait
+        whole = examine(str(no_pixels), "MOD", None, when)
+        assert isinstance(whole, InstanceRecord) and whole.pixel_offset is None
+        pending = helpers.begin(str(series[2]), "MOD", "1.2.3.4", when, 65536)
+        assert pending is not None
+        wrong = pending.result()
         assert isinstance(wrong, Unfit) and wrong.kind == "mismatch"
-        cut = helpers.examine(str(truncated), "MOD", None, when)
-        assert isinstance(cut, Unfit) and cut.kind == "malformed" and "truncated" in cut.reason
-        assert helpers.used == len(series) + 2
+        cut = read_header(str(truncated), "MOD", None, when, 65536)  # the header is all there
+        assert isinstance(cut, Header)
+        refused = complete(cut, str(truncated), None)
+        assert isinstance(refused, Unfit) and refused.kind == "malformed" and "truncated" in refused.reason
+        assert helpers.used == 3 * len(series) + 1
+        first, second = (helpers.begin(str(p), "MOD", None, when, None) for p in series[:2])
+        assert first is not None and second is None  # one helper, busy: the caller reads it itself
+        first.cancel()
+        assert helpers.begin(str(series[0]), "MOD", None, when, None) is not None  # idle again
     finally:
         helpers.close()
 
 
-def test_associations_received_together_are_examined_in_helpers(
-    frontend: Frontend, tmp_path: Path
-) -> None:
-    """While another association is open, every instance storescu sends is read by a helper
-    process (and stored right); alone again, instances are read in the receiving thread."""
+def test_received_instances_are_read_by_helpers_while_they_arrive(frontend: Frontend, tmp_path: Path) -> None:
+    """Each CT slice storescu sends (several PDUs) has its header read by a helper process while
+    its pixel data is still arriving, with one association or two; stored right either way."""
     import subprocess
 
     from dimse.server import DicomServer
     from tests.conftest import dcmtk
 
     ingest = Ingest(
-        frontend.archive.catalog, frontend.archive.store, quarantine=tmp_path / "quarantine", helpers=1
+        frontend.archive.catalog, frontend.archive.store, quarantine=tmp_path / "quarantine", helpers=2
     )
     assert ingest.helpers is not None
     ingest.helpers.start()
-    assert ingest.helpers.wait_ready(120), "helper process did not start"
+    assert ingest.helpers.wait_ready(120), "helper processes did not start"
     spool = frontend.cfg.storage.path / ".spool"
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     server = DicomServer(frontend.cfg.dicom, ingest, frontend.archive.catalog, frontend.archive.store, spool)
-    series = ct_series(tmp_path / "ct", slices=13)
+    series = ct_series(tmp_path / "ct", slices=16)
 
     def storescu(files: list[Path]) -> None:
         done = subprocess.run(
@@ -496,16 +530,15 @@ def test_associations_received_together_are_examined_in_helpers(
 
     try:
         assert server.start(listen_socket=listener) == port
-        idle = _scu(Verification).associate("127.0.0.1", port, ae_title="YBYX")
-        assert idle.is_established
-        try:
-            storescu(series[:10])  # with the idle association open: two at once
-        finally:
-            idle.release()
-        assert ingest.helpers.used == 10
-        assert _wait(lambda: len(_server_associations(server)) == 0)
-        storescu(series[10:])  # alone
-        assert ingest.helpers.used == 10
+        storescu(series[:6])  # alone
+        assert ingest.helpers.used == 6
+        both = [threading.Thread(target=storescu, args=(part,)) for part in (series[6:11], series[11:])]
+        for t in both:
+            t.start()
+        for t in both:
+            t.join()
+        assert ingest.helpers.used == 16
+        assert server.stores == {"lean": 16, "pynetdicom": 0}
         for src in series:
             sop = str(dcmread(src, stop_before_pixels=True).SOPInstanceUID)
             [inst] = frontend.archive.catalog.locate({"SOPInstanceUID": sop})

@@ -320,3 +320,43 @@ def test_spool_write_failure_is_refused_out_of_resources(
         assoc.release()
     assert frontend.archive.catalog.locate({"SOPInstanceUID": str(ds.SOPInstanceUID)}) == []
     assert _spool_files(frontend) == []
+
+
+def test_an_abort_after_a_helper_began_the_header_frees_the_helper(
+    frontend: Frontend, tmp_path: Path
+) -> None:
+    """The first fragment went to a helper (its header read while the rest arrives); the peer then
+    aborts: the partial file is dropped and the helper is free again for the next instance."""
+    helpers = frontend.ingest.helpers
+    assert helpers is not None
+    helpers.start()
+    assert helpers.wait_ready(120), "helper processes did not start"
+    used = helpers.used
+    [src, other] = ct_series(tmp_path / "ct", slices=2)
+    ds, data = _dataset_bytes(src)
+    assoc = _scu().associate("127.0.0.1", frontend.dicom_port, ae_title="YBYX")
+    assert assoc.is_established
+    cx = _context(assoc, CTImageStorage)
+    sock = assoc.dul.socket.socket
+    sock.sendall(_pdu((cx, 0x03, _store_rq_bytes(str(ds.SOPInstanceUID)))))
+    sock.sendall(_pdu((cx, 0x00, data[:100_000])))  # the header and some pixel data
+    deadline = time.monotonic() + 10
+    while helpers._idle.qsize() == helpers.workers and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert helpers._idle.qsize() == helpers.workers - 1  # one is reading the header
+    assoc.abort()
+    deadline = time.monotonic() + 10
+    while (_spool_files(frontend) or helpers._idle.qsize() < helpers.workers) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _spool_files(frontend) == [] and helpers._idle.qsize() == helpers.workers
+    assert frontend.archive.catalog.locate({"SOPInstanceUID": str(ds.SOPInstanceUID)}) == []
+    assoc = _scu().associate("127.0.0.1", frontend.dicom_port, ae_title="YBYX")
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_store(dcmread(other)).Status == 0x0000
+    finally:
+        assoc.release()
+    # the aborted one's header was read; the next came in one PDU (no limit on ours), read at once
+    assert helpers.used == used + 1
+    [inst] = frontend.archive.catalog.locate({"SOPInstanceUID": str(dcmread(other).SOPInstanceUID)})
+    assert inst.sha256

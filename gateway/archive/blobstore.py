@@ -35,10 +35,14 @@ class BlobStore(Protocol):
         """Store everything readable from ``stream`` under ``key``; return (size, sha256 hex)."""
         ...
 
-    def put_file(self, key: str, path: Path, *, known: tuple[int, str] | None = None) -> tuple[int, str]:
+    def put_file(
+        self, key: str, path: Path, *, known: tuple[int, str] | None = None, synced: bool = False
+    ) -> tuple[int, str]:
         """Store the file at ``path`` under ``key`` (may hard-link it); return (size, sha256).
 
-        ``known`` is the (size, sha256) the caller already computed, so the file is not hashed twice.
+        ``known`` is the (size, sha256) the caller already computed, so the file is not hashed twice;
+        ``synced``: the caller made the file's bytes durable already (fsync): a store that links
+        the file into place then makes only the new name durable.
         """
         ...
 
@@ -118,8 +122,10 @@ class FolderBlobStore:
             _fsync_dir(folder.parent)
         return size, digest.hexdigest()
 
-    def put_file(self, key: str, path: Path, *, known: tuple[int, str] | None = None) -> tuple[int, str]:
-        """Fsync the file and hard-link it into place without copying the bytes.
+    def put_file(
+        self, key: str, path: Path, *, known: tuple[int, str] | None = None, synced: bool = False
+    ) -> tuple[int, str]:
+        """Fsync the file (unless ``synced``) and hard-link it into place without copying the bytes.
 
         The spool sits inside the store root (same file system), so a link is enough; the caller
         may then delete its own name for the file. Falls back to a copy across devices. Keys are
@@ -129,11 +135,12 @@ class FolderBlobStore:
         final = self._path(key)
         made = self._make_parents(final)
         size, sha = known or sha256_file(path)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if not synced:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         try:
             os.link(path, final)
         except FileExistsError:
