@@ -181,8 +181,8 @@ class IngestSection(Strict):
     quarantine: Path = Path("data/quarantine")
     helpers: Annotated[int, Field(ge=0, le=64)] | Literal["auto"] = Field(
         default="auto",
-        description="processes that read headers and build catalog records while several "
-        'associations are received at once (issue 2); 0 = none, "auto" = CPUs - 1',
+        description="processes that read headers and build catalog records while the data set "
+        'still arrives (issue 2); 0 = none, "auto" = one per CPU',
     )
 
 

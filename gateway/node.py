@@ -104,5 +104,5 @@ class NodeCore:
 
 
 def ingest_helpers(setting: int | str) -> int:
-    """``[ingest] helpers`` as a count: ``"auto"`` leaves one CPU to the receiving threads."""
+    """``[ingest] helpers`` as a count: ``"auto"`` is one per CPU (each serves one instance at a time)."""
     return resolve_workers("auto") if setting == "auto" else int(setting)
