@@ -118,6 +118,28 @@ def test_scp_associations_use_event_reactors(frontend: Frontend, samples: Path) 
         assert inst.sha256  # catalogued
 
 
+def test_associations_share_the_servers_contexts_and_still_negotiate(frontend: Frontend) -> None:
+    """Each association is given the server's supported contexts without a deep copy (read-only
+    in pynetdicom 3.0.x negotiation); negotiation per association is unchanged."""
+    server = frontend.dicom._server
+    assert server is not None and isinstance(server.contexts, fastpath.SharedContexts)
+    first = _scu(Verification, MRImageStorage).associate("127.0.0.1", frontend.dicom_port, ae_title="YBYX")
+    second = _scu(MRImageStorage).associate("127.0.0.1", frontend.dicom_port, ae_title="YBYX")
+    try:
+        assert first.is_established and second.is_established
+        assert {str(cx.abstract_syntax) for cx in first.accepted_contexts} == {Verification, MRImageStorage}
+        assert {str(cx.abstract_syntax) for cx in second.accepted_contexts} == {MRImageStorage}
+        theirs = _active(frontend)
+        assert len(theirs) == 2
+        a, b = (t.acceptor.supported_contexts for t in theirs)
+        assert a is not b and len(a) == len(server.contexts)
+        assert all(x is y for x, y in zip(a, b, strict=True))  # the same objects, not copies
+        assert first.send_c_echo().Status == 0x0000
+    finally:
+        first.release()
+        second.release()
+
+
 def test_peer_abort_ends_the_association(frontend: Frontend) -> None:
     aborted = threading.Event()
     server = frontend.dicom._server
