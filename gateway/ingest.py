@@ -38,7 +38,6 @@ import struct
 import threading
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from io import BytesIO
@@ -577,14 +576,12 @@ class Ingest:
         self.policy: ConflictPolicy = policy
         self.audit = audit
         self.helpers = Helpers(helpers) if helpers > 0 else None
-        self._placer = ThreadPoolExecutor(max_workers=8, thread_name_prefix="blob-place")
         quarantine.mkdir(parents=True, exist_ok=True)
 
     def close(self) -> None:
         """Stop the helper processes, if any were started."""
         if self.helpers is not None:
             self.helpers.close()
-        self._placer.shutdown(wait=True)
 
     def accept_file(
         self,
@@ -658,32 +655,22 @@ class Ingest:
         if isinstance(examined, Unreadable):
             return Refused(examined.reason, "storage", examined.sop)
         rec = examined
-        if isinstance(self.store, FolderBlobStore):
-            # placing the file (a link and a folder fsync) runs beside the catalog's statements;
-            # the catalog transaction commits only once the blob is durable in place
-            placing = self._placer.submit(self._place, rec, path, durable)
-
-            def placed() -> None:
-                placing.result()  # raises what placing raised: the transaction rolls back
-
-            try:
-                outcome = self.catalog.add_instance(
-                    rec, self.policy, also=self._audited(who, rec), before_commit=placed
-                )
-            except Exception as exc:
-                placing.exception()  # whatever happened, the placing thread is done with the file
-                return self._not_stored(rec, exc, placing)
-            size = placing.result()
-        else:
-            try:
-                size = self._place(rec, path, durable)
-            except OSError as exc:
-                log.error("blob store write failed for %s: %s", rec.sop_uid, exc)
-                return Refused(f"storage unavailable: {exc}", "storage", rec.sop_uid)
-            try:
-                outcome = self.catalog.add_instance(rec, self.policy, also=self._audited(who, rec))
-            except Exception as exc:  # the catalog must not turn a DB outage into a lost instance
-                return self._not_stored(rec, exc, None)
+        try:
+            if durable is not None:
+                durable()  # the caller's fsync of the file, started when its last byte came in
+            size, sha_stored = self.store.put_file(
+                rec.blob_key, path, known=(rec.size, rec.sha256), synced=durable is not None
+            )
+        except OSError as exc:
+            log.error("blob store write failed for %s: %s", rec.sop_uid, exc)
+            return Refused(f"storage unavailable: {exc}", "storage", rec.sop_uid)
+        if sha_stored != rec.sha256:
+            return Refused("file changed while being stored", "storage", rec.sop_uid)
+        try:
+            outcome = self.catalog.add_instance(rec, self.policy, also=self._audited(who, rec))
+        except Exception as exc:  # the catalog must not turn a DB outage into a lost instance
+            log.exception("catalog write failed for %s", rec.sop_uid)
+            return Refused(f"catalog unavailable: {exc}", "storage", rec.sop_uid)
         if outcome is AddOutcome.DUPLICATE:
             log.info("duplicate %s from %s (same bytes): nothing to do", rec.sop_uid, source)
             self._drop_received_copy(rec.sop_uid, rec.blob_key)
@@ -695,25 +682,6 @@ class Ingest:
                 outcome.value,
             )
         return Accepted(rec.sop_uid, rec.sop_class_uid, rec.study_uid, outcome, rec.sha256, size)
-
-    def _place(self, rec: InstanceRecord, path: Path, durable: Callable[[], None] | None) -> int:
-        """Step 3: the file durable under its blob key; its size. Raises ``OSError``."""
-        if durable is not None:
-            durable()  # the caller's fsync of the file, started when its last byte came in
-        size, sha_stored = self.store.put_file(
-            rec.blob_key, path, known=(rec.size, rec.sha256), synced=durable is not None
-        )
-        if sha_stored != rec.sha256:
-            raise OSError("file changed while being stored")
-        return size
-
-    def _not_stored(self, rec: InstanceRecord, exc: Exception, placing: Future[int] | None) -> Refused:
-        placed = placing.exception() if placing is not None else None
-        if placed is not None:  # the blob could not be placed (the transaction rolled back)
-            log.error("blob store write failed for %s: %s", rec.sop_uid, placed)
-            return Refused(f"storage unavailable: {placed}", "storage", rec.sop_uid)
-        log.error("catalog write failed for %s", rec.sop_uid, exc_info=exc)
-        return Refused(f"catalog unavailable: {exc}", "storage", rec.sop_uid)
 
     def _examine(
         self,

@@ -347,11 +347,8 @@ class Catalog:
         policy: ConflictPolicy = "keep-newest",
         *,
         also: Callable[[Connection, AddOutcome], None] | None = None,
-        before_commit: Callable[[], None] | None = None,
     ) -> AddOutcome:
-        """Catalogue an instance whose bytes are already durable in the blob store — or will be
-        when ``before_commit`` returns: it runs last in the transaction, and an exception from it
-        rolls the transaction back (ingest places the blob meanwhile, in another thread).
+        """Catalogue an instance whose bytes are already durable in the blob store.
 
         ``also`` runs in the same transaction once the outcome is known (ingest's audit record,
         R-SE-4: the instance and its record commit together, for no extra commit).
@@ -362,8 +359,6 @@ class Catalog:
                     outcome, known = self._add(conn, rec, policy)
                     if also is not None:
                         also(conn, outcome)
-                    if before_commit is not None:
-                        before_commit()
                 if known is not None:  # only after the commit: the rows surely exist now
                     self._known_series.remember(rec.series_uid, known)
                 return outcome
