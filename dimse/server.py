@@ -148,8 +148,8 @@ class DicomServer:
         self.store = store
         self.spool = spool
         self.commitments = CommitmentReporter(catalog, cfg)
-        # the folder store links the spool file into place: its fsync can start at once
-        self.spool_sync = isinstance(store, FolderBlobStore)
+        # the folder store links the spool file into place: its write-back can start at once
+        self.spool_writeback = isinstance(store, FolderBlobStore)
         self._server: _NoDelayServer | None = None
         self._thread: threading.Thread | None = None
         # C-STORE requests handled so far by each receive path (dimse/store_receiver.py or
@@ -296,7 +296,6 @@ class DicomServer:
             received.path,
             request.sop_instance_uid,
             (received.size, received.sha256),
-            received.durable,
             cast("Pending | None", received.early),
         )
 
@@ -306,7 +305,6 @@ class DicomServer:
         path: Path,
         sop_uid: str,
         known: tuple[int, str] | None,
-        durable: Callable[[], None] | None = None,
         pending: Pending | None = None,
     ) -> tuple[int, str]:
         server = self._server
@@ -322,7 +320,6 @@ class DicomServer:
             # its A-ASSOCIATE-RQ until the ACSE timeout.
             offload=server is not None and _receiving(server) > 1,
             known=known,
-            durable=durable,
             pending=pending,
         )
         if isinstance(result, Accepted):

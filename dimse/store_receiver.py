@@ -39,8 +39,6 @@ import os
 import struct
 import tempfile
 import threading
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -49,6 +47,7 @@ from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_
 from pynetdicom.pdu_primitives import P_DATA
 
 from dimse.contexts import NON_STORAGE  # the SCP's other services
+from gateway.archive.blobstore import start_writeback
 
 log = logging.getLogger(__name__)
 _write = os.write  # the spool writes (a test makes them fail)
@@ -91,7 +90,7 @@ class StoreSink(Protocol):
     """Where a :class:`StoreReceiver` puts what it receives (:class:`dimse.server.DicomServer`)."""
 
     spool: Path  # where data sets are written while received
-    spool_sync: bool  # fsync each received file as soon as it is complete (the store links it)
+    spool_writeback: bool  # start each received file's write-back on its last byte (kept on disk)
 
     def header_arrived(self, assoc: Any, request: StoreRequest, path: Path, prefix: int) -> Any:
         """The first ``prefix`` bytes of the file are written (more follow): start reading the
@@ -110,16 +109,11 @@ class StoreSink(Protocol):
 
 @dataclass(frozen=True)
 class Received:
-    """The spool file holding the request's data set as a Part-10 file, with its size and SHA-256.
-
-    ``durable``: when the receiver started the file's fsync (``sync`` on), returns once the bytes
-    are on disk (raises ``OSError`` if the fsync failed); None when it did not.
-    """
+    """The spool file holding the request's data set as a Part-10 file, with its size and SHA-256."""
 
     path: Path
     size: int
     sha256: str
-    durable: Callable[[], None] | None = None
     early: Any = None  # what StoreSink.header_arrived returned, if it was called
 
 
@@ -205,25 +199,6 @@ def file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -
     return b"\0" * 128 + b"DICM" + _explicit(0x00020000, b"UL", struct.pack("<I", len(group))) + group
 
 
-_fsyncs: ThreadPoolExecutor | None = None
-_fsyncs_lock = threading.Lock()
-
-
-def _fsync_pool() -> ThreadPoolExecutor:
-    global _fsyncs
-    with _fsyncs_lock:
-        if _fsyncs is None:
-            _fsyncs = ThreadPoolExecutor(max_workers=4, thread_name_prefix="spool-fsync")
-        return _fsyncs
-
-
-def _fsync_and_close(fd: int) -> None:
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class _Spool:
     """One data set being received: the file, its running hash and size."""
 
@@ -251,21 +226,17 @@ class _Spool:
         except OSError as exc:
             self.error = exc
 
-    def finish(self, sync: bool) -> Future[None] | None:
-        """Close the file; with ``sync``, in a thread after its fsync, whose future is returned:
-        the disk works while the header is read and the record built (ingest waits for it before
-        placing the blob)."""
+    def finish(self, writeback: bool) -> None:
+        """Close the file; with ``writeback``, after asking the kernel to start writing it to disk
+        (the disk works while the header is read and the record built)."""
         fd, self.fd = self.fd, None
         if fd is None:
-            return None
-        if sync and self.error is None:
-            try:
-                return _fsync_pool().submit(_fsync_and_close, fd)
-            except RuntimeError:  # the interpreter is shutting down: do it here
-                _fsync_and_close(fd)
-                return None
-        os.close(fd)
-        return None
+            return
+        try:
+            if writeback and self.error is None:
+                start_writeback(fd)
+        finally:
+            os.close(fd)
 
     def discard(self) -> None:
         self.finish(False)
@@ -376,7 +347,7 @@ class StoreReceiver:
         return rest
 
     def _complete(self, spool: _Spool) -> None:
-        synced = spool.finish(self.sink.spool_sync)
+        spool.finish(self.sink.spool_writeback)
         request = spool.request
         try:
             if spool.error is not None:
@@ -385,16 +356,13 @@ class StoreReceiver:
                 if spool.early is not None:
                     self.sink.drop_early(spool.early)
             else:
-                durable = synced.result if synced is not None else None
-                received = Received(spool.path, spool.size, spool.hash.hexdigest(), durable, spool.early)
+                received = Received(spool.path, spool.size, spool.hash.hexdigest(), spool.early)
                 try:
                     status, comment = self.sink.store_received(self.assoc, request, received)
                 except Exception:
                     log.exception("storing %s failed", request.sop_instance_uid)
                     status, comment = PROCESSING_FAILURE, ""
         finally:
-            if synced is not None:
-                synced.exception()  # wait: the descriptor is closed by then (a failure was reported)
             spool.path.unlink(missing_ok=True)
         self._respond(request, status, comment)
 

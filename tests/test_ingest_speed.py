@@ -453,14 +453,48 @@ def test_ingest_stores_the_right_bytes_and_closes_files(tmp_path: Path) -> None:
 
 
 def test_early_writeback_is_best_effort(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import gateway.archive.blobstore as blobstore_module
     import gateway.ingest as ingest_module
 
     path = tmp_path / "f"
     path.write_bytes(os.urandom(200_000))
     ingest_module._start_writeback(path)  # Linux: starts write-out; elsewhere a no-op
     ingest_module._start_writeback(tmp_path / "missing")  # the real read reports it, not this
-    monkeypatch.setattr(ingest_module, "_sync_file_range", None)
+    monkeypatch.setattr(blobstore_module, "_sync_file_range", None)
     ingest_module._start_writeback(path)
+    assert path.read_bytes() and len(path.read_bytes()) == 200_000
+
+
+def test_folder_put_file_links_then_makes_file_and_name_durable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The spool file is linked under its key first, then fsynced (data and new name in one
+    journal commit), then its folder; a key already there (an unacknowledged earlier try) is
+    replaced by the new bytes."""
+    import gateway.archive.blobstore as blobstore_module
+
+    store = FolderBlobStore(tmp_path / "blobs")
+    spool = tmp_path / "blobs" / ".spool"
+    spool.mkdir()
+    src = spool / "in.dcm"
+    src.write_bytes(b"new bytes")
+    calls: list[tuple[str, str]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    monkeypatch.setattr(blobstore_module.os, "fsync", fsync)
+    final = tmp_path / "blobs" / "st" / "se" / "x.dcm"
+    final.parent.mkdir(parents=True)
+    final.write_bytes(b"partial from a crashed try")
+    size, sha = store.put_file("st/se/x.dcm", src)
+    assert (
+        final.read_bytes() == b"new bytes" and size == 9 and sha == hashlib.sha256(b"new bytes").hexdigest()
+    )
+    assert os.stat(final).st_ino == os.stat(src).st_ino  # linked, not copied
+    assert calls == [("fsync", str(final)), ("fsync", str(final.parent))]
 
 
 # ---------------------------------------------------------------------------------------------- helpers

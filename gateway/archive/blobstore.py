@@ -3,8 +3,9 @@
 Two backends behind one interface, chosen by config (``[storage] backend``):
 
 * :class:`FolderBlobStore` — the embedded default; one file per object below a root folder.
-  Writes go to a temporary name in the same folder, are fsynced, then renamed into place, so a
-  crash never leaves a half-written object under its real key.
+  Streams go to a temporary name in the same folder, are fsynced, then renamed into place, so a
+  crash never leaves a half-written object under its real key. Received files (``put_file``) are
+  complete before they are hard-linked under their key, then fsynced with their folder.
 * :class:`gateway.archive.s3.S3BlobStore` — production (MinIO; SeaweedFS in tests).
 
 Every ``put`` returns ``(size, sha256)`` of what was written; the catalog keeps both and every
@@ -13,11 +14,12 @@ later copy is checked against them (ARCHITECTURE "the data path").
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -35,14 +37,10 @@ class BlobStore(Protocol):
         """Store everything readable from ``stream`` under ``key``; return (size, sha256 hex)."""
         ...
 
-    def put_file(
-        self, key: str, path: Path, *, known: tuple[int, str] | None = None, synced: bool = False
-    ) -> tuple[int, str]:
+    def put_file(self, key: str, path: Path, *, known: tuple[int, str] | None = None) -> tuple[int, str]:
         """Store the file at ``path`` under ``key`` (may hard-link it); return (size, sha256).
 
-        ``known`` is the (size, sha256) the caller already computed, so the file is not hashed twice;
-        ``synced``: the caller made the file's bytes durable already (fsync): a store that links
-        the file into place then makes only the new name durable.
+        ``known`` is the (size, sha256) the caller already computed, so the file is not hashed twice.
         """
         ...
 
@@ -74,6 +72,31 @@ def sha256_file(path: Path) -> tuple[int, str]:
             digest.update(chunk)
             size += len(chunk)
     return size, digest.hexdigest()
+
+
+def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):  # not Linux/glibc: no early write-back, fsync does it all
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _libc_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2  # start write-out of the dirty pages; do not wait (linux/fs.h)
+
+
+def start_writeback(fd: int) -> None:
+    """Ask the kernel to start writing the file ``fd``'s data to disk now, without waiting for it.
+
+    Not a durability step (:meth:`FolderBlobStore.put_file`'s fsync is): it lets the disk work
+    while the header is checked and the record built, so that the fsync finds the data mostly
+    written (~0.3 ms less per 526 KB CT slice, measured). Linux only; elsewhere a no-op.
+    """
+    if _sync_file_range is not None:
+        _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -122,10 +145,9 @@ class FolderBlobStore:
             _fsync_dir(folder.parent)
         return size, digest.hexdigest()
 
-    def put_file(
-        self, key: str, path: Path, *, known: tuple[int, str] | None = None, synced: bool = False
-    ) -> tuple[int, str]:
-        """Fsync the file (unless ``synced``) and hard-link it into place without copying the bytes.
+    def put_file(self, key: str, path: Path, *, known: tuple[int, str] | None = None) -> tuple[int, str]:
+        """Hard-link the file into place without copying the bytes, then make it durable: the
+        file (its data and the new link, one journal commit on ext4/XFS) and its folder.
 
         The spool sits inside the store root (same file system), so a link is enough; the caller
         may then delete its own name for the file. Falls back to a copy across devices. Keys are
@@ -135,12 +157,10 @@ class FolderBlobStore:
         final = self._path(key)
         made = self._make_parents(final)
         size, sha = known or sha256_file(path)
-        if not synced:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        # Linked before the fsync: the fsync then also carries the new name to disk in the same
+        # journal commit, and the folder's fsync finds nothing left to commit (measured with two
+        # associations: ~8% more instances/s than fsync, link, fsync of the folder). A crash before
+        # the fsyncs leaves a name without a catalog row (never acknowledged); a retry replaces it.
         try:
             os.link(path, final)
         except FileExistsError:
@@ -150,6 +170,11 @@ class FolderBlobStore:
         except OSError:
             with path.open("rb") as src:
                 return self.put(key, src)
+        fd = os.open(final, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         _fsync_dir(final.parent)
         for folder in made:  # a new folder's entry lives in its parent: make that durable too
             _fsync_dir(folder.parent)

@@ -317,9 +317,7 @@ class EncryptedBlobStore:
         self.keys.forget(key, keep=header.key_id)  # an overwritten version's key goes with it
         return reader.size, reader.hexdigest()
 
-    def put_file(
-        self, key: str, path: Path, *, known: tuple[int, str] | None = None, synced: bool = False
-    ) -> tuple[int, str]:
+    def put_file(self, key: str, path: Path, *, known: tuple[int, str] | None = None) -> tuple[int, str]:
         """Seal a copy of the file (it cannot be linked into place: the store holds ciphertext)."""
         with path.open("rb") as fh:
             return self.put(key, fh)

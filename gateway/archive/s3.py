@@ -285,9 +285,7 @@ class S3BlobStore:
             raise
         return reader.size, sha
 
-    def put_file(
-        self, key: str, path: Path, *, known: tuple[int, str] | None = None, synced: bool = False
-    ) -> tuple[int, str]:
+    def put_file(self, key: str, path: Path, *, known: tuple[int, str] | None = None) -> tuple[int, str]:
         """Upload the file at ``path`` (known length); return (size, sha256).
 
         The file is hashed first so the checksum can go with the upload, and hashed again as it
