@@ -140,6 +140,21 @@ def _us(elements: dict[int, bytes], tag: int) -> int | None:
     return struct.unpack("<H", value)[0] if value is not None and len(value) == 2 else None
 
 
+_UID_CHARS = frozenset(b"0123456789.")
+
+
+def _uid_value(elements: dict[int, bytes], tag: int) -> str | None:
+    """A UI element's value if it is a well-formed UID (digits and dots, 1-64 characters); else
+    None — pynetdicom's path then handles the request, as it always did for odd values."""
+    value = elements.get(tag)
+    if value is None:
+        return None
+    raw = value.rstrip(b"\0 ")
+    if not 0 < len(raw) <= 64 or not _UID_CHARS.issuperset(raw):
+        return None
+    return raw.decode("ascii")
+
+
 def _text(elements: dict[int, bytes], tag: int) -> str | None:
     value = elements.get(tag)
     if value is None:
@@ -204,6 +219,7 @@ class _Spool:
 
     def __init__(self, folder: Path, request: StoreRequest) -> None:
         self.request = request
+        meta = file_meta(request.sop_class_uid, request.sop_instance_uid, request.transfer_syntax)
         fd, name = tempfile.mkstemp(suffix=".dcm", dir=folder)
         self.fd: int | None = fd
         self.path = Path(name)
@@ -212,7 +228,7 @@ class _Spool:
         self.error: OSError | None = None
         self.early: Any = None  # StoreSink.header_arrived's answer
         self.early_asked = False
-        self.write(file_meta(request.sop_class_uid, request.sop_instance_uid, request.transfer_syntax))
+        self.write(meta)
 
     def write(self, data: bytes | memoryview) -> None:
         if self.error is not None or self.fd is None:
@@ -270,8 +286,8 @@ class StoreReceiver:
         if elements is None or _us(elements, _COMMAND_FIELD) != C_STORE_RQ:
             return None
         message_id = _us(elements, _MESSAGE_ID)
-        sop_class = _text(elements, _AFFECTED_SOP_CLASS)
-        sop_instance = _text(elements, _AFFECTED_SOP_INSTANCE)
+        sop_class = _uid_value(elements, _AFFECTED_SOP_CLASS)
+        sop_instance = _uid_value(elements, _AFFECTED_SOP_INSTANCE)
         data_set = _us(elements, _DATA_SET_TYPE)
         if message_id is None or not sop_class or not sop_instance or data_set in (None, NO_DATA_SET):
             return None  # pynetdicom's checks and answers apply

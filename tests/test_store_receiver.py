@@ -360,3 +360,28 @@ def test_an_abort_after_a_helper_began_the_header_frees_the_helper(
     assert helpers.used == used + 1
     [inst] = frontend.archive.catalog.locate({"SOPInstanceUID": str(dcmread(other).SOPInstanceUID)})
     assert inst.sha256
+
+
+@pytest.mark.parametrize("odd", [b"1.2.82x4.4", b"1.2.82\xfe4.4"])
+def test_a_request_with_an_odd_uid_is_left_to_pynetdicom(
+    frontend: Frontend, tmp_path: Path, odd: bytes
+) -> None:
+    """An Affected SOP Instance UID that is not digits and dots (fuzzing found bytes above 0x7F)
+    is not taken by the receiver: pynetdicom's path answers it, as before, and no spool file is
+    left behind."""
+    [src] = ct_series(tmp_path / "ct", slices=1)
+    _ds, data = _dataset_bytes(src)
+    assoc = _scu().associate("127.0.0.1", frontend.dicom_port, ae_title="YBYX")
+    assert assoc.is_established
+    try:
+        cx = _context(assoc, CTImageStorage)
+        sock = assoc.dul.socket.socket
+        with _Paused(assoc):
+            command = _store_rq_bytes("1.2.8234.4", message_id=11).replace(b"1.2.8234.4", odd)
+            sock.sendall(_pdu((cx, 0x03, command), (cx, 0x02, data)))
+            answer = _answer(assoc)
+        assert answer.MessageIDBeingRespondedTo == 11 and answer.Status == 0xA900  # not the UID sent
+    finally:
+        assoc.release()
+    assert frontend.dicom.stores == {"lean": 0, "pynetdicom": 1}
+    assert _spool_files(frontend) == []
