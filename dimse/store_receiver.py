@@ -363,9 +363,9 @@ class StoreReceiver:
         return rest
 
     def _complete(self, spool: _Spool) -> None:
-        spool.finish(self.sink.spool_writeback)
         request = spool.request
         try:
+            spool.finish(self.sink.spool_writeback)
             if spool.error is not None:
                 log.error("writing the spool file %s failed: %s", spool.path, spool.error)
                 status, comment = OUT_OF_RESOURCES, f"storage unavailable: {spool.error}"
@@ -378,6 +378,8 @@ class StoreReceiver:
                 except Exception:
                     log.exception("storing %s failed", request.sop_instance_uid)
                     status, comment = PROCESSING_FAILURE, ""
+                    if spool.early is not None:
+                        self.sink.drop_early(spool.early)  # free it, if the store had not
         finally:
             spool.path.unlink(missing_ok=True)
         self._respond(request, status, comment)

@@ -411,10 +411,12 @@ class Pending:
         helper, self._helper = self._helper, None
         if helper is not None:
             try:
-                answer = helper.conn.recv()
+                answer: object = helper.conn.recv()
             except (EOFError, OSError):  # the helper died (out of memory?): replace it
                 self._helpers._lost(helper)
                 return None
+            except Exception as exc:  # an answer that does not unpickle (a bug): read it here
+                answer = exc
             self._answer = self._helpers._answered(helper, answer, self._path)
         return self._answer
 
