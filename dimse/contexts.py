@@ -39,18 +39,17 @@ STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
 PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
 PATIENT_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.1.2"
 PATIENT_ROOT_GET = "1.2.840.10008.5.1.4.1.2.1.3"
-NON_STORAGE = frozenset(
-    {
-        VERIFICATION,
-        STORAGE_COMMITMENT_PUSH,
-        STUDY_ROOT_FIND,
-        STUDY_ROOT_MOVE,
-        STUDY_ROOT_GET,
-        PATIENT_ROOT_FIND,
-        PATIENT_ROOT_MOVE,
-        PATIENT_ROOT_GET,
-    }
+# Query/retrieve and storage commitment: the SCP's services besides Verification and storage.
+QUERY_AND_COMMITMENT = (
+    STUDY_ROOT_FIND,
+    STUDY_ROOT_MOVE,
+    STUDY_ROOT_GET,
+    PATIENT_ROOT_FIND,
+    PATIENT_ROOT_MOVE,
+    PATIENT_ROOT_GET,
+    STORAGE_COMMITMENT_PUSH,
 )
+NON_STORAGE = frozenset({VERIFICATION, *QUERY_AND_COMMITMENT})
 
 UNCOMPRESSED = [ImplicitVRLittleEndian, ExplicitVRLittleEndian]
 # Every transfer syntax we accept as C-STORE SCP (issue 2 §5). The order is our preference when a

@@ -29,13 +29,8 @@ from dimse import audit_events, fastpath
 from dimse.commitment import CommitmentReporter
 from dimse.contexts import (
     ACCEPTED_TRANSFER_SYNTAXES,
-    PATIENT_ROOT_FIND,
-    PATIENT_ROOT_GET,
-    PATIENT_ROOT_MOVE,
+    QUERY_AND_COMMITMENT,
     STORAGE_COMMITMENT_PUSH,
-    STUDY_ROOT_FIND,
-    STUDY_ROOT_GET,
-    STUDY_ROOT_MOVE,
     VERIFICATION,
     accepted_syntaxes,
     no_delay,
@@ -176,15 +171,7 @@ class DicomServer:
             ae.add_supported_context(
                 str(cx.abstract_syntax), ACCEPTED_TRANSFER_SYNTAXES, scu_role=True, scp_role=True
             )
-        for sop in (
-            STUDY_ROOT_FIND,
-            STUDY_ROOT_MOVE,
-            STUDY_ROOT_GET,
-            PATIENT_ROOT_FIND,
-            PATIENT_ROOT_MOVE,
-            PATIENT_ROOT_GET,
-            STORAGE_COMMITMENT_PUSH,
-        ):
+        for sop in QUERY_AND_COMMITMENT:
             ae.add_supported_context(sop)
         return ae
 

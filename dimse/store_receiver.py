@@ -69,8 +69,6 @@ _DATA_SET_TYPE = 0x00000800
 _STATUS = 0x00000900
 _ERROR_COMMENT = 0x00000902
 _AFFECTED_SOP_INSTANCE = 0x00001000
-_MOVE_ORIGINATOR_AE = 0x00001030
-_MOVE_ORIGINATOR_ID = 0x00001031
 
 
 @dataclass(frozen=True)
@@ -82,8 +80,6 @@ class StoreRequest:
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax: str
-    move_originator_ae: str | None
-    move_originator_id: int | None
 
 
 class StoreSink(Protocol):
@@ -153,13 +149,6 @@ def _uid_value(elements: dict[int, bytes], tag: int) -> str | None:
     if not 0 < len(raw) <= 64 or not _UID_CHARS.issuperset(raw):
         return None
     return raw.decode("ascii")
-
-
-def _text(elements: dict[int, bytes], tag: int) -> str | None:
-    value = elements.get(tag)
-    if value is None:
-        return None
-    return value.rstrip(b"\0 ").lstrip(b" ").decode("ascii", "replace")
 
 
 def _element(tag: int, value: bytes) -> bytes:
@@ -302,8 +291,6 @@ class StoreReceiver:
             sop_class_uid=sop_class,
             sop_instance_uid=sop_instance,
             transfer_syntax=context[1],
-            move_originator_ae=_text(elements, _MOVE_ORIGINATOR_AE),
-            move_originator_id=_us(elements, _MOVE_ORIGINATOR_ID),
         )
 
     # ---- receiving ----------------------------------------------------------------------------

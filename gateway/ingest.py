@@ -226,9 +226,7 @@ class Header:
 
     record: InstanceRecord
     pixel_start: int | None  # offset of the pixel data element's tag; None: no pixel data
-    value: PixelValue | None  # its value (None: not a Pixel Data element we can locate frames in)
-    encapsulated: bool
-    frames_locatable: bool  # ``value`` may be stored for WADO-RS frames (:func:`_frame_location`)
+    value: PixelValue | None  # where its value is (None: deflated data, or no pixel data element)
 
 
 _NO_HASH = "0" * 64
@@ -261,7 +259,6 @@ def read_header(
             if not ts:
                 raise InvalidInstance("file meta has no TransferSyntaxUID")
             value: PixelValue | None = None
-            encapsulated = False
             if pixel_start is not None and ts != DeflatedExplicitVRLittleEndian:
                 located = _pixel_element(fh, pixel_start, ts)
                 if located is None:
@@ -271,7 +268,6 @@ def read_header(
                 group, value = located
                 if group != 0x7FE0:  # trailing non-pixel elements (e.g. padding): parsed already
                     pixel_start = None
-                encapsulated = value is not None and value.length is None
             elif prefix is not None:
                 return None  # no pixel data within the prefix, or deflated: wait for the whole file
         _study, _series, sop, _sop_class = InstanceRecord.identify(ds)
@@ -316,7 +312,7 @@ def read_header(
         # Only the data set's own values can fail here (a length that does not fit the VR, an
         # undecodable value): refuse it as malformed before any byte is placed (issue 6 §8).
         return Unfit(f"not readable as DICOM: {exc}", "malformed", sop)
-    return Header(record, pixel_start, value, encapsulated, frames)
+    return Header(record, pixel_start, value)
 
 
 def complete(header: Header, path: str, known: tuple[int, str] | None) -> InstanceRecord | Unfit | Unreadable:

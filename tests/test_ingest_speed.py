@@ -471,7 +471,6 @@ def test_folder_put_file_links_then_makes_file_and_name_durable(
     """The spool file is linked under its key first, then fsynced (data and new name in one
     journal commit), then its folder; a key already there (an unacknowledged earlier try) is
     replaced by the new bytes."""
-    import gateway.archive.blobstore as blobstore_module
 
     store = FolderBlobStore(tmp_path / "blobs")
     spool = tmp_path / "blobs" / ".spool"
@@ -485,7 +484,7 @@ def test_folder_put_file_links_then_makes_file_and_name_durable(
         calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
         real_fsync(fd)
 
-    monkeypatch.setattr(blobstore_module.os, "fsync", fsync)
+    monkeypatch.setattr(os, "fsync", fsync)  # the store calls os.fsync
     final = tmp_path / "blobs" / "st" / "se" / "x.dcm"
     final.parent.mkdir(parents=True)
     final.write_bytes(b"partial from a crashed try")
@@ -623,3 +622,22 @@ def test_healthz_says_when_the_ingest_helpers_are_ready(frontend: Frontend) -> N
     assert helpers.wait_ready(120)
     ready = {"status": "ok", "role": "frontend", "ingest_helpers": "ready"}
     assert httpx.get(url, timeout=10).json() == ready
+
+
+def test_a_bare_tcp_probe_is_not_counted_as_an_association_being_received(frontend: Frontend) -> None:
+    """A connection that never sends an A-ASSOCIATE-RQ (a port check) gets an acceptor thread that
+    waits out the ACSE timeout; only established associations decide whether others are being
+    received at the same time (ingest's ``offload``)."""
+    from dimse.server import _receiving
+
+    server = frontend.dicom._server
+    assert server is not None
+    with socket.create_connection(("127.0.0.1", frontend.dicom_port)):
+        assert _wait(lambda: len(_active(frontend)) == 1)
+        assert _receiving(server) == 0
+        assoc = _scu(Verification).associate("127.0.0.1", frontend.dicom_port, ae_title="YBYX")
+        try:
+            assert assoc.is_established and len(_active(frontend)) == 2
+            assert _receiving(server) == 1
+        finally:
+            assoc.release()

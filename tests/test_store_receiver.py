@@ -55,8 +55,6 @@ def _request(**overrides: Any) -> StoreRequest:
         "sop_class_uid": str(CTImageStorage),
         "sop_instance_uid": "1.2.826.0.1.3680043.8.498.123",
         "transfer_syntax": ExplicitVRLittleEndian,
-        "move_originator_ae": None,
-        "move_originator_id": None,
     }
     values.update(overrides)
     return StoreRequest(**values)
