@@ -21,9 +21,10 @@ import weakref
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, build_role
+from pynetdicom import build_role
 
 from dimse.contexts import STORAGE_COMMITMENT_PUSH, no_delay_assoc
+from dimse.reactor_gate import AE
 from gateway.archive.catalog import Catalog
 from gateway.config import DicomSection
 from gateway.security.tls import client_context

@@ -31,12 +31,13 @@ association reactor's hard-coded sleep.
   wait on that doorbell (an :class:`threading.Event`, with timeout :data:`IDLE_WAIT` for the
   network-idle timer). A thread that pauses the reactor to send on the association (``release()``,
   ``abort()``, N-EVENT-REPORT for storage commitment) clears ``_reactor_checkpoint``, which here
-  also rings the doorbell (:class:`_Checkpoint`): the reactor reaches its pause point at once, and
-  is paused *only* there, as in 3.0.4. (Counting the idle wait as paused looked equivalent but was
-  not: a commitment report could then take the association before the reactor had seen the
-  modality's A-RELEASE-RQ that had just arrived, and the release response then crossed the abort
-  that followed the report's timeout — an InvalidEventError in the DUL thread, 3 runs in 6 of
-  ``test_commitment``'s hang-up test.)
+  rings the doorbell and returns once the reactor is parked at its pause point
+  (:class:`dimse.reactor_gate.ReactorGate`, which also closes pynetdicom's race there): the reactor
+  reaches that point at once, and is paused *only* there, as in 3.0.4. (Counting the idle wait
+  as paused looked equivalent but was not: a commitment report could then take the association
+  before the reactor had seen the modality's A-RELEASE-RQ that had just arrived, and the release
+  response then crossed the abort that followed the report's timeout — an InvalidEventError in the
+  DUL thread, 3 runs in 6 of ``test_commitment``'s hang-up test.)
 
 One deliberate difference: in Sta13 (the association is over, awaiting the transport close) a local
 P-DATA request, A-RELEASE response or A-ABORT request (Evt9, Evt14, Evt15) is dropped with a log
@@ -55,7 +56,8 @@ C-STORE requests it recognises and leaves the rest to pynetdicom's decoding, as 
 Nothing else changes: PDU decoding (of what the receiver leaves), the state machine, events and
 statuses are pynetdicom's own. Only associations accepted by :class:`dimse.server.DicomServer` get
 these classes (its request handler upgrades each new ``Association`` before its threads start);
-the library's classes are not patched, and our SCU associations are untouched.
+the library's classes are not patched; our SCU associations get only the reactor gate
+(:class:`dimse.reactor_gate.AE`).
 
 **Private pynetdicom attributes relied on** (read against 3.0.4, the version this was written and
 measured with; the gate below trusts 3.0.x patch releases to keep them — re-read on upgrade):
@@ -94,6 +96,7 @@ from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT, A_RELEASE, P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
 from pynetdicom.utils import make_target
 
+from dimse.reactor_gate import gate
 from dimse.store_receiver import StoreReceiver, StoreSink
 
 log = logging.getLogger(__name__)
@@ -371,19 +374,6 @@ class _BulkSocket(AssociationSocket):
         return buf
 
 
-class _Checkpoint(threading.Event):
-    """``Association._reactor_checkpoint`` that wakes the reactor when a thread asks it to pause."""
-
-    def __init__(self, bell: threading.Event) -> None:
-        super().__init__()
-        self._bell = bell
-        self.set()
-
-    def clear(self) -> None:
-        super().clear()
-        self._bell.set()
-
-
 class _EventAssociation(Association):
     """An acceptor whose reactor waits on a doorbell the DUL rings instead of polling every 1 ms."""
 
@@ -473,7 +463,7 @@ def upgrade(assoc: Association, sink: StoreSink | None = None) -> Association:
     bell = threading.Event()
     assoc.__class__ = _EventAssociation
     assoc._bell = bell  # type: ignore[attr-defined]
-    assoc._reactor_checkpoint = _Checkpoint(bell)
+    gate(assoc, bell)
     dul = assoc.dul
     dul.__class__ = _EventDUL
     if type(dul.socket) is AssociationSocket:

@@ -14,9 +14,10 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.uid import UID
-from pynetdicom import AE, _config
+from pynetdicom import _config
 
 from dimse.contexts import contexts_for, no_delay_assoc
+from dimse.reactor_gate import AE
 
 log = logging.getLogger(__name__)
 

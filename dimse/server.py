@@ -21,7 +21,7 @@ from typing import Any, cast
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pynetdicom import AE, _config, evt
+from pynetdicom import _config, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -37,6 +37,7 @@ from dimse.contexts import (
     no_delay_assoc,
     retrieve_contexts,
 )
+from dimse.reactor_gate import AE  # C-MOVE sub-associations are this AE's
 from dimse.store_receiver import Received, StoreRequest
 from gateway.archive.blobstore import BlobStore, FolderBlobStore
 from gateway.archive.catalog import Catalog, StoredInstance

@@ -44,6 +44,8 @@ def index_record(study: str, at: datetime, **kw: Any) -> dict[str, Any]:
         "center": "urn:ybyx:center:52",
         **kw,
     }
+
+
 # what a center needs at the index, and what a center needs at another center
 CENTER_AT_INDEX = "index:register index:lookup index:retrievals"
 CENTER_AT_CENTER = "wado qido api:fetch"

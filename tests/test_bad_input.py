@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
-from pynetdicom import AE
 
+from dimse.reactor_gate import AE
 from dimse.scu import send
 from gateway.frontend import Frontend
 from tests.conftest import dcmtk

@@ -10,9 +10,10 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-from pynetdicom import AE, evt
+from pynetdicom import evt
 
 from dimse.contexts import STORAGE_COMMITMENT_PUSH
+from dimse.reactor_gate import AE
 from dimse.scu import send
 from gateway.frontend import Frontend
 from tests.peers.ports import free_port

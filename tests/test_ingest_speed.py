@@ -33,11 +33,12 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE, evt
+from pynetdicom import evt
 from pynetdicom.sop_class import MRImageStorage, Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import RequestHandler
 
 from dimse import fastpath
+from dimse.reactor_gate import AE
 from gateway.archive import record
 from gateway.archive.blobstore import FolderBlobStore
 from gateway.archive.catalog import Catalog

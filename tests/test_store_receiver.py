@@ -20,12 +20,12 @@ import pytest
 from pydicom import dcmread
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE
 from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dsutils import create_file_meta, decode, encode
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
+from dimse.reactor_gate import AE
 from dimse.store_receiver import StoreRequest, file_meta, parse_command, store_response
 from gateway.frontend import Frontend
 from gateway.sample import ct_series

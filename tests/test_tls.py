@@ -16,10 +16,11 @@ import httpx
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pynetdicom import AE, evt
+from pynetdicom import evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove  # type: ignore[attr-defined]
 from sqlalchemy import select
 
+from dimse.reactor_gate import AE
 from dimse.scu import send
 from gateway.archive.schema import forward_jobs
 from gateway.center import Center
