@@ -536,7 +536,6 @@ def export_targets(cfg: AuditSection) -> list[ExportTarget]:
 # ---- the log -------------------------------------------------------------------------------------
 
 
-
 #: How many distinct items one grouped record lists (requests for others: ``items_not_listed``).
 GROUP_ITEMS_MAX = 500
 

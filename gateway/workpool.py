@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -34,10 +35,29 @@ def resolve_workers(value: int | str) -> int:
     return max(1, int(value))
 
 
-def _child_init(initializer: Callable[..., None] | None, initargs: tuple[Any, ...]) -> None:
+PARENT_CHECK = 1.0  # seconds between a child's looks at whether the node is still there
+
+
+def _exit_with(parent: int) -> None:
+    """End this child once ``parent`` (the node) is gone.
+
+    A ``ProcessPoolExecutor`` worker waits for work on a queue whose pipe it holds both ends of,
+    so a node killed with SIGKILL (or by the OOM killer) leaves its workers waiting for ever,
+    ~170 MB each, one more set per crash and restart. ``PR_SET_PDEATHSIG`` would not do: it fires
+    when the *thread* that started the child ends (the executor starts workers from whichever
+    thread submits), not the process. So the child looks at its parent once a second.
+    """
+    while True:
+        time.sleep(PARENT_CHECK)
+        if os.getppid() != parent:
+            os._exit(0)
+
+
+def _child_init(parent: int, initializer: Callable[..., None] | None, initargs: tuple[Any, ...]) -> None:
     # Ctrl-C reaches the whole process group: the node stops its pool itself, so a child must not
     # die on SIGINT mid-task (and print a KeyboardInterrupt traceback over the node's shutdown)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with, args=(parent,), name="exit-with-node", daemon=True).start()
     if initializer is not None:
         initializer(*initargs)
 
@@ -66,7 +86,7 @@ class ChildPool:
             max_workers=self.workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_child_init,
-            initargs=(self._initializer, self._initargs),
+            initargs=(os.getpid(), self._initializer, self._initargs),
         )
 
     def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

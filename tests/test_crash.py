@@ -72,6 +72,26 @@ def compression_backlog(db: Path) -> int:
         return -1
 
 
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 def acknowledged(storescu_log: str) -> list[Path]:
     """Files storescu got a success status for (its -v log: 'Sending file', then the response)."""
     ok, current = [], None
@@ -108,11 +128,19 @@ def test_kill_9_mid_transfer_loses_no_acknowledged_instance(ct200: list[Path], t
             "transfer too fast or stuck to kill mid-way"
         )
         time.sleep(0.05)
+    helpers = children(proc.pid)
+    assert helpers, "the node has no child processes (ingest helpers, compression workers)"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(10)
     log, _ = sender.communicate(timeout=60)
     acked = acknowledged(log)
     assert 30 <= len(acked) < len(ct200), f"{len(acked)} acknowledged: the kill did not land mid-transfer"
+
+    # the node's child processes do not outlive it (they would pile up with every crash)
+    deadline = time.monotonic() + 15
+    while alive := [pid for pid in helpers if Path(f"/proc/{pid}").exists() and not zombie(pid)]:
+        assert time.monotonic() < deadline, f"child processes {alive} outlived the killed node"
+        time.sleep(0.1)
 
     # restart: the catalog opens cleanly and holds every acknowledged instance, intact
     proc = start(config)
