@@ -97,20 +97,16 @@ from pynetdicom.transport import AssociationSocket, RequestHandler
 from pynetdicom.utils import make_target
 
 from dimse.reactor_gate import gate
+from dimse.reactor_gate import supported as _supported
 from dimse.store_receiver import StoreReceiver, StoreSink
 
 log = logging.getLogger(__name__)
 # The reactors log what pynetdicom's own would, under its logger.
 _pnd_log = logging.getLogger("pynetdicom")
 
-SUPPORTED = ("3.0.",)
 # Longest idle wait of either reactor: bounds how late an expired ARTIM or network-idle timer, or
 # a kill from another thread that did not ring, is noticed. Work wakes the reactors at once.
 IDLE_WAIT = 0.05
-
-
-def _supported(version: str) -> bool:
-    return version.startswith(SUPPORTED)
 
 
 ENABLED = _supported(pynetdicom.__version__) and os.environ.get("YBYX_DIMSE_FASTPATH", "1") != "0"

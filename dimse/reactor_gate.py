@@ -34,8 +34,16 @@ from typing import Any
 import pynetdicom
 from pynetdicom.association import Association
 
-# Same gate as dimse.fastpath (not imported from there: fastpath imports this module).
-_ENABLED = pynetdicom.__version__.startswith("3.0.")
+# The pynetdicom versions whose private reactor attributes this module (and dimse.fastpath, which
+# imports the gate from here) were written against.
+SUPPORTED = ("3.0.",)
+
+
+def supported(version: str) -> bool:
+    return version.startswith(SUPPORTED)
+
+
+_ENABLED = supported(pynetdicom.__version__)
 _POLL = 0.05  # how often a waiting clear() looks whether the reactor is still alive
 
 

@@ -59,7 +59,8 @@ def test_fastpath_version_gate(monkeypatch: pytest.MonkeyPatch) -> None:
     assert fastpath._supported("3.0.0") and fastpath._supported("3.0.4")
     assert not fastpath._supported("3.1.0") and not fastpath._supported("2.0.2")
     # The installed pynetdicom is one the fast path was written against: if this fails after an
-    # upgrade, re-check dimse/fastpath.py against the new reactors before widening SUPPORTED.
+    # upgrade, re-check dimse/fastpath.py and dimse/reactor_gate.py against the new reactors before widening
+    # reactor_gate.SUPPORTED.
     assert fastpath._supported(pynetdicom_version()), pynetdicom_version()
     monkeypatch.setattr(fastpath, "ENABLED", False)
     assert fastpath.request_handler() is RequestHandler

@@ -171,6 +171,20 @@ def _answer(assoc: Any) -> Any:
     return msg
 
 
+def _store_by_hand(port: int, command: bytes, data: bytes) -> Any:
+    """Send one C-STORE-RQ ``command`` and its whole data set in one PDU on a new association;
+    the answer pynetdicom decodes."""
+    assoc = _scu().associate("127.0.0.1", port, ae_title="YBYX")
+    assert assoc.is_established
+    try:
+        cx = _context(assoc, CTImageStorage)
+        with _Paused(assoc):
+            assoc.dul.socket.socket.sendall(_pdu((cx, 0x03, command), (cx, 0x02, data)))
+            return _answer(assoc)
+    finally:
+        assoc.release()
+
+
 class _Paused:
     """Hold the SCU association's reactor (as pynetdicom's own send_c_* do), so that the answers
     to what the test sends by hand wait in the DIMSE queue for :func:`_answer`."""
@@ -226,19 +240,10 @@ def test_a_refused_instance_is_answered_with_the_reason(frontend: Frontend, tmp_
     [src] = ct_series(tmp_path / "ct", slices=1)
     ds, data = _dataset_bytes(src)
     announced = generate_uid()
-    assoc = _scu().associate("127.0.0.1", frontend.dicom_port, ae_title="YBYX")
-    assert assoc.is_established
-    try:
-        cx = _context(assoc, CTImageStorage)
-        sock = assoc.dul.socket.socket
-        with _Paused(assoc):
-            sock.sendall(_pdu((cx, 0x03, _store_rq_bytes(announced, message_id=9)), (cx, 0x02, data)))
-            answer = _answer(assoc)
-        assert answer.MessageIDBeingRespondedTo == 9 and answer.Status == 0xA900
-        reason = f"SOPInstanceUID {ds.SOPInstanceUID} in the data set differs from {announced}"
-        assert str(answer.ErrorComment) == reason[:64]  # LO: 64 characters
-    finally:
-        assoc.release()
+    answer = _store_by_hand(frontend.dicom_port, _store_rq_bytes(announced, message_id=9), data)
+    assert answer.MessageIDBeingRespondedTo == 9 and answer.Status == 0xA900
+    reason = f"SOPInstanceUID {ds.SOPInstanceUID} in the data set differs from {announced}"
+    assert str(answer.ErrorComment) == reason[:64]  # LO: 64 characters
     assert frontend.archive.catalog.locate({"SOPInstanceUID": str(ds.SOPInstanceUID)}) == []
     assert frontend.archive.catalog.locate({"SOPInstanceUID": announced}) == []
     assert frontend.dicom.stores["lean"] == 1
@@ -369,17 +374,8 @@ def test_a_request_with_an_odd_uid_is_left_to_pynetdicom(
     left behind."""
     [src] = ct_series(tmp_path / "ct", slices=1)
     _ds, data = _dataset_bytes(src)
-    assoc = _scu().associate("127.0.0.1", frontend.dicom_port, ae_title="YBYX")
-    assert assoc.is_established
-    try:
-        cx = _context(assoc, CTImageStorage)
-        sock = assoc.dul.socket.socket
-        with _Paused(assoc):
-            command = _store_rq_bytes("1.2.8234.4", message_id=11).replace(b"1.2.8234.4", odd)
-            sock.sendall(_pdu((cx, 0x03, command), (cx, 0x02, data)))
-            answer = _answer(assoc)
-        assert answer.MessageIDBeingRespondedTo == 11 and answer.Status == 0xA900  # not the UID sent
-    finally:
-        assoc.release()
+    command = _store_rq_bytes("1.2.8234.4", message_id=11).replace(b"1.2.8234.4", odd)
+    answer = _store_by_hand(frontend.dicom_port, command, data)
+    assert answer.MessageIDBeingRespondedTo == 11 and answer.Status == 0xA900  # not the UID sent
     assert frontend.dicom.stores == {"lean": 0, "pynetdicom": 1}
     assert _spool_files(frontend) == []
