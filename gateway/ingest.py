@@ -9,10 +9,15 @@ Order of work (ARCHITECTURE "the data path"):
 2. check the structure: required UIDs valid, the pixel data element complete (a truncated file is
    caught here), the SOP Instance UID the sender announced matches the one in the data;
 3. hash, fsync and place the bytes in the blob store under a content-addressed key;
-4. catalogue in one transaction (committed with ``synchronous=FULL`` on SQLite).
+4. catalogue in one transaction, durable when it commits — or, for the embedded node (folder
+   store + SQLite), committed without a flush of its own and recorded until it is flushed by a
+   name in the intake journal that step 3's fsync made durable with the file
+   (:mod:`gateway.intake`: one flush per instance).
 
 Only then is the sender told *success*. A crash between 3 and 4 leaves an unreferenced blob and no
-acknowledgement; the sender's retry lands on the same key.
+acknowledgement; the sender's retry lands on the same key. A crash of the machine after the answer
+but before the catalog's flush leaves the journal's name: :meth:`Ingest.recover` catalogues the
+instance again when the node opens.
 
 For speed (issue 2 "Numbers"), the kernel is asked to start writing the received file to disk the
 moment ingest begins (folder store: the spool file *is* the blob), and the catalog record is built
@@ -54,6 +59,7 @@ from gateway.archive.catalog import AddOutcome, Catalog, ConflictPolicy
 from gateway.archive.record import InstanceRecord, InvalidInstance
 from gateway.archive.schema import instance_versions, instances
 from gateway.audit import Actor, AuditLog, EventType, Result
+from gateway.intake import IntakeJournal, owns, source_of
 
 log = logging.getLogger(__name__)
 
@@ -549,19 +555,75 @@ class Ingest:
         policy: ConflictPolicy = "keep-newest",
         audit: AuditLog | None = None,
         helpers: int = 0,
+        journal: IntakeJournal | None = None,
     ) -> None:
+        """``journal``: one flush per instance (:mod:`gateway.intake`); used only with a folder
+        store and a catalog that can defer its flush (SQLite), ignored otherwise."""
         self.catalog = catalog
         self.store = store
         self.quarantine = quarantine
         self.policy: ConflictPolicy = policy
         self.audit = audit
         self.helpers = Helpers(helpers) if helpers > 0 else None
+        usable = journal is not None and isinstance(store, FolderBlobStore) and catalog.can_defer
+        self.journal = journal if usable else None
         quarantine.mkdir(parents=True, exist_ok=True)
 
     def close(self) -> None:
-        """Stop the helper processes, if any were started."""
+        """Flush the intake journal; stop the helper processes, if any were started."""
+        if self.journal is not None:
+            self.journal.close()
         if self.helpers is not None:
             self.helpers.close()
+
+    def recover(self) -> int:
+        """Catalogue again what the intake journal holds from before a crash of the machine
+        (:mod:`gateway.intake`); run before anything is received. The number catalogued."""
+        journal = self.journal
+        if journal is None:
+            return 0
+        recovered = 0
+        for name in journal.leftovers():
+            if self._recover_one(name):
+                recovered += 1
+            name.unlink(missing_ok=True)
+        if recovered:
+            self.catalog.sync()
+            log.warning("intake journal: %d instances catalogued again after a crash", recovered)
+        return recovered
+
+    def _recover_one(self, name: Path) -> bool:
+        assert isinstance(self.store, FolderBlobStore)
+        source = source_of(name)
+        try:
+            received_at = datetime.fromtimestamp(name.stat().st_mtime, UTC)
+        except OSError:
+            return False
+        rec = examine(str(name), source, None, received_at)
+        if not isinstance(rec, InstanceRecord) or not owns(name, self.store.local_path(rec.blob_key)):
+            # the machine stopped before this file's fsync: it was never acknowledged
+            log.warning(
+                "intake journal: %s is not a stored instance (never acknowledged); removed", name.name
+            )
+            return False
+        with self.catalog.engine.connect() as conn:
+            found = (
+                conn.execute(
+                    select(instances.c.sop_uid).where(
+                        instances.c.sop_uid == rec.sop_uid, instances.c.blob_key == rec.blob_key
+                    )
+                ).first()
+                or conn.execute(
+                    select(instance_versions.c.id)
+                    .where(instance_versions.c.blob_key == rec.blob_key)
+                    .limit(1)
+                ).first()
+            )
+        if found is not None:
+            return False  # its row reached the disk
+        who = Actor(source or "intake-recovery", "", "", "local")
+        self.catalog.add_instance(rec, self.policy, also=self._audited(who, rec, recovered=True))
+        return True
 
     def accept_file(
         self,
@@ -630,18 +692,39 @@ class Ingest:
         if isinstance(examined, Unreadable):
             return Refused(examined.reason, "storage", examined.sop)
         rec = examined
+        journal = self.journal
+        name = journal.new_name(source) if journal is not None else None
         try:
-            size, sha_stored = self.store.put_file(rec.blob_key, path, known=(rec.size, rec.sha256))
+            if name is not None:
+                assert isinstance(self.store, FolderBlobStore)
+                size, sha_stored = self.store.put_file(
+                    rec.blob_key, path, known=(rec.size, rec.sha256), also_link=name
+                )
+            else:
+                size, sha_stored = self.store.put_file(rec.blob_key, path, known=(rec.size, rec.sha256))
         except OSError as exc:
             log.error("blob store write failed for %s: %s", rec.sop_uid, exc)
+            if journal is not None and name is not None:
+                journal.discard(name)
             return Refused(f"storage unavailable: {exc}", "storage", rec.sop_uid)
         if sha_stored != rec.sha256:
+            if journal is not None and name is not None:
+                journal.discard(name)
             return Refused("file changed while being stored", "storage", rec.sop_uid)
         try:
-            outcome = self.catalog.add_instance(rec, self.policy, also=self._audited(who, rec))
+            outcome = self.catalog.add_instance(
+                rec, self.policy, also=self._audited(who, rec), deferred=name is not None
+            )
         except Exception as exc:  # the catalog must not turn a DB outage into a lost instance
             log.exception("catalog write failed for %s", rec.sop_uid)
+            if journal is not None and name is not None:
+                journal.discard(name)
             return Refused(f"catalog unavailable: {exc}", "storage", rec.sop_uid)
+        if journal is not None and name is not None:
+            if outcome is AddOutcome.DUPLICATE:
+                journal.discard(name)  # nothing new was catalogued
+            else:
+                journal.committed(name)
         if outcome is AddOutcome.DUPLICATE:
             log.info("duplicate %s from %s (same bytes): nothing to do", rec.sop_uid, source)
             self._drop_received_copy(rec.sop_uid, rec.blob_key)
@@ -699,7 +782,9 @@ class Ingest:
         if kept is None:
             self.store.delete(key)
 
-    def _audited(self, who: Actor, rec: InstanceRecord) -> Callable[[Connection, AddOutcome], None] | None:
+    def _audited(
+        self, who: Actor, rec: InstanceRecord, *, recovered: bool = False
+    ) -> Callable[[Connection, AddOutcome], None] | None:
         """The audit record of a stored instance, written in the catalog's transaction (R-SE-4):
         no instance is catalogued (and acknowledged) without it, for no extra commit."""
         audit = self.audit
@@ -707,13 +792,16 @@ class Ingest:
             return None
 
         def record(conn: Connection, outcome: AddOutcome) -> None:
+            detail = _upload_detail(rec, outcome)
+            if recovered:
+                detail["recovered"] = "intake journal, after a crash"
             audit.record_in(
                 conn,
                 who,
                 EventType.UPLOAD,
                 resource=f"study:{rec.study_uid}",
                 result=Result.SUCCESS,
-                detail=_upload_detail(rec, outcome),
+                detail=detail,
             )
 
         return record

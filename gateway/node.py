@@ -10,9 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.archive import Archive, ArchiveUnavailable
+from gateway.archive.blobstore import FolderBlobStore
 from gateway.audit import AuditLog, EventType, Result, start_audit, stop_audit
 from gateway.config import CenterConfig, FrontendConfig
 from gateway.ingest import Ingest
+from gateway.intake import IntakeJournal
 from gateway.security.kms import Kms
 from gateway.security.managed import node_kms, record_created
 from gateway.security.node import NodeSecurity
@@ -85,14 +87,23 @@ class NodeCore:
             raise
         _audit_new_kek(archive, audit)
         record_created(audit, made + security.created_keys)
+        store, catalog = archive.store, archive.catalog
+        # one flush per received instance (gateway/intake.py): folder store + SQLite only
+        journal = (
+            IntakeJournal(store.root / ".intake", catalog.sync)
+            if isinstance(store, FolderBlobStore) and catalog.can_defer
+            else None
+        )
         ingest = Ingest(
-            archive.catalog,
-            archive.store,
+            catalog,
+            store,
             quarantine=cfg.ingest.quarantine,
             policy=cfg.ingest.on_conflict,
             audit=audit,
             helpers=ingest_helpers(cfg.ingest.helpers),
+            journal=journal,
         )
+        ingest.recover()  # what a crash of the machine left uncatalogued, before anything is received
         # beside the blobs by default: received files are linked into place, not copied
         spool = cfg.ingest.spool or cfg.storage.path / ".spool"
         return cls(archive, security, audit, ingest, spool, kms)

@@ -142,9 +142,11 @@ def test_kill_9_mid_transfer_loses_no_acknowledged_instance(ct200: list[Path], t
         assert time.monotonic() < deadline, f"child processes {alive} outlived the killed node"
         time.sleep(0.1)
 
-    # restart: the catalog opens cleanly and holds every acknowledged instance, intact
+    # restart: the catalog opens cleanly and holds every acknowledged instance, intact; the intake
+    # journal (gateway/intake.py) was looked at and emptied before the node listened
     proc = start(config)
     wait_listening(port, proc)
+    assert list((tmp_path / "data" / "blobs" / ".intake").iterdir()) == []
     cfg = load_config(config)
     assert isinstance(cfg, FrontendConfig)
     assert cfg.compression.transfer_syntax == "jpeg-ls"  # the default

@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import socket
+import subprocess
 import threading
 import time
 import warnings
@@ -40,7 +41,7 @@ from pynetdicom.transport import RequestHandler
 from dimse import fastpath
 from dimse.reactor_gate import AE
 from gateway.archive import record
-from gateway.archive.blobstore import FolderBlobStore
+from gateway.archive.blobstore import NAMES_WITH_FILE, FolderBlobStore, file_system_type
 from gateway.archive.catalog import Catalog
 from gateway.archive.record import BULK_THRESHOLD, InstanceRecord
 from gateway.frontend import Frontend
@@ -467,14 +468,19 @@ def test_early_writeback_is_best_effort(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert path.read_bytes() and len(path.read_bytes()) == 200_000
 
 
+@pytest.mark.parametrize("names_with_file", [False, True], ids=["folders-fsynced", "ext4-xfs"])
 def test_folder_put_file_links_then_makes_file_and_name_durable(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, names_with_file: bool
 ) -> None:
-    """The spool file is linked under its key first, then fsynced (data and new name in one
-    journal commit), then its folder; a key already there (an unacknowledged earlier try) is
-    replaced by the new bytes."""
+    """The spool file is linked under its key (and the intake journal's name) first, then
+    fsynced (data and new names in one journal commit), then — on file systems where that fsync
+    does not carry the names — its folders; a key already there (an unacknowledged earlier try)
+    is replaced by the new bytes."""
 
     store = FolderBlobStore(tmp_path / "blobs")
+    store.names_with_file = names_with_file
+    journal = tmp_path / "blobs" / ".intake"
+    journal.mkdir()
     spool = tmp_path / "blobs" / ".spool"
     spool.mkdir()
     src = spool / "in.dcm"
@@ -490,12 +496,28 @@ def test_folder_put_file_links_then_makes_file_and_name_durable(
     final = tmp_path / "blobs" / "st" / "se" / "x.dcm"
     final.parent.mkdir(parents=True)
     final.write_bytes(b"partial from a crashed try")
-    size, sha = store.put_file("st/se/x.dcm", src)
+    size, sha = store.put_file("st/se/x.dcm", src, also_link=journal / "j.dcm")
     assert (
         final.read_bytes() == b"new bytes" and size == 9 and sha == hashlib.sha256(b"new bytes").hexdigest()
     )
-    assert os.stat(final).st_ino == os.stat(src).st_ino  # linked, not copied
-    assert calls == [("fsync", str(final)), ("fsync", str(final.parent))]
+    assert os.stat(final).st_ino == os.stat(src).st_ino == os.stat(journal / "j.dcm").st_ino  # linked
+    if names_with_file:
+        assert calls == [("fsync", str(final))]  # one flush
+    else:
+        assert calls == [("fsync", str(final)), ("fsync", str(final.parent)), ("fsync", str(journal))]
+
+
+def test_file_system_type_matches_stat(tmp_path: Path) -> None:
+    """Which file systems get the single flush is decided by the type ``stat -f`` reports."""
+    for path in (tmp_path, Path("/dev/shm"), Path("/proc/self")):
+        shown = subprocess.run(
+            ["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True, check=True
+        )
+        expected = {"ext2/ext3": "ext4"}.get(shown.stdout.strip(), shown.stdout.strip())
+        assert file_system_type(path) == expected, path
+    assert FolderBlobStore(tmp_path / "s").names_with_file == (file_system_type(tmp_path) in NAMES_WITH_FILE)
+    assert not FolderBlobStore(Path("/dev/shm") / f"ybyx-{os.getpid()}").names_with_file  # tmpfs
+    shutil.rmtree(Path("/dev/shm") / f"ybyx-{os.getpid()}")
 
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -5,7 +5,8 @@ Two backends behind one interface, chosen by config (``[storage] backend``):
 * :class:`FolderBlobStore` — the embedded default; one file per object below a root folder.
   Streams go to a temporary name in the same folder, are fsynced, then renamed into place, so a
   crash never leaves a half-written object under its real key. Received files (``put_file``) are
-  complete before they are hard-linked under their key, then fsynced with their folder.
+  complete before they are hard-linked under their key, then fsynced (with their folder, on file
+  systems where the file's fsync does not carry its new names: see :data:`NAMES_WITH_FILE`).
 * :class:`gateway.archive.s3.S3BlobStore` — production (MinIO; SeaweedFS in tests).
 
 Every ``put`` returns ``(size, sha256)`` of what was written; the catalog keeps both and every
@@ -107,12 +108,41 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# File systems whose fsync of a file also makes durable every change to the metadata made before
+# it — the file's new names included: ext4's fsync commits the journal transaction holding them
+# (transactions commit in order); XFS forces its log up to the file's last change, which follows
+# them. Elsewhere the folders are fsynced too, as POSIX alone requires.
+NAMES_WITH_FILE = frozenset({"ext4", "ext3", "xfs"})
+
+
+def file_system_type(path: Path) -> str:
+    """The type of the file system holding ``path`` (``/proc/self/mounts``); "" if unknown."""
+    try:
+        target = os.path.realpath(path)
+        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as fh:
+            mounts = [line.split() for line in fh]
+    except OSError:
+        return ""
+    best, found = -1, ""
+    for fields in mounts:
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) > best:
+            best, found = len(point), fields[2]
+    return found
+
+
 class FolderBlobStore:
     """Objects as files below ``root``; the key is the relative path."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        # whether put_file's fsync of the linked file makes its new names durable (one flush
+        # per received instance instead of two or three); otherwise the folders are fsynced
+        self.names_with_file = file_system_type(self.root) in NAMES_WITH_FILE
 
     def _path(self, key: str) -> Path:
         if not key or key.startswith("/") or ".." in key.split("/"):
@@ -145,9 +175,16 @@ class FolderBlobStore:
             _fsync_dir(folder.parent)
         return size, digest.hexdigest()
 
-    def put_file(self, key: str, path: Path, *, known: tuple[int, str] | None = None) -> tuple[int, str]:
+    def put_file(
+        self, key: str, path: Path, *, known: tuple[int, str] | None = None, also_link: Path | None = None
+    ) -> tuple[int, str]:
         """Hard-link the file into place without copying the bytes, then make it durable: the
-        file (its data and the new link, one journal commit on ext4/XFS) and its folder.
+        file (its data and the new link, one journal commit on ext4/XFS) and, on other file
+        systems, its folder.
+
+        ``also_link``: one more name for the file, made durable with it (the ingest intake
+        journal, :mod:`gateway.intake`: a record that the instance still needs its catalog row
+        made durable). It must be on this store's file system.
 
         The spool sits inside the store root (same file system), so a link is enough; the caller
         may then delete its own name for the file. Falls back to a copy across devices. Keys are
@@ -168,16 +205,23 @@ class FolderBlobStore:
             os.link(path, tmp)
             os.replace(tmp, final)
         except OSError:
+            if also_link is not None:
+                raise  # the journal's name must be a link to the stored file: no copy
             with path.open("rb") as src:
                 return self.put(key, src)
+        if also_link is not None:
+            os.link(path, also_link)
         fd = os.open(final, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-        _fsync_dir(final.parent)
-        for folder in made:  # a new folder's entry lives in its parent: make that durable too
-            _fsync_dir(folder.parent)
+        if not self.names_with_file:
+            _fsync_dir(final.parent)
+            for folder in made:  # a new folder's entry lives in its parent: make that durable too
+                _fsync_dir(folder.parent)
+            if also_link is not None:
+                _fsync_dir(also_link.parent)
         return size, sha
 
     def _make_parents(self, final: Path) -> list[Path]:

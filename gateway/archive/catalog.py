@@ -7,6 +7,7 @@ the catalog never holds half an instance. Reads are one statement per request (`
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -269,6 +270,10 @@ class Catalog:
         # SQLite has one writer; serialising writers in-process avoids busy waits between threads.
         self._write_lock = threading.Lock() if self._is_sqlite else None
         self._writer: Connection | None = None  # SQLite: the one write connection (see write)
+        self._writer_deferred = False  # its synchronous setting: NORMAL (deferred) or FULL
+        database = engine.url.database if self._is_sqlite else None
+        # the SQLite file's write-ahead log (absolute: the working folder may change)
+        self._wal = f"{os.path.abspath(database)}-wal" if database and database != ":memory:" else None
         self._known_series = _SeriesCache()
         self.outbox = outbox
         self._pixel_sql: tuple[str, list[str] | None] | None = None  # see pixel_row
@@ -292,9 +297,22 @@ class Catalog:
             self._writer = None
         self.engine.dispose()
 
+    @property
+    def can_defer(self) -> bool:
+        """Whether :meth:`write` can commit without waiting for the disk (``deferred``): a SQLite
+        file, whose commits :meth:`sync` then makes durable."""
+        return self._wal is not None
+
     @contextmanager
-    def write(self) -> Iterator[Connection]:
-        """A write transaction (SQLite: one writer at a time, lock taken up front)."""
+    def write(self, *, deferred: bool = False) -> Iterator[Connection]:
+        """A write transaction (SQLite: one writer at a time, lock taken up front).
+
+        ``deferred`` (SQLite only, see :attr:`can_defer`): the commit is atomic and survives the
+        process being killed, but reaches the disk only with the next :meth:`sync` or the next
+        commit that is not deferred (SQLite's ``synchronous=NORMAL`` for this one transaction).
+        The caller must keep its own durable record of what it committed until then (ingest's
+        intake journal, :mod:`gateway.intake`). Elsewhere ignored: every commit is durable.
+        """
         if self._write_lock is None:
             with self.engine.begin() as conn:
                 yield conn
@@ -305,6 +323,14 @@ class Catalog:
             writer = self._writer
             if writer is None or writer.closed or writer.invalidated:
                 writer = self._writer = self.engine.connect().execution_options(immediate=True)
+                self._writer_deferred = False
+            if deferred != self._writer_deferred:
+                # only outside a transaction ("Safety level may not be changed inside a
+                # transaction"): on the DBAPI connection, before SQLAlchemy's BEGIN
+                dbapi = writer.connection.dbapi_connection
+                assert dbapi is not None
+                dbapi.execute("PRAGMA synchronous=" + ("NORMAL" if deferred else "FULL"))
+                self._writer_deferred = deferred
             try:
                 with writer.begin():
                     yield writer
@@ -312,6 +338,25 @@ class Catalog:
                 self._writer = None  # rolled back; a fresh connection for the next writer
                 writer.close()
                 raise
+
+    def sync(self) -> None:
+        """Make every commit so far durable (the deferred ones of :meth:`write`).
+
+        SQLite in WAL mode appends each commit to the ``-wal`` file; with ``synchronous=NORMAL``
+        it is flushed only before a checkpoint. Flushing that file is what a ``FULL`` commit does
+        itself. No ``-wal`` file: its frames were checkpointed into the database (flushed then)
+        when the last connection closed. Nothing to do for PostgreSQL.
+        """
+        if self._wal is None:
+            return
+        try:
+            fd = os.open(self._wal, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
 
     def _insert(self, table: Any) -> Any:
         dialect = sqlite if self._is_sqlite else postgresql
@@ -347,15 +392,17 @@ class Catalog:
         policy: ConflictPolicy = "keep-newest",
         *,
         also: Callable[[Connection, AddOutcome], None] | None = None,
+        deferred: bool = False,
     ) -> AddOutcome:
         """Catalogue an instance whose bytes are already durable in the blob store.
 
         ``also`` runs in the same transaction once the outcome is known (ingest's audit record,
-        R-SE-4: the instance and its record commit together, for no extra commit).
+        R-SE-4: the instance and its record commit together, for no extra commit). ``deferred``:
+        see :meth:`write`.
         """
         for attempt in range(3):
             try:
-                with self.write() as conn:
+                with self.write(deferred=deferred) as conn:
                     outcome, known = self._add(conn, rec, policy)
                     if also is not None:
                         also(conn, outcome)
