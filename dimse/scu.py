@@ -18,8 +18,10 @@ from pynetdicom import _config
 
 from dimse.contexts import contexts_for, no_delay_assoc
 from dimse.reactor_gate import AE
+from dimse.uid_memo import install as _remember_uid_checks
 
 log = logging.getLogger(__name__)
+_remember_uid_checks()  # association set-up: each UID's check done once (dimse/uid_memo.py)
 
 
 @dataclass

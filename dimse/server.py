@@ -39,6 +39,7 @@ from dimse.contexts import (
 )
 from dimse.reactor_gate import AE  # C-MOVE sub-associations are this AE's
 from dimse.store_receiver import Received, StoreRequest
+from dimse.uid_memo import install as _remember_uid_checks
 from gateway.archive.blobstore import BlobStore, FolderBlobStore
 from gateway.archive.catalog import Catalog, StoredInstance
 from gateway.archive.query import Level, QueryError
@@ -49,6 +50,7 @@ from gateway.ingest import Accepted, Ingest, Pending
 from gateway.security.tls import client_context, server_context
 
 log = logging.getLogger(__name__)
+_remember_uid_checks()  # association set-up: each UID's check done once (dimse/uid_memo.py)
 
 # Storage statuses (PS3.4 Table B.2-1) for the domain's refusal kinds.
 STORE_STATUS = {"storage": 0xA700, "mismatch": 0xA900, "missing-attribute": 0xA900, "malformed": 0xC000}

@@ -179,6 +179,13 @@ def store_response(request: StoreRequest, status: int, comment: str = "") -> byt
     return _element(_GROUP_LENGTH, struct.pack("<I", len(encoded))) + encoded
 
 
+def p_data_tf(context_id: int, pdv: bytes) -> bytes:
+    """A P-DATA-TF PDU (PS3.8 §9.3.5) holding one presentation data value item: ``pdv`` is the
+    message control header and the fragment."""
+    item = struct.pack(">IB", len(pdv) + 1, context_id) + pdv
+    return struct.pack(">BBI", 0x04, 0, len(item)) + item
+
+
 def _explicit(tag: int, vr: bytes, value: bytes) -> bytes:
     head = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr
     if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT"):
@@ -372,11 +379,16 @@ class StoreReceiver:
         self._respond(request, status, comment)
 
     def _respond(self, request: StoreRequest, status: int, comment: str) -> None:
-        primitive = P_DATA()
-        # pynetdicom's setter wants [id, data] lists (its annotation says tuples)
-        item: Any = [request.context_id, b"\x03" + store_response(request, status, comment)]
-        primitive.presentation_data_value_list = [item]
+        # one PDV: message control header 0x03 (command, last fragment), then the command set
+        data = b"\x03" + store_response(request, status, comment)
         with self.send_lock:  # never between the fragments of a message another thread sends
+            send_now = getattr(self.assoc.dul, "send_now", None)  # dimse.fastpath's reactor
+            if send_now is not None and send_now(p_data_tf(request.context_id, data)):
+                return
+            primitive = P_DATA()
+            # pynetdicom's setter wants [id, data] lists (its annotation says tuples)
+            item: Any = [request.context_id, data]
+            primitive.presentation_data_value_list = [item]
             self.assoc.dul.send_pdu(primitive)
 
     def close(self) -> None:

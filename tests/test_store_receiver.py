@@ -23,10 +23,12 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dsutils import create_file_meta, decode, encode
+from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from dimse.reactor_gate import AE
-from dimse.store_receiver import StoreRequest, file_meta, parse_command, store_response
+from dimse.store_receiver import StoreRequest, file_meta, p_data_tf, parse_command, store_response
 from gateway.frontend import Frontend
 from gateway.sample import ct_series
 from tests.conftest import dcmtk
@@ -98,6 +100,16 @@ def _store_rq_bytes(sop: str, message_id: int = 5, **extra: Any) -> bytes:
     msg = C_STORE_RQ()
     msg.primitive_to_message(req)
     return encode(msg.command_set, True, True)  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("size", [1, 200, 70_000])
+def test_p_data_tf_is_what_pynetdicom_encodes(size: int) -> None:
+    """The C-STORE response PDU the receiver sends itself (from the reactor thread) is byte for
+    byte the PDU pynetdicom's DT-1 would send for the same primitive."""
+    pdv = b"\x03" + bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    primitive = P_DATA()
+    primitive.presentation_data_value_list = [[7, pdv]]  # type: ignore[list-item]
+    assert p_data_tf(7, pdv) == P_DATA_TF(primitive).encode()
 
 
 def test_parse_command_reads_what_pynetdicom_encodes() -> None:

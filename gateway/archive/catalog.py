@@ -178,7 +178,11 @@ def _sqlite_begin(conn: Connection) -> None:
     # Writers take the lock up front; a deferred transaction that upgrades to a write lock gets
     # SQLITE_BUSY without waiting, which under parallel associations would fail stores.
     immediate = conn.get_execution_options().get("immediate", False)
-    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+    # Straight to the driver: through SQLAlchemy's statement execution this one line cost ~0.1 ms
+    # of CPU (interpreter lock held) per transaction, one per stored instance.
+    driver = conn.connection.driver_connection
+    assert driver is not None
+    driver.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
 def make_engine(url: str) -> Engine:
