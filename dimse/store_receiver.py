@@ -23,8 +23,10 @@ read while the association is established), a :class:`StoreReceiver`
   write-back of the file when the last fragment is in;
 * calls the store function (:meth:`dimse.server.DicomServer.store_received`) in this thread — the
   one reading the socket, which has nothing else to do until the peer has its answer (the peer
-  waits for it: one request in flight, as we negotiate) — and queues the C-STORE-RSP it returns
-  as a P-DATA primitive for pynetdicom's state machine to send.
+  waits for it: one request in flight, as we negotiate) — and sends the C-STORE-RSP it returns
+  as one P-DATA-TF PDU from this thread, as pynetdicom's state machine would in Sta6
+  (:meth:`dimse.fastpath._EventDUL.send_now`; when something else is queued for sending first,
+  it is queued behind it as a P-DATA primitive instead).
 
 The command set's encoding (PS3.7 §6.3.1: Implicit VR Little Endian, group 0000) and the
 C-STORE-RSP's fields (PS3.7 Table 9.3-2) are small and fixed; see :func:`parse_command` and
