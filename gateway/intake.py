@@ -16,9 +16,10 @@ here flushes the catalog (:meth:`~gateway.archive.catalog.Catalog.sync`) every
 flush for many instances.
 
 **After a crash** (of the machine: a killed process loses no commit) a name may still be here
-whose row did not reach the disk. :func:`recover` runs when the node opens, before it accepts
-anything: each leftover file is read, and if the catalog has no row for it while the store still
-holds it under its key, it is catalogued again (audited as recovered); then the name is removed.
+whose row did not reach the disk. :meth:`gateway.ingest.Ingest.recover` runs when the node
+opens, before it accepts anything: each leftover file is read, and if the catalog has no row
+for it while the store still holds it under its key, it is catalogued again (audited as
+recovered); then the name is removed.
 A name whose file is not what its key says (the machine stopped before the ``fsync`` of an
 instance that was therefore never acknowledged) is removed without cataloguing.
 
