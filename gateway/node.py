@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.archive import Archive, ArchiveUnavailable
+from gateway.archive import Archive
 from gateway.archive.blobstore import FolderBlobStore
 from gateway.audit import AuditLog, EventType, Result, start_audit, stop_audit
 from gateway.config import CenterConfig, FrontendConfig
@@ -70,6 +70,8 @@ class NodeCore:
     ) -> NodeCore:
         """Open in order; on any failure, close what was opened and re-raise."""
         archive = Archive.open(cfg.storage, cfg.database, outbox=outbox, encryption=cfg.encryption)
+        audit: AuditLog | None = None
+        ingest: Ingest | None = None
         try:
             # signing and pseudonym keys held by the KMS (R-SE-14) when the config says so
             kms, made = node_kms(cfg, archive.catalog, archive_kms(archive))
@@ -82,28 +84,34 @@ class NodeCore:
                 kms=kms,
             )
             audit = start_audit(cfg, archive.catalog, kms)  # R-SE-4
-        except ArchiveUnavailable:
+            _audit_new_kek(archive, audit)
+            record_created(audit, made + security.created_keys)
+            store, catalog = archive.store, archive.catalog
+            # one flush per received instance (gateway/intake.py): folder store + SQLite only
+            journal = (
+                IntakeJournal(store.root / ".intake", catalog.sync)
+                if isinstance(store, FolderBlobStore) and catalog.can_defer
+                else None
+            )
+            ingest = Ingest(
+                catalog,
+                store,
+                quarantine=cfg.ingest.quarantine,
+                policy=cfg.ingest.on_conflict,
+                audit=audit,
+                helpers=ingest_helpers(cfg.ingest.helpers),
+                journal=journal,
+            )
+            ingest.recover()  # what a crash of the machine left uncatalogued, before anything is received
+        except BaseException:
+            # A node that cannot open leaves nothing running: no helper processes, no audit
+            # thread, no open database or journal thread (the CLI reports the error and exits;
+            # a caller that retries gets a clean slate).
+            if ingest is not None:
+                ingest.close()
+            stop_audit(audit)
             archive.close()
             raise
-        _audit_new_kek(archive, audit)
-        record_created(audit, made + security.created_keys)
-        store, catalog = archive.store, archive.catalog
-        # one flush per received instance (gateway/intake.py): folder store + SQLite only
-        journal = (
-            IntakeJournal(store.root / ".intake", catalog.sync)
-            if isinstance(store, FolderBlobStore) and catalog.can_defer
-            else None
-        )
-        ingest = Ingest(
-            catalog,
-            store,
-            quarantine=cfg.ingest.quarantine,
-            policy=cfg.ingest.on_conflict,
-            audit=audit,
-            helpers=ingest_helpers(cfg.ingest.helpers),
-            journal=journal,
-        )
-        ingest.recover()  # what a crash of the machine left uncatalogued, before anything is received
         # beside the blobs by default: received files are linked into place, not copied
         spool = cfg.ingest.spool or cfg.storage.path / ".spool"
         return cls(archive, security, audit, ingest, spool, kms)
