@@ -40,13 +40,14 @@ from dimse.contexts import (
 from dimse.reactor_gate import AE  # C-MOVE sub-associations are this AE's
 from dimse.store_receiver import Received, StoreRequest
 from dimse.uid_memo import install as _remember_uid_checks
-from gateway.archive.blobstore import BlobStore, FolderBlobStore
+from gateway.archive.blobstore import BlobNotFound, BlobStore, FolderBlobStore
 from gateway.archive.catalog import Catalog, StoredInstance
 from gateway.archive.query import Level, QueryError
 from gateway.audit import AuditLog
 from gateway.codec.decode import decompressed, sendable_syntax
 from gateway.config import DicomSection
 from gateway.ingest import Accepted, Ingest, Pending
+from gateway.security.envelope import KeyGone
 from gateway.security.tls import client_context, server_context
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,21 @@ def _status(code: int, comment: str = "") -> Dataset:
     ds.Status = code
     if comment:
         ds.ErrorComment = comment[:64]
+    return ds
+
+
+def _failed_sub_operation(inst: StoredInstance) -> Dataset:
+    """What to yield for an instance that cannot be sent, so that pynetdicom counts one failed
+    C-STORE sub-operation, lists the instance as failed and goes on with the next.
+
+    Only its SOP Class and Instance UIDs, and no File Meta Information: pynetdicom's
+    ``send_c_store`` refuses such a data set (no transfer syntax to pick a presentation context
+    by) before anything is sent, which its retrieve loop counts as a failed sub-operation. Yielding
+    a failure status instead would end the whole retrieve there.
+    """
+    ds = Dataset()
+    ds.SOPClassUID = inst.sop_class_uid
+    ds.SOPInstanceUID = inst.sop_uid
     return ds
 
 
@@ -454,10 +470,18 @@ class DicomServer:
                 return
             try:
                 data = self._read(inst)
-            except (OSError, KeyError) as exc:
+            except (BlobNotFound, KeyGone) as exc:
+                # This instance can never be read (its blob is gone, or its key was destroyed:
+                # crypto-shredding, R-SE-10); the others still go. Counted as one failed
+                # sub-operation and listed in the final response's Failed SOP Instance UID List
+                # (PS3.4 C.4.2.3.1 / C.4.3.3.1: status B000 when others completed).
+                log.error("retrieve: %s cannot be sent: %s", inst.sop_uid, exc)
+                yield 0xFF00, _failed_sub_operation(inst)
+                continue
+            except OSError as exc:  # the storage itself is failing: stop here
                 log.error("cannot read %s for retrieve: %s", inst.sop_uid, exc)
                 yield 0xA702, None  # refused: out of resources, unable to perform sub-operations
-                continue
+                return
             assoc = peer()
             accepted = accepted_syntaxes(assoc, inst.sop_class_uid) if assoc is not None else set()
             ts = sendable_syntax(inst.transfer_syntax, accepted)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.pixels.utils import pixel_array
 from pydicom.uid import (
     JPEG2000,
@@ -37,12 +38,15 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
+from pynetdicom import AE
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove  # type: ignore[attr-defined]
 
 from dimse.scu import send
 from gateway.archive.query import Level
 from gateway.frontend import Frontend
 from gateway.sample import write_samples
 from tests.conftest import dcmtk
+from tests.federation import tiny_study
 from tests.peers.ports import free_port
 
 
@@ -512,3 +516,68 @@ def test_getscu_of_jpeg_ls_data_with_and_without_jpeg_ls(start_frontend, tmp_pat
             )
             assert done.returncode == 0, done.stderr
         _assert_same_pixels(out, [p for files in studies.values() for p in files], syntax)
+
+
+# ---- an instance that can never be read: the others are still retrieved ------------------------
+
+
+def _sop_uid(path: Path) -> str:
+    return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+@pytest.mark.parametrize("service", ["C-GET", "C-MOVE"])
+def test_a_missing_blob_fails_its_sub_operation_and_the_rest_are_sent(  # type: ignore[no-untyped-def]
+    start_frontend, storescp: tuple[int, Path], tmp_path: Path, service: str
+) -> None:
+    """One instance of a series has lost its blob (or its key, crypto-shredding: the same path):
+    every other instance is delivered, that one is one failed sub-operation, and the final
+    response says so (B000, its UID in the Failed SOP Instance UID List) — before, the first such
+    instance ended the whole retrieve with A702 and nothing after it was sent."""
+    port, out = storescp
+    fe = start_frontend(move_destinations=[{"ae_title": "STORESCP", "host": "127.0.0.1", "port": port}])
+    files = tiny_study(tmp_path / "study", count=5)
+    assert send(files, "127.0.0.1", fe.dicom_port, "YBYX").ok
+    series = str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    lost = _sop_uid(files[2])
+    [located] = fe.archive.catalog.locate({"SOPInstanceUID": lost})
+    fe.archive.store.local_path(located.blob_key).unlink()
+
+    query = ["-k", "QueryRetrieveLevel=SERIES", "-k", f"SeriesInstanceUID={series}"]
+    if service == "C-GET":
+        received = tmp_path / "get"
+        received.mkdir()
+        done = run(dcmtk("getscu"), "-d", "-S", "-aec", "YBYX", "-od", str(received), *query,
+                   "127.0.0.1", str(fe.dicom_port), timeout=60)  # fmt: skip
+    else:
+        received = out
+        done = run(dcmtk("movescu"), "-d", "-S", "-aec", "YBYX", "-aem", "STORESCP", *query,
+                   "127.0.0.1", str(fe.dicom_port), timeout=60)  # fmt: skip
+    log = done.stdout + done.stderr
+    got = {
+        str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in received.rglob("*") if p.is_file()
+    }
+    sent = {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+    assert got == sent - {lost}, log
+    assert "Warning: SubOperationsCompleteOneOrMoreFailures" in log, log  # status B000
+    if service == "C-GET":
+        assert "Number of Completed Suboperations : 4" in log, log
+        assert "Number of Failed Suboperations    : 1" in log, log
+    else:  # dcmtk does not print the list: ask again, as a pynetdicom SCU
+        ae = AE(ae_title="PYSCU")
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        assoc = ae.associate("127.0.0.1", fe.dicom_port, ae_title="YBYX")
+        assert assoc.is_established
+        try:
+            identifier = Dataset()
+            identifier.QueryRetrieveLevel = "SERIES"
+            identifier.SeriesInstanceUID = series
+            answers = list(
+                assoc.send_c_move(identifier, "STORESCP", StudyRootQueryRetrieveInformationModelMove)
+            )
+        finally:
+            assoc.release()
+        status, final = answers[-1]
+        assert status.Status == 0xB000
+        assert (status.NumberOfCompletedSuboperations, status.NumberOfFailedSuboperations) == (4, 1)
+        assert final is not None
+        assert final["FailedSOPInstanceUIDList"].value == lost  # one value: VM 1
