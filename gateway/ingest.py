@@ -276,7 +276,8 @@ def read_header(
                     pixel_start = None
             elif prefix is not None:
                 return None  # no pixel data within the prefix, or deflated: wait for the whole file
-        _study, _series, sop, _sop_class = InstanceRecord.identify(ds)
+        identified = InstanceRecord.identify(ds)
+        sop = identified[2]
         media_sop = ds.file_meta.get("MediaStorageSOPInstanceUID")
     except InvalidInstance as exc:
         return None if prefix is not None else Unfit(str(exc), "missing-attribute", expected_sop_uid)
@@ -298,8 +299,9 @@ def read_header(
         )
     if media_sop not in (None, "", sop):
         return Unfit("MediaStorageSOPInstanceUID differs from SOPInstanceUID", "mismatch", sop)
-    frames = _frame_location(ds, ts, value) is not None
     try:
+        # _frame_location reads element values too (Photometric Interpretation, Bits Allocated)
+        frames = _frame_location(ds, ts, value) is not None
         record = InstanceRecord.from_dataset(
             ds,
             transfer_syntax=ts,
@@ -311,6 +313,7 @@ def read_header(
             source_ae=source,
             pixel_offset=value.offset if value is not None and frames else None,
             pixel_length=value.length if value is not None and frames else None,
+            identified=identified,
         )
     except Exception as exc:
         if prefix is not None:

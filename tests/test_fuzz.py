@@ -149,6 +149,24 @@ def test_fuzzed_instances_are_stored_whole_or_refused_with_a_reason(
     check()
 
 
+def test_an_unknown_vr_in_photometric_interpretation_is_refused_as_malformed(
+    frontend: Frontend, tmp_path: Path
+) -> None:
+    """Found by the test above (once, in session 7): one flipped byte turned Photometric
+    Interpretation's VR ``CS`` into ``C\\x00``; reading it to locate the frames raised out of
+    ingest instead of refusing the file."""
+    good = instance()
+    at = good.index(b"\x28\x00\x04\x00CS")
+    path = tmp_path / "bad-vr.dcm"
+    path.write_bytes(good[: at + 5] + b"\x00" + good[at + 6 :])
+    before = stored_state(frontend)
+    result = frontend.ingest.accept_file(path, source="FUZZER")
+    assert isinstance(result, Refused) and result.kind == "malformed", result
+    assert "Unknown Value Representation" in result.reason
+    assert stored_state(frontend) == before
+    assert_consistent(frontend)
+
+
 def test_fuzzed_c_stores_over_dimse_get_a_status_and_leave_no_partial_write(
     frontend: Frontend, tmp_path: Path
 ) -> None:

@@ -146,14 +146,23 @@ def _int(ds: Dataset, keyword: str) -> int | None:
     return cast("int | None", hit)
 
 
+_VALID_UIDS: dict[str, bool] = {}  # pydicom's verdict per UID text (its regex: ~10 us a UID)
+_VALID_UIDS_MAX = 4096
+
+
 def _uid(ds: Dataset, keyword: str) -> str:
     value = ds.get(keyword)
     if not value:
         raise InvalidInstance(f"{keyword} is missing")
-    uid = UID(str(value).strip())
-    if not uid.is_valid:
+    text = str(value).strip()
+    valid = _VALID_UIDS.get(text)
+    if valid is None:
+        if len(_VALID_UIDS) >= _VALID_UIDS_MAX:
+            _VALID_UIDS.clear()
+        valid = _VALID_UIDS[text] = UID(text).is_valid
+    if not valid:
         raise InvalidInstance(f"{keyword} {str(value)!r} is not a valid UID")
-    return str(uid)
+    return text
 
 
 def _dumps(obj: Any) -> str:
@@ -270,8 +279,10 @@ class InstanceRecord:
         source_ae: str,
         pixel_offset: int | None = None,
         pixel_length: int | None = None,
+        identified: tuple[str, str, str, str] | None = None,
     ) -> InstanceRecord:
-        study, series, sop, sop_class = cls.identify(ds)
+        """``identified``: what :meth:`identify` returned for ``ds``, if the caller has it."""
+        study, series, sop, sop_class = identified or cls.identify(ds)
         return cls(
             patient_id=_text(ds, "PatientID", 64),
             issuer=_text(ds, "IssuerOfPatientID", 64),
