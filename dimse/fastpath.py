@@ -270,7 +270,7 @@ class _EventDUL(DULServiceProvider):
             self.event_queue.put("Evt17")
             return
 
-        bytestream: bytes | bytearray = header + body
+        bytestream: bytes | bytearray | None = None  # the PDU for pynetdicom, made only if needed
         receiver = self._store_receiver() if pdu_type == 0x04 else None
         if receiver is not None and self.state_machine.current_state == "Sta6":
             try:
@@ -284,6 +284,8 @@ class _EventDUL(DULServiceProvider):
                 items = b"".join(struct.pack(">IB", len(pdv) + 1, cid) + pdv for cid, pdv in rest)
                 bytestream = struct.pack(">BBL", 0x04, 0, len(items)) + items
 
+        if bytestream is None:
+            bytestream = header + body  # (a copy of the PDU: not made for C-STORE data taken above)
         try:
             pdu, event = self._decode_pdu(bytearray(bytestream))
             self.event_queue.put(event)
