@@ -187,8 +187,8 @@ def metadata_json(ds: Dataset, *, study: str, series: str, sop: str, has_pixels:
     parts: list[str] = []
     for tag in ds.keys():  # noqa: SIM118 - iterating a Dataset converts every element
         key = _raw_key(ds, tag, charset)
-        fragment = None if key is None else _memo.get(key)
-        if fragment is None:
+        part = None if key is None else _memo.get(key)  # '"ggggeeee":{...}', as below
+        if part is None:
             elem = ds[tag]
             try:
                 fragment = _dumps(
@@ -197,9 +197,10 @@ def metadata_json(ds: Dataset, *, study: str, series: str, sop: str, has_pixels:
             except Exception:
                 log.error("Error while processing tag %08X", tag)  # as Dataset.to_json_dict does
                 raise
+            part = f'"{tag:08X}":{fragment}'
             if key is not None:
-                _memo_put(key, fragment)
-        parts.append(f'"{tag:08X}":{fragment}')
+                _memo_put(key, part)
+        parts.append(part)
     if has_pixels and 0x7FE00010 not in ds:
         vr = "OW" if ds.get("BitsAllocated", 8) > 8 else "OB"
         parts.append(f'"7FE00010":{_dumps({"vr": vr, "BulkDataURI": f"{base}/7FE00010"})}')
