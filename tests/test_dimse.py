@@ -40,9 +40,11 @@ from pydicom.uid import (
 )
 from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove  # type: ignore[attr-defined]
+from sqlalchemy import delete
 
 from dimse.scu import send
 from gateway.archive.query import Level
+from gateway.archive.schema import data_keys
 from gateway.frontend import Frontend
 from gateway.sample import write_samples
 from tests.conftest import dcmtk
@@ -525,22 +527,32 @@ def _sop_uid(path: Path) -> str:
     return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
 
 
+@pytest.mark.parametrize("damage", ["blob deleted", "data key destroyed"])
 @pytest.mark.parametrize("service", ["C-GET", "C-MOVE"])
-def test_a_missing_blob_fails_its_sub_operation_and_the_rest_are_sent(  # type: ignore[no-untyped-def]
-    start_frontend, storescp: tuple[int, Path], tmp_path: Path, service: str
+def test_an_unreadable_instance_fails_its_sub_operation_and_the_rest_are_sent(  # type: ignore[no-untyped-def]
+    start_frontend, storescp: tuple[int, Path], tmp_path: Path, service: str, damage: str
 ) -> None:
-    """One instance of a series has lost its blob (or its key, crypto-shredding: the same path):
-    every other instance is delivered, that one is one failed sub-operation, and the final
-    response says so (B000, its UID in the Failed SOP Instance UID List) — before, the first such
-    instance ended the whole retrieve with A702 and nothing after it was sent."""
+    """One instance of a series has lost its blob, or (sealed store) its data key (crypto-shredding,
+    R-SE-10): every other instance is delivered, that one is one failed sub-operation, and the
+    final response says so (B000, its UID in the Failed SOP Instance UID List) — before, the first
+    such instance ended the whole retrieve with A702 and nothing after it was sent."""
     port, out = storescp
-    fe = start_frontend(move_destinations=[{"ae_title": "STORESCP", "host": "127.0.0.1", "port": port}])
+    fe = start_frontend(
+        move_destinations=[{"ae_title": "STORESCP", "host": "127.0.0.1", "port": port}],
+        encryption={"enabled": True} if damage == "data key destroyed" else None,
+    )
     files = tiny_study(tmp_path / "study", count=5)
     assert send(files, "127.0.0.1", fe.dicom_port, "YBYX").ok
     series = str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
     lost = _sop_uid(files[2])
     [located] = fe.archive.catalog.locate({"SOPInstanceUID": lost})
-    fe.archive.store.local_path(located.blob_key).unlink()
+    if damage == "blob deleted":
+        fe.archive.store.local_path(located.blob_key).unlink()
+    else:
+        with fe.archive.catalog.write() as conn:
+            gone = conn.execute(delete(data_keys).where(data_keys.c.blob_key == located.blob_key))
+        assert gone.rowcount == 1
+        fe.archive.store.forget_cached_keys()
 
     query = ["-k", "QueryRetrieveLevel=SERIES", "-k", f"SeriesInstanceUID={series}"]
     if service == "C-GET":
