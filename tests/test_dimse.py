@@ -8,13 +8,16 @@ stored bit for bit (SHA-256 of the stored blob equals the sent file's).
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -39,6 +42,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE
+from pynetdicom.association import Association
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove  # type: ignore[attr-defined]
 from sqlalchemy import delete
 
@@ -593,3 +597,35 @@ def test_an_unreadable_instance_fails_its_sub_operation_and_the_rest_are_sent(  
         assert (status.NumberOfCompletedSuboperations, status.NumberOfFailedSuboperations) == (4, 1)
         assert final is not None
         assert final["FailedSOPInstanceUIDList"].value == lost  # one value: VM 1
+
+
+def test_many_short_associations_leave_nothing_behind(  # type: ignore[no-untyped-def]
+    start_frontend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One image per association, as many modalities send. pynetdicom's server forces a full
+    ``gc.collect()`` every 60 turns of its loop — in a node, a ~100 ms stall of every association
+    and HTTP request (``dimse/server.py`` ``_NoDelayServer.service_actions``). After 70 of them none
+    was forced, and every finished association is freed by Python's own collector: nothing keeps
+    them."""
+    fe = start_frontend()
+    forced: list[str] = []
+    collect = gc.collect
+
+    def counting(*args: Any, **kwargs: Any) -> int:
+        if threading.current_thread().name == "dimse-scp":
+            forced.append("gc.collect")
+        return collect(*args, **kwargs)
+
+    monkeypatch.setattr(gc, "collect", counting)
+    files = tiny_study(tmp_path / "study", count=70)
+    for path in files:
+        assert send([path], "127.0.0.1", fe.dicom_port, "YBYX").ok
+    assert fe.archive.catalog.counts()["instances"] == 70
+    assert forced == []
+
+    deadline = time.monotonic() + 10
+    while fe.dicom._server and fe.dicom._server.active_associations and time.monotonic() < deadline:
+        time.sleep(0.05)
+    collect()
+    served = [o for o in gc.get_objects() if isinstance(o, Association) and o.is_acceptor]
+    assert served == []

@@ -39,6 +39,33 @@ def test_answers_are_the_libraries_own(text: str) -> None:
                 _config.ENFORCE_UID_CONFORMANCE = False
 
 
+@pytest.mark.parametrize("text", UIDS)
+def test_is_valid_is_pydicoms_own(text: str) -> None:
+    own = UID.__dict__["is_valid"].fget
+    assert getattr(own, uid_memo.ORIGINAL).fget is not own  # the memo is installed
+    for _ in range(2):  # a miss, then a hit
+        assert UID(text, config.IGNORE).is_valid is getattr(own, uid_memo.ORIGINAL).fget(
+            UID(text, config.IGNORE)
+        )
+
+
+def test_is_valid_is_checked_once_per_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    checked: list[str] = []
+
+    def counting(self: UID) -> bool:
+        checked.append(str(self))
+        return True
+
+    monkeypatch.setattr(UID, "is_valid", property(counting))
+    uid_memo.install()  # wraps the (counting) property now in place
+    for _ in range(50):
+        assert UID("1.2.840.10008.1.2").is_valid and UID("1.2.840.10008.1.2.1").is_valid
+    assert sorted(checked) == ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"]
+    wrapped = UID.__dict__["is_valid"]
+    uid_memo.install()  # twice: not wrapped again
+    assert UID.__dict__["is_valid"] is wrapped
+
+
 def test_invalid_uids_still_warn_and_raise() -> None:
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
