@@ -59,6 +59,7 @@ bench: setup
 	@command -v wrk >/dev/null || { if [ "$$(id -u)" != 0 ]; then SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq wrk >/dev/null; }
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/associations.py
 	$(BIN)/python bench/dicomweb.py
 
 clean:
